@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# No model hub exists here or in CI: fail fast instead of retrying for minutes.
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test install lint clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "setuptools>=70" wheel
+	# torch pinned and installed first: an unpinned torch resolves to a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0 numpy pillow pyyaml tqdm pytest
+	# No build isolation: a build env would pull another torch (see environment notes).
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m fdfo_fast.demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/pip install -q ruff && $(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,249 @@
+"""Samplers (pure-PyTorch reference): Euler ODE, FDFO's paired churn sampler, and the Flow-GRPO SDE sampler.
+
+Convention (SD3 rectified flow, method.md): x_σ = (1 − σ)·x₀ + σ·ε, the model predicts v = ε − x₀, and a sampler
+walks σ from 1 down to 0. All three samplers share one loop (`run_sampler`); the state update is always fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fdfo_fast.errors import FdfoError
+
+SAMPLER_KINDS = ("euler", "churn", "sde")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule and seeds
+# ---------------------------------------------------------------------------------------------------------------
+def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """σ_0 = 1 > σ_1 > … > σ_T = 0 with SD3's time shift σ' = shift·σ / (1 + (shift − 1)·σ); fp32 [T + 1]."""
+    if num_steps < 1:
+        raise FdfoError(f"num_steps must be >= 1, got {num_steps}")
+    if not shift > 0:
+        raise FdfoError(f"time shift must be > 0, got {shift}")
+    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).float()
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers, e.g. (seed, rank, step, sample) -> one generator seed."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class NoiseStream:
+    """One torch.Generator per sample so any trajectory can be replayed from its seed alone.
+
+    Draws are made on the CPU in fp32 and moved to `device`, so CPU and GPU runs see identical noise.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """[B, *shape] standard normal, row i from generator i."""
+        rows = [torch.randn(shape, generator=g) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single steps: the torch references the fused kernels must match (the noise is an input here)
+# ---------------------------------------------------------------------------------------------------------------
+def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """x_s = x_t + (s − t)·v (deterministic ODE step)."""
+    return x + (s - t) * v.float()
+
+
+def churn_start(x: torch.Tensor, gamma: float, noise: torch.Tensor) -> torch.Tensor:
+    """FDFO §1.1, start of a branch: x ← x/(1+γ) + (√((1+γ)² − 1)/(1+γ))·ε (variance preserving at σ = 1)."""
+    return x / (1 + gamma) + (math.sqrt((1 + gamma) ** 2 - 1) / (1 + gamma)) * noise
+
+
+def churn_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, gamma: float, noise: torch.Tensor) -> torch.Tensor:
+    """FDFO §1.1 step t → s: overshoot to r = s/(1 + γ − γ·s), then rescale and add noise.
+
+    x' = x + (r − t)·v;  x_s = x'/(1 + γ·r) + (r·√((1+γ)² − 1)/(1 + γ·r))·ε.  Lands exactly on the σ = s
+    marginal (signal 1 − s, noise std s) when v is the true velocity.
+    """
+    r = s / (1 + gamma - gamma * s)
+    x_r = x + (r - t) * v.float()
+    return x_r / (1 + gamma * r) + (r * math.sqrt((1 + gamma) ** 2 - 1) / (1 + gamma * r)) * noise
+
+
+def sde_std(t: float, noise_level: float, sigma_max: float) -> float:
+    """Flow-GRPO diffusion coefficient g = a·√(t / (1 − t)); at t = 1 the denominator uses the largest σ < 1."""
+    return noise_level * math.sqrt(t / (1 - (sigma_max if t >= 1.0 else t)))
+
+
+def sde_mean(x: torch.Tensor, v: torch.Tensor, t: float, s: float, g: float) -> torch.Tensor:
+    """Flow-GRPO Euler–Maruyama mean: μ = x·(1 + g²·dt/(2t)) + v·(1 + g²(1 − t)/(2t))·dt, dt = s − t < 0."""
+    dt = s - t
+    return x * (1 + g**2 * dt / (2 * t)) + v.float() * ((1 + g**2 * (1 - t) / (2 * t)) * dt)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
+    """log N(x; μ, std²) averaged over all non-batch elements -> [B] (fp32; bf16 overflows here)."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    lp = -((x.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)
+
+
+def sde_step(
+    x: torch.Tensor, v: torch.Tensor, t: float, s: float, noise: torch.Tensor, noise_level: float, sigma_max: float
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """One Flow-GRPO SDE step: returns (x_s, μ, step std g·√(−dt), log-prob [B])."""
+    g = sde_std(t, noise_level, sigma_max)
+    mean = sde_mean(x, v, t, s, g)
+    std = g * math.sqrt(t - s)
+    x_s = mean + std * noise
+    return x_s, mean, std, gaussian_log_prob(x_s, mean, std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model call with classifier-free guidance
+# ---------------------------------------------------------------------------------------------------------------
+def cat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def repeat_cond(c: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Repeat each row n times in place (row i -> rows n·i … n·i + n − 1), matching the pair/group layout."""
+    return {k: v.repeat_interleave(n, dim=0) for k, v in c.items()}
+
+
+def guided_velocity(
+    model, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict | None, cfg_scale: float
+) -> torch.Tensor:
+    """v = v_u + w·(v_c − v_u) with the empty prompt as unconditional; one batched call for both halves."""
+    if uncond is None or cfg_scale == 1.0:
+        return model(x, sigma, cond).float()
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond)).float().chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared loop
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Trajectory:
+    """What a sampling run recorded. T steps, B samples.
+
+    states[k] is the input x_k of step k (after the start churn for FDFO), velocities[k] the (CFG-combined)
+    velocity the sampling model predicted there; x0 is the final sample. SDE runs also keep the step means and
+    log-probs; the step's output is states[k + 1] (or x0 at the last step).
+    """
+
+    sigmas: torch.Tensor  # [T + 1]
+    x0: torch.Tensor  # [B, C, H, W] fp32
+    states: torch.Tensor | None = None  # [T, B, C, H, W] fp32
+    velocities: torch.Tensor | None = None  # [T, B, C, H, W]
+    log_probs: torch.Tensor | None = None  # [T, B] (SDE)
+    step_std: torch.Tensor | None = None  # [T] (SDE): g·√(−dt)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def next_states(self) -> torch.Tensor:
+        return torch.cat([self.states[1:], self.x0[None]])
+
+
+@torch.no_grad()
+def run_sampler(
+    model,
+    x1: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: dict,
+    uncond: dict | None = None,
+    cfg_scale: float = 1.0,
+    kind: str = "euler",
+    noise: NoiseStream | None = None,
+    gamma: float = 0.0,
+    noise_level: float = 0.7,
+    record: bool = False,
+) -> Trajectory:
+    """Walk σ from 1 to 0 starting at x1 [B, C, H, W].
+
+    kind="euler": deterministic ODE; "churn": FDFO's variance-preserving churn (γ), last step deterministic;
+    "sde": Flow-GRPO Euler–Maruyama with per-step Gaussian log-probs. `noise` supplies per-sample noise.
+    """
+    if kind not in SAMPLER_KINDS:
+        raise FdfoError(f"sampler kind must be one of {SAMPLER_KINDS}, got {kind!r}")
+    if kind != "euler" and noise is None:
+        raise FdfoError(f"sampler kind {kind!r} needs a NoiseStream")
+    T = len(sigmas) - 1
+    sig = [float(s) for s in sigmas]
+    sigma_max = sig[1] if T > 1 else 0.5  # largest σ < 1 in the schedule (Flow-GRPO's t = 1 guard)
+    x = x1.float()
+    if kind == "churn":
+        x = churn_start(x, gamma, noise.randn(x.shape[1:]))
+    states, vels, lps, stds = [], [], [], []
+    for k in range(T):
+        t, s = sig[k], sig[k + 1]
+        v = guided_velocity(model, x, torch.full((x.shape[0],), t, device=x.device), cond, uncond, cfg_scale)
+        if record:
+            states.append(x)
+            vels.append(v)
+        if kind == "euler" or (kind == "churn" and k == T - 1):  # FDFO: the last step uses γ = 0
+            x = euler_step(x, v, t, s)
+        elif kind == "churn":
+            x = churn_step(x, v, t, s, gamma, noise.randn(x.shape[1:]))
+        else:
+            x, _, std, lp = sde_step(x, v, t, s, noise.randn(x.shape[1:]), noise_level, sigma_max)
+            lps.append(lp)
+            stds.append(std)
+    return Trajectory(
+        sigmas=sigmas,
+        x0=x,
+        states=torch.stack(states) if record else None,
+        velocities=torch.stack(vels) if record else None,
+        log_probs=torch.stack(lps) if lps else None,
+        step_std=torch.tensor(stds) if stds else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The three samplers
+# ---------------------------------------------------------------------------------------------------------------
+def start_noise(seeds: list[int], shape: tuple[int, ...], device="cpu") -> torch.Tensor:
+    """x₁ ~ N(0, I) per sample from its own seed -> [B, *shape]."""
+    return NoiseStream([derive_seed(s, 0) for s in seeds], device).randn(shape)
+
+
+def sample_euler(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, record=False) -> Trajectory:
+    """Deterministic ODE sampler (evaluation)."""
+    x1 = start_noise(seeds, shape, _device(cond))
+    return run_sampler(model, x1, sigmas, cond, uncond, cfg_scale, "euler", record=record)
+
+
+def sample_fdfo_pairs(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, gamma=0.0025) -> Trajectory:
+    """FDFO paired rollouts (§1.1): per prompt one x₁, duplicated into branches A, B with independent churn.
+
+    `cond`/`uncond` hold P prompts and `seeds` P seeds; the batch is laid out pair-major: row 2p + b is prompt p,
+    branch b (A = 0, B = 1). Both branches go through the model in one batched call.
+    """
+    x1 = start_noise(seeds, shape, _device(cond)).repeat_interleave(2, dim=0)  # [2P, ...] shared within a pair
+    churn = NoiseStream([derive_seed(s, 1, b) for s in seeds for b in (0, 1)], _device(cond))
+    return run_sampler(
+        model, x1, sigmas, repeat_cond(cond, 2), _rep(uncond, 2), cfg_scale, "churn", churn, gamma=gamma, record=True
+    )
+
+
+def sample_sde(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, noise_level=0.7) -> Trajectory:
+    """Flow-GRPO SDE sampler: every sample gets its own x₁ and step noise from its seed; log-probs recorded."""
+    x1 = start_noise(seeds, shape, _device(cond))
+    steps = NoiseStream([derive_seed(s, 2) for s in seeds], _device(cond))
+    return run_sampler(
+        model, x1, sigmas, cond, uncond, cfg_scale, "sde", steps, noise_level=noise_level, record=True
+    )
+
+
+def _device(cond: dict) -> torch.device:
+    return next(iter(cond.values())).device
+
+
+def _rep(c: dict | None, n: int) -> dict | None:
+    return None if c is None else repeat_cond(c, n)

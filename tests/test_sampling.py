@@ -1,0 +1,166 @@
+"""Sampler correctness: closed forms, exact marginals of the FDFO churn step, SDE convergence and log-probs."""
+
+import math
+
+import pytest
+import torch
+
+from fdfo_fast.errors import FdfoError
+from fdfo_fast.sampling import (
+    NoiseStream,
+    gaussian_log_prob,
+    guided_velocity,
+    run_sampler,
+    sample_euler,
+    sample_fdfo_pairs,
+    sample_sde,
+    sde_mean,
+    sde_std,
+    sigma_schedule,
+)
+
+SHAPE = (3, 4, 5)  # odd sizes on purpose
+
+
+def _cond(b):
+    return {"dummy": torch.zeros(b)}
+
+
+def test_sigma_schedule_endpoints_and_shift():
+    s = sigma_schedule(10, 1.0)
+    assert s[0] == 1 and s[-1] == 0 and torch.all(s[1:] < s[:-1])
+    assert torch.allclose(s, torch.linspace(1, 0, 11))
+    shifted = sigma_schedule(10, 3.0)
+    u = torch.linspace(1, 0, 11, dtype=torch.float64)
+    assert torch.allclose(shifted.double(), 3 * u / (1 + 2 * u), atol=1e-7)
+    with pytest.raises(FdfoError):
+        sigma_schedule(0)
+
+
+def test_euler_on_linear_field_matches_closed_form():
+    """v = a·x + b: the Euler map is x ← (1 + a·h)x + b·h, so x_T = Πₖ(1 + a·hₖ)·x₁ + Σₖ b·hₖ·Π_{j>k}(1 + a·hⱼ)."""
+    a, b = -0.7, 0.3
+    model = lambda x, sigma, cond: a * x + b  # noqa: E731
+    sigmas = sigma_schedule(7, 2.0)
+    x1 = torch.randn(5, *SHAPE)
+    out = run_sampler(model, x1, sigmas, _cond(5)).x0
+    h = (sigmas[1:] - sigmas[:-1]).double()
+    expected = x1.double() * torch.prod(1 + a * h)
+    for k in range(len(h)):
+        expected = expected + b * h[k] * torch.prod(1 + a * h[k + 1 :])
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    # and it converges to the exact ODE solution x(0) = e^{-a}(x₁ + b/a) − b/a at first order
+    errs = []
+    for n in (8, 16, 32):
+        xn = run_sampler(model, x1, sigma_schedule(n), _cond(5)).x0
+        exact = math.exp(-a) * (x1 + b / a) - b / a
+        errs.append((xn - exact).abs().max().item())
+    assert errs[0] > errs[1] > errs[2] and errs[1] / errs[2] == pytest.approx(2.0, rel=0.15)
+
+
+def test_euler_with_exact_dirac_velocity_lands_on_the_data(dirac):
+    x0 = torch.randn(SHAPE)
+    traj = sample_euler(dirac(x0), _cond(6), None, list(range(6)), SHAPE, sigma_schedule(5), record=True)
+    assert torch.allclose(traj.x0, x0.expand(6, *SHAPE), atol=1e-5)
+    # every intermediate state is exactly (1 − σ)·x₀ + σ·x₁
+    x1 = traj.states[0]
+    for k, s in enumerate(traj.sigmas[:-1]):
+        assert torch.allclose(traj.states[k], (1 - s) * x0 + s * x1, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [0.0025, 0.05, 0.5])
+def test_fdfo_churn_lands_on_the_marginal(dirac, gamma):
+    """method.md §1.1: on a Dirac data distribution each churned state has mean (1 − σ)·x₀ and std σ."""
+    x0 = torch.randn(SHAPE) * 0.5
+    n_prompts = 2000
+    traj = sample_fdfo_pairs(dirac(x0), _cond(n_prompts), None, list(range(n_prompts)), SHAPE,
+                             sigma_schedule(6), gamma=gamma)
+    n = 2 * n_prompts
+    for k, s in enumerate(traj.sigmas[:-1].tolist()):
+        x = traj.states[k]  # [2P, C, H, W]
+        mean_err = (x.mean(0) - (1 - s) * x0).abs().max().item()
+        assert mean_err < 5 * max(s, 1e-3) / math.sqrt(n), (k, s, mean_err)
+        std = x.std(0)
+        assert (std - s).abs().max().item() < 0.08 * s + 1e-6, (k, s, std.min().item(), std.max().item())
+    assert torch.allclose(traj.x0, x0.expand_as(traj.x0), atol=1e-5)  # last step deterministic, exact velocity
+
+
+def test_fdfo_pairs_share_start_noise_and_have_independent_churn(dirac):
+    x0 = torch.zeros(SHAPE)
+    seeds = [11, 12, 13]
+    traj = sample_fdfo_pairs(dirac(x0), _cond(3), None, seeds, SHAPE, sigma_schedule(4), gamma=0.0025)
+    # velocities recorded at every step for both branches: [T, 2P, ...]
+    assert traj.states.shape == (4, 6, *SHAPE) and traj.velocities.shape == (4, 6, *SHAPE)
+    a, b = traj.states[0, 0::2], traj.states[0, 1::2]
+    # same x₁, each branch churned by independent noise of std √((1+γ)² − 1)/(1+γ) ≈ 0.071 at γ = 0.0025
+    churn_std = math.sqrt(1.0025**2 - 1) / 1.0025
+    assert (a - b).std().item() == pytest.approx(math.sqrt(2) * churn_std, rel=0.3)
+    assert not torch.equal(a, b)
+    assert (a[0] - a[1]).abs().mean() > 0.5  # different prompts, different x₁
+    # replayable from the seed alone, and independent of the batch it ran in
+    again = sample_fdfo_pairs(dirac(x0), _cond(1), None, [12], SHAPE, sigma_schedule(4), gamma=0.0025)
+    assert torch.equal(again.states[:, :2], traj.states[:, 2:4])
+
+
+def test_sde_log_prob_matches_torch_normal():
+    x, mean = torch.randn(4, *SHAPE), torch.randn(4, *SHAPE)
+    std = 0.37
+    ref = torch.distributions.Normal(mean.double(), std).log_prob(x.double()).flatten(1).mean(1)
+    assert torch.allclose(gaussian_log_prob(x, mean, std).double(), ref, atol=1e-5)
+
+
+def test_sde_sampler_records_consistent_log_probs(dirac):
+    x0 = torch.randn(SHAPE)
+    sigmas = sigma_schedule(5)
+    traj = sample_sde(dirac(x0), _cond(3), None, [1, 2, 3], SHAPE, sigmas, noise_level=0.7)
+    sig = sigmas.tolist()
+    for k in range(5):
+        g = sde_std(sig[k], 0.7, sig[1])
+        mean = sde_mean(traj.states[k], traj.velocities[k], sig[k], sig[k + 1], g)
+        std = g * math.sqrt(sig[k] - sig[k + 1])
+        ref = torch.distributions.Normal(mean.double(), std).log_prob(traj.next_states[k].double()).flatten(1).mean(1)
+        assert torch.allclose(traj.log_probs[k].double(), ref, atol=1e-4)
+        assert traj.step_std[k].item() == pytest.approx(std)
+
+
+def test_sde_marginal_error_shrinks_with_step_count(dirac):
+    """Euler–Maruyama is first order: the gap to the true marginals (σ = 1/2 and σ = 0) falls as T grows."""
+    x0 = torch.randn(SHAPE) * 0.5
+    seeds = list(range(3000))
+    errs = []
+    for steps in (4, 8, 16, 32):
+        sigmas = sigma_schedule(steps)
+        traj = sample_sde(dirac(x0), _cond(len(seeds)), None, seeds, SHAPE, sigmas)
+        mid = traj.states[steps // 2]  # σ = 1/2
+        err_mid = (mid.std(0) - 0.5).abs().mean() + (mid.mean(0) - 0.5 * x0).abs().mean()
+        err_end = traj.x0.std(0).mean() + (traj.x0.mean(0) - x0).abs().mean()
+        errs.append((err_mid + err_end).item())
+    assert errs[0] > errs[1] > errs[2] > errs[3], errs
+    assert errs[3] < 0.25 * errs[0], errs
+
+
+def test_cfg_combines_conditional_and_unconditional_in_one_call():
+    calls = []
+
+    def model(x, sigma, cond):
+        calls.append(x.shape[0])
+        return cond["c"].view(-1, 1, 1, 1).expand_as(x)
+
+    x = torch.zeros(3, 1, 2, 2)
+    v = guided_velocity(model, x, torch.ones(3), {"c": torch.full((3,), 2.0)}, {"c": torch.full((3,), 0.5)}, 3.0)
+    assert calls == [6]
+    assert torch.allclose(v, torch.full_like(x, 0.5 + 3.0 * (2.0 - 0.5)))
+    assert torch.allclose(guided_velocity(model, x, torch.ones(3), {"c": torch.ones(3)}, None, 3.0), torch.ones_like(x))
+
+
+def test_noise_stream_rows_depend_only_on_their_seed():
+    a = NoiseStream([5, 6]).randn((3,))
+    b = NoiseStream([6]).randn((3,))
+    assert torch.equal(a[1], b[0])
+
+
+def test_bad_sampler_arguments_are_clear():
+    with pytest.raises(FdfoError, match="sampler kind"):
+        run_sampler(lambda x, s, c: x, torch.zeros(1, 1), sigma_schedule(2), _cond(1), kind="heun")
+    with pytest.raises(FdfoError, match="NoiseStream"):
+        run_sampler(lambda x, s, c: x, torch.zeros(1, 1), sigma_schedule(2), _cond(1), kind="sde")
