@@ -80,10 +80,18 @@ def sde_std(t: float, noise_level: float, sigma_max: float) -> float:
     return noise_level * math.sqrt(t / (1 - (sigma_max if t >= 1.0 else t)))
 
 
-def sde_mean(x: torch.Tensor, v: torch.Tensor, t: float, s: float, g: float) -> torch.Tensor:
-    """Flow-GRPO Euler–Maruyama mean: μ = x·(1 + g²·dt/(2t)) + v·(1 + g²(1 − t)/(2t))·dt, dt = s − t < 0."""
+def sde_mean(x: torch.Tensor, v: torch.Tensor, t, s, g) -> torch.Tensor:
+    """Flow-GRPO Euler–Maruyama mean: μ = x·(1 + g²·dt/(2t)) + v·(1 + g²(1 − t)/(2t))·dt, dt = s − t < 0.
+
+    t, s, g are floats (sampling) or float64 tensors broadcastable to x (training, one value per item); the two
+    coefficients are formed in double and applied in fp32 either way, so both paths give identical means.
+    """
     dt = s - t
-    return x * (1 + g**2 * dt / (2 * t)) + v.float() * ((1 + g**2 * (1 - t) / (2 * t)) * dt)
+    c_x = 1 + g**2 * dt / (2 * t)
+    c_v = (1 + g**2 * (1 - t) / (2 * t)) * dt
+    if isinstance(c_x, torch.Tensor):
+        c_x, c_v = c_x.float(), c_v.float()
+    return x * c_x + v.float() * c_v
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
@@ -149,6 +157,14 @@ class Trajectory:
     @property
     def next_states(self) -> torch.Tensor:
         return torch.cat([self.states[1:], self.x0[None]])
+
+    def next_state(self, k: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Output of step k for samples i (items), without building the whole next_states tensor."""
+        T = self.states.shape[0]
+        out = self.x0[i].clone()
+        inner = k < T - 1
+        out[inner] = self.states[k[inner] + 1, i[inner]]
+        return out
 
 
 @torch.no_grad()

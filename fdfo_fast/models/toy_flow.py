@@ -185,6 +185,10 @@ class ToyFlowModel(nn.Module):
         ids = self.tokenizer(prompts).to(self.conv_in.weight.device)
         return self.text(ids)
 
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Samples -> images in [-1, 1] (pixel-space model: a clamp; latent models decode with their VAE)."""
+        return x0.clamp(-1, 1)
+
     # -- velocity ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         # x: [B, C, S, S]; sigma: [B] or scalar in [0, 1]; cond from encode_prompts with batch B
