@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "setuptools>=70" wheel
 	# torch pinned and installed first: an unpinned torch resolves to a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0 numpy pillow pyyaml tqdm pytest
+	$(BIN)/pip install -q torch==2.13.0 numpy pillow pyyaml tqdm matplotlib tensorboard pytest
 	# No build isolation: a build env would pull another torch (see environment notes).
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)

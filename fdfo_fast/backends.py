@@ -9,7 +9,15 @@ import os
 import torch
 
 OPTIONAL_PACKAGES = (
-    "triton", "diffusers", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "flash_attn", "xformers",
+    "triton",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "deepspeed",
+    "bitsandbytes",
+    "flash_attn",
+    "xformers",
 )
 
 

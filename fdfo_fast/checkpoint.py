@@ -11,6 +11,8 @@ import torch
 from fdfo_fast.errors import FdfoError
 
 TOY_FORMAT = "fdfo_fast.toy_flow"
+# The shipped toy base model (see README: how it was produced).
+TOY_BASE_CHECKPOINT = Path(__file__).parent / "assets" / "toy_base.pt"
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -53,8 +55,11 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict, where: str) -> 
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state
-              and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:

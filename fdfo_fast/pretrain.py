@@ -123,8 +123,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_toy_model(ema, out / f"step_{step:06d}.pt", {"step": step, "pretrain_config": asdict(cfg)})
             atomic_save(
-                {"format": STATE_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": opt.state_dict(), "step": step},
+                {
+                    "format": STATE_FORMAT,
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                },
                 state_path,
             )
         if cfg.eval_every and step % cfg.eval_every == 0:

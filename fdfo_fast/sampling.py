@@ -252,9 +252,7 @@ def sample_sde(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, noise_l
     """Flow-GRPO SDE sampler: every sample gets its own x₁ and step noise from its seed; log-probs recorded."""
     x1 = start_noise(seeds, shape, _device(cond))
     steps = NoiseStream([derive_seed(s, 2) for s in seeds], _device(cond))
-    return run_sampler(
-        model, x1, sigmas, cond, uncond, cfg_scale, "sde", steps, noise_level=noise_level, record=True
-    )
+    return run_sampler(model, x1, sigmas, cond, uncond, cfg_scale, "sde", steps, noise_level=noise_level, record=True)
 
 
 def _device(cond: dict) -> torch.device:

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from fdfo_fast.demo import BASE_CHECKPOINT
+from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT as BASE_CHECKPOINT
 from fdfo_fast.pretrain import main as pretrain_main
 
 
@@ -24,7 +24,7 @@ def test_info_lists_backends():
 
 def test_demo_on_the_shipped_base_model(tmp_path):
     assert BASE_CHECKPOINT.exists() and BASE_CHECKPOINT.stat().st_size < 20e6
-    proc = _run("fdfo_fast.demo", "--out", str(tmp_path), "--per-category", "2")
+    proc = _run("fdfo_fast.demo", "--sample-only", "true", "--out", str(tmp_path), "--per-category", "2")
     assert "held-out accuracy" in proc.stdout
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert len(scores["images"]) == 12 and 0 <= scores["summary"]["geneval"] <= 1
@@ -47,3 +47,14 @@ def test_pretrain_resume_is_bit_identical(tmp_path):
     a = torch.load(tmp_path / "full" / "step_000004.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "split" / "step_000004.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_post_training_writes_before_after_and_curve(tmp_path):
+    proc = _run("fdfo_fast.demo", "--out", str(tmp_path), "--epochs", "2", "--per-category", "2")
+    assert "held-out accuracy:" in proc.stdout and "->" in proc.stdout
+    for name in ("before.png", "after.png", "reward_curve.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["before"]["epoch"] == 0 and summary["after"]["epoch"] == 2
+    # running the demo again starts afresh instead of refusing the existing run folder
+    _run("fdfo_fast.demo", "--out", str(tmp_path), "--epochs", "1", "--per-category", "1")

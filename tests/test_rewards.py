@@ -49,8 +49,9 @@ def test_quality_prefers_clean_palette_colours():
     assert torch.allclose(clean, torch.ones(2)) and (dirty < 0.7).all()
 
 
-@pytest.mark.parametrize("spec, msg", [("sharpness:1", "unknown reward term"), ("alignment:x", "not a number"),
-                                       ("", "at least one term")])
+@pytest.mark.parametrize(
+    "spec, msg", [("sharpness:1", "unknown reward term"), ("alignment:x", "not a number"), ("", "at least one term")]
+)
 def test_bad_reward_specs(spec, msg):
     with pytest.raises(FdfoError, match=msg):
         parse_weights(spec)

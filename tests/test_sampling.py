@@ -73,8 +73,9 @@ def test_fdfo_churn_lands_on_the_marginal(dirac, gamma):
     """method.md §1.1: on a Dirac data distribution each churned state has mean (1 − σ)·x₀ and std σ."""
     x0 = torch.randn(SHAPE) * 0.5
     n_prompts = 2000
-    traj = sample_fdfo_pairs(dirac(x0), _cond(n_prompts), None, list(range(n_prompts)), SHAPE,
-                             sigma_schedule(6), gamma=gamma)
+    traj = sample_fdfo_pairs(
+        dirac(x0), _cond(n_prompts), None, list(range(n_prompts)), SHAPE, sigma_schedule(6), gamma=gamma
+    )
     n = 2 * n_prompts
     for k, s in enumerate(traj.sigmas[:-1].tolist()):
         x = traj.states[k]  # [2P, C, H, W]

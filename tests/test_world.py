@@ -72,15 +72,16 @@ def test_alignment_scorer_validated_on_renderer_ground_truth(size):
     reward = AlignmentReward()
     for cat in CATEGORIES:
         pool = sets["train"][cat] + sets["heldout"][cat]
-        for i in range(n_per_cat):
+        for _ in range(n_per_cat):
             spec = pool[rng.integers(len(pool))]
             seed = int(rng.integers(2**31))
             objs, found = _ground_truth_objects(spec, seed, size)
             image = torch.from_numpy(render(objs, size))[None]
             match_hits.append(reward(image, [spec.text()])["geneval"].item())
             # a mismatched prompt of the same category that is false for this scene by ground truth
-            cands = [s for s in (sets["train"][cat] + sets["heldout"][cat])
-                     if not check(s, found, relation_margin(size))[0]]
+            cands = [
+                s for s in (sets["train"][cat] + sets["heldout"][cat]) if not check(s, found, relation_margin(size))[0]
+            ]
             if not cands:  # e.g. a counting scene that every counting prompt... take any category
                 cands = [s for s in all_specs if not check(s, found, relation_margin(size))[0]]
             wrong = cands[rng.integers(len(cands))]

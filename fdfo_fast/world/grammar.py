@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from fdfo_fast.errors import FdfoError
 
@@ -53,12 +53,9 @@ def _enumerate() -> dict[str, list[PromptSpec]]:
     out = {
         "single_object": [PromptSpec("single_object", (ObjectSpec(s),)) for s in SHAPES],
         "two_object": [
-            PromptSpec("two_object", (ObjectSpec(a), ObjectSpec(b)))
-            for a, b in itertools.permutations(SHAPES, 2)
+            PromptSpec("two_object", (ObjectSpec(a), ObjectSpec(b))) for a, b in itertools.permutations(SHAPES, 2)
         ],
-        "counting": [
-            PromptSpec("counting", (ObjectSpec(s),), count=n) for n in NUMBERS.values() for s in SHAPES
-        ],
+        "counting": [PromptSpec("counting", (ObjectSpec(s),), count=n) for n in NUMBERS.values() for s in SHAPES],
         "colors": [PromptSpec("colors", (o,)) for o in coloured],
         "position": [
             PromptSpec("position", (a, b), relation=r)
@@ -79,7 +76,7 @@ def _stable_hash(text: str) -> bytes:
     return hashlib.sha1(text.encode()).digest()
 
 
-@lru_cache(maxsize=None)
+@cache
 def prompt_sets() -> dict[str, dict[str, tuple[PromptSpec, ...]]]:
     """{"train"|"heldout": {category: prompts}}: disjoint and fixed; per category the HELDOUT_FRACTION of
     prompts with the smallest hash (at least one) is held out, and at least one prompt stays for training."""
@@ -99,7 +96,7 @@ def vocabulary() -> tuple[str, ...]:
     return tuple(words)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _text_index() -> dict[str, PromptSpec]:
     return {s.text(): s for specs in _enumerate().values() for s in specs}
 

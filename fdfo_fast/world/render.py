@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -43,13 +43,11 @@ class SceneObject:
         return float(self.x + xs.mean() + 0.5), float(self.y + ys.mean() + 0.5)
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_mask(shape: str, w: int, h: int) -> np.ndarray:
     """Boolean [h, w] mask of `shape` inscribed in a w×h box (4×4 supersampled, coverage ≥ 1/2)."""
     sub = 4
-    ys, xs = np.meshgrid(
-        (np.arange(h * sub) + 0.5) / sub, (np.arange(w * sub) + 0.5) / sub, indexing="ij"
-    )
+    ys, xs = np.meshgrid((np.arange(h * sub) + 0.5) / sub, (np.arange(w * sub) + 0.5) / sub, indexing="ij")
     if shape == "circle":
         inside = ((xs - w / 2) / (w / 2)) ** 2 + ((ys - h / 2) / (h / 2)) ** 2 <= 1.0
     elif shape == "square":
@@ -73,10 +71,7 @@ def _sizes(n: int, image_size: int) -> tuple[int, int]:
 
 def _separated(a: SceneObject, b: SceneObject, gap: int) -> bool:
     return (
-        a.x + a.size + gap <= b.x
-        or b.x + b.size + gap <= a.x
-        or a.y + a.size + gap <= b.y
-        or b.y + b.size + gap <= a.y
+        a.x + a.size + gap <= b.x or b.x + b.size + gap <= a.x or a.y + a.size + gap <= b.y or b.y + b.size + gap <= a.y
     )
 
 
@@ -113,8 +108,11 @@ def sample_scene(spec: PromptSpec, rng: np.random.Generator, image_size: int = 1
             size = int(rng.integers(lo, hi + 1))
             for _ in range(100):
                 o = SceneObject(
-                    shape, colour, int(rng.integers(0, image_size - size + 1)),
-                    int(rng.integers(0, image_size - size + 1)), size,
+                    shape,
+                    colour,
+                    int(rng.integers(0, image_size - size + 1)),
+                    int(rng.integers(0, image_size - size + 1)),
+                    size,
                 )
                 if all(_separated(o, p, gap) for p in objs):
                     objs.append(o)
@@ -125,8 +123,10 @@ def sample_scene(spec: PromptSpec, rng: np.random.Generator, image_size: int = 1
             continue
         if spec.category == "position":
             (ax, ay), (bx, by) = objs[0].centroid, objs[1].centroid
-            dominant = abs(ax - bx) > abs(ay - by) if spec.relation in ("left of", "right of") else (
-                abs(ay - by) > abs(ax - bx)
+            dominant = (
+                abs(ax - bx) > abs(ay - by)
+                if spec.relation in ("left of", "right of")
+                else (abs(ay - by) > abs(ax - bx))
             )
             # Render with a wider margin than the scorer uses, and on the relation's dominant axis.
             margin = relation_margin(image_size) + 1

@@ -1,0 +1,122 @@
+"""Flow-GRPO (method.md §2): SDE rollouts with Gaussian per-step policies, group-relative advantages, PPO clip, KL."""
+
+from __future__ import annotations
+
+import torch
+
+from fdfo_fast.algorithms.base import Algorithm, Rollout, policy_velocity
+from fdfo_fast.sampling import gaussian_log_prob, sample_sde, sde_mean, sde_std
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
+    """A = (R − mean_group)/(std_group + 1e-4) for consecutive groups of `group_size`, clipped to ±clip."""
+    r = rewards.float().view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-4)
+    return adv.flatten().clamp(-clip, clip)
+
+
+def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip_range: float):
+    """PPO per item: max(−A·r, −A·clip(r, 1 − c, 1 + c)) with r = exp(logπ_θ − logπ_old); returns (loss, r)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+class SDEPolicyGradient(Algorithm):
+    """Shared machinery of Flow-GRPO and DDPO: SDE sampling, per-step log-probs, the clipped objective."""
+
+    def _advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _draw(self, ctx, generator):
+        """Prompts (B, in group order) and per-sample seeds."""
+        cfg = self.cfg
+        prompts, _ = ctx.draw_prompts(cfg.prompts_per_epoch, generator)
+        prompts = [p for p in prompts for _ in range(cfg.group_size)]
+        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
+        return prompts, seeds
+
+    def rollout(self, ctx, epoch: int, generator: torch.Generator) -> Rollout:
+        cfg = self.cfg
+        prompts, seeds = self._draw(ctx, generator)
+        cond, uncond = ctx.encode(prompts)
+        trajs = []
+        for j in range(0, len(prompts), cfg.sample_batch):
+            sl = slice(j, j + cfg.sample_batch)
+            sub_c = {k: v[sl] for k, v in cond.items()}
+            sub_u = None if uncond is None else {k: v[sl] for k, v in uncond.items()}
+            trajs.append(
+                sample_sde(ctx.model, sub_c, sub_u, seeds[sl], ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.noise_level)
+            )
+        traj = ctx.cat_trajectories(trajs)
+        images = ctx.decode(traj.x0)
+        rewards = ctx.score(images, prompts)
+        adv = self._advantages(prompts, rewards["reward"])
+        T, B = traj.states.shape[:2]
+        # Train on a random subset of each trajectory's steps (Flow-GRPO's timestep fraction), redrawn per epoch.
+        k_train = max(1, round(cfg.train_timestep_fraction * T))
+        steps = torch.stack([torch.randperm(T, generator=generator)[:k_train] for _ in range(B)])  # [B, k]
+        items = torch.stack([torch.arange(B).repeat_interleave(k_train), steps.flatten()], dim=1)
+        return Rollout(
+            prompts=prompts,
+            seeds=seeds,
+            cond=cond,
+            uncond=uncond,
+            traj=traj,
+            images=images,
+            rewards=rewards,
+            advantages=adv,
+            items=items,
+        )
+
+    def step_log_probs(self, ctx, rollout: Rollout, items: torch.Tensor, model=None):
+        """log π(x_{k+1} | x_k) under `model` (default: the policy) for items -> (log_prob [N], μ, g [N,1,1,1])."""
+        cfg = self.cfg
+        traj = rollout.traj
+        i, k = items[:, 0], items[:, 1]
+        sig = traj.sigmas.tolist()
+        T = len(sig) - 1
+        sigma_max = sig[1] if T > 1 else 0.5
+        t = traj.sigmas[k].view(-1, 1, 1, 1).double()
+        s = traj.sigmas[k + 1].view(-1, 1, 1, 1).double()
+        g = torch.tensor([sde_std(sig[j], cfg.noise_level, sigma_max) for j in range(T)], dtype=torch.float64)[k]
+        g = g.view(-1, 1, 1, 1)
+        std = (g * (t - s).sqrt()).float()  # [N, 1, 1, 1]: g·√(−dt)
+        x, x_next = traj.states[k, i], traj.next_state(k, i)
+        v = policy_velocity(model if model is not None else ctx.model, rollout, items, cfg.cfg_scale)
+        mean = sde_mean(x, v, t, s, g)
+        return gaussian_log_prob(x_next, mean, std), mean, g
+
+    def loss(self, ctx, rollout: Rollout, items: torch.Tensor, first_step: bool):
+        cfg = self.cfg
+        i, k = items[:, 0], items[:, 1]
+        log_prob, mean, g = self.step_log_probs(ctx, rollout, items)
+        old = rollout.traj.log_probs[k, i]
+        loss, ratio = clipped_policy_loss(log_prob, old, rollout.advantages[i], cfg.clip_range)
+        stats = {
+            "ratio_dev_sum": float((ratio.detach() - 1).abs().sum()),
+            "clipped": float(((ratio.detach() - 1).abs() > cfg.clip_range).sum()),
+            "n": len(items),
+        }
+        if cfg.kl_beta > 0:
+            # KL to the frozen base policy as in the reference code: mean_elements(μ_θ − μ_ref)² / (2·g²)
+            with torch.no_grad():
+                _, mean_ref, _ = self.step_log_probs(ctx, rollout, items, ctx.reference)
+            kl = (mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * g.flatten().float() ** 2)
+            loss = loss + cfg.kl_beta * kl
+            stats["kl_sum"] = float(kl.detach().sum())
+        if first_step:
+            stats["ratio_dev_first_max"] = float((ratio.detach() - 1).abs().max())
+        return loss.sum(), stats
+
+
+class FlowGRPO(SDEPolicyGradient):
+    name = "flow_grpo"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.kl_beta > 0
+
+    def _advantages(self, prompts, rewards):
+        return group_advantages(rewards, self.cfg.group_size, self.cfg.adv_clip)

@@ -1,0 +1,212 @@
+"""Typed training configuration: one dataclass with help text, named presets, YAML files and CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fdfo_fast.errors import FdfoError
+
+ALGORITHMS = ("fdfo", "flow_grpo", "ddpo")
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs. An epoch = sample & score a batch of rollouts, then a few optimiser steps."""
+
+    # -- run ---------------------------------------------------------------------------------------------------
+    algorithm: str = _f("fdfo", "fdfo | flow_grpo | ddpo")
+    out: str = _f("runs/train", "run folder (config, metrics.jsonl, TensorBoard, grids, checkpoint.pt)")
+    seed: int = _f(0, "all randomness derives from (seed, rank, epoch)")
+    epochs: int = _f(60, "training epochs")
+    base_checkpoint: str = _f("", "base model checkpoint ('' = the shipped toy base model)")
+    prompts: str = _f("train", "'train' (the world's training split) or a text file with one prompt per line")
+    reward: str = _f("alignment:1", "weighted reward terms, e.g. 'alignment:1,quality:0.1'")
+    threads: int = _f(0, "torch CPU threads (0 = torch default)")
+    # -- sampling ----------------------------------------------------------------------------------------------
+    num_steps: int = _f(10, "sampling steps while training")
+    shift: float = _f(1.0, "SD3 time shift of the σ schedule")
+    cfg_scale: float = _f(1.0, "classifier-free guidance scale (training and evaluation)")
+    sample_batch: int = _f(256, "samples per model call while sampling")
+    # -- FDFO (method.md §1) -----------------------------------------------------------------------------------
+    pairs_per_epoch: int = _f(32, "FDFO: paired rollouts per epoch (2 reward queries each)")
+    churn: float = _f(0.02, "FDFO: churn strength γ of the paired sampler (paper 0.0025)")
+    trust_eps: float = _f(0.03, "FDFO: SPO trust-region ε (optimum at ρ = 1 ± ε)")
+    velocity_penalty: float = _f(0.0, "FDFO: λ of the velocity penalty toward the frozen base model")
+    # -- Flow-GRPO / DDPO (method.md §2, §3) -------------------------------------------------------------------
+    prompts_per_epoch: int = _f(8, "Flow-GRPO: groups per epoch; DDPO: distinct prompt draws per epoch")
+    group_size: int = _f(8, "Flow-GRPO: images per prompt (G); DDPO: images per drawn prompt")
+    noise_level: float = _f(0.7, "SDE noise level a of g = a·√(t/(1 − t))")
+    clip_range: float = _f(1e-4, "PPO ratio clip c")
+    adv_clip: float = _f(5.0, "advantages are clipped to ±adv_clip")
+    kl_beta: float = _f(0.0, "Flow-GRPO: β of the KL to the frozen base model")
+    train_timestep_fraction: float = _f(1.0, "Flow-GRPO/DDPO: fraction of each trajectory's steps trained on")
+    stat_buffer: int = _f(16, "DDPO: per-prompt reward buffer size")
+    stat_min_count: int = _f(8, "DDPO: below this many rewards a prompt uses the batch's statistics")
+    # -- optimisation ------------------------------------------------------------------------------------------
+    opt_steps_per_epoch: int = _f(4, "optimiser steps per epoch (the epoch's items are shuffled and split)")
+    micro_batch: int = _f(256, "items per forward/backward (gradient accumulation inside a step)")
+    lr: float = _f(3e-5, "AdamW learning rate")
+    beta1: float = _f(0.9, "AdamW β1")
+    beta2: float = _f(0.999, "AdamW β2")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
+    ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off); evaluation uses the EMA when on")
+    finetune: str = _f("full", "full | lora")
+    lora_rank: int = _f(8, "LoRA rank (finetune=lora)")
+    lora_alpha: float = _f(16.0, "LoRA alpha (finetune=lora)")
+    # -- evaluation, logging, checkpoints ----------------------------------------------------------------------
+    eval_every: int = _f(10, "held-out evaluation every N epochs (and at the end; 0 = only at the end)")
+    eval_per_category: int = _f(32, "held-out items per GenEval category")
+    eval_num_steps: int = _f(20, "Euler ODE steps for evaluation")
+    save_every: int = _f(10, "checkpoint every N epochs (and at the end)")
+    tensorboard: bool = _f(True, "write TensorBoard scalars when tensorboard is installed")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self) -> TrainConfig:
+        """Raise FdfoError naming the first bad option."""
+
+        def bad(name, why):
+            raise FdfoError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")
+
+        if self.algorithm not in ALGORITHMS:
+            bad("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
+        if self.finetune not in ("full", "lora"):
+            bad("finetune", "must be 'full' or 'lora'")
+        for name in (
+            "epochs",
+            "num_steps",
+            "sample_batch",
+            "pairs_per_epoch",
+            "prompts_per_epoch",
+            "opt_steps_per_epoch",
+            "micro_batch",
+            "eval_per_category",
+            "eval_num_steps",
+            "save_every",
+            "stat_buffer",
+            "lora_rank",
+        ):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in (
+            "threads",
+            "eval_every",
+            "stat_min_count",
+            "velocity_penalty",
+            "kl_beta",
+            "grad_clip",
+            "churn",
+            "weight_decay",
+        ):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        for name in ("lr", "trust_eps", "clip_range", "adv_clip", "shift", "noise_level", "lora_alpha"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                bad(name, "must be a positive number")
+        if self.group_size < 2 and self.algorithm == "flow_grpo":
+            bad("group_size", "must be >= 2 for group-relative advantages")
+        if not 0 < self.train_timestep_fraction <= 1:
+            bad("train_timestep_fraction", "must be in (0, 1]")
+        for name in ("beta1", "beta2", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "must be in [0, 1)")
+        if self.cfg_scale < 1:
+            bad("cfg_scale", "must be >= 1")
+        if self.prompts != "train" and not Path(self.prompts).is_file():
+            bad("prompts", "must be 'train' or an existing prompt file")
+        if self.base_checkpoint and not Path(self.base_checkpoint).is_file():
+            bad("base_checkpoint", "must be an existing checkpoint file")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Named presets: overrides on top of the dataclass defaults.
+PRESETS: dict[str, dict] = {
+    # FDFO on the embedded world: 32 pairs (64 reward queries) per epoch, 10 churned steps, 4 optimiser steps.
+    "toy-fdfo": dict(algorithm="fdfo", lr=3e-5, churn=0.02, pairs_per_epoch=32, num_steps=10),
+    # Flow-GRPO: 8 prompts × G = 8 SDE samples per epoch (64 reward queries), KL off as for PickScore-like rewards.
+    "toy-flow-grpo": dict(
+        algorithm="flow_grpo", lr=3e-5, prompts_per_epoch=8, group_size=8, num_steps=10, train_timestep_fraction=0.6
+    ),
+    # DDPO-IS: 64 SDE samples per epoch with per-prompt running statistics, no KL.
+    "toy-ddpo": dict(algorithm="ddpo", lr=3e-5, prompts_per_epoch=16, group_size=4, num_steps=10),
+}
+
+
+def _coerce(name: str, value, typ):
+    if typ is bool and isinstance(value, str):
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if typ is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if typ is int and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise FdfoError(f"option {name!r} must be of type {typ.__name__}, got {value!r}")
+
+
+def make_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """defaults <- preset <- YAML file <- CLI overrides, type-checked and validated."""
+    values: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise FdfoError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if yaml_path:
+        values.update(load_yaml(yaml_path))
+    values.update(overrides or {})
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    pytypes = {"int": int, "float": float, "str": str, "bool": bool}
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise FdfoError(f"unknown option(s) {unknown}; see --help")
+    typed = {k: _coerce(k, v, pytypes[types[k]]) for k, v in values.items()}
+    return TrainConfig(**typed).validate()
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FdfoError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise FdfoError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FdfoError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def save_resolved(cfg: TrainConfig, out: Path) -> None:
+    """The resolved config, as YAML (re-loadable with --config) and JSON."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

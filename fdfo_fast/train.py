@@ -1,0 +1,435 @@
+"""RL post-training of a flow model with FDFO, Flow-GRPO or DDPO: one training loop, read top to bottom."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fdfo_fast.algorithms import make_algorithm
+from fdfo_fast.algorithms.base import active_items, split_items
+from fdfo_fast.checkpoint import (
+    TOY_BASE_CHECKPOINT,
+    atomic_save,
+    load_state_dict_strict,
+    load_toy_model,
+    read_checkpoint,
+)
+from fdfo_fast.cli_args import add_dataclass_args, overrides_from_args
+from fdfo_fast.config import PRESETS, TrainConfig, make_config, save_resolved
+from fdfo_fast.errors import FdfoError, cli_entry
+from fdfo_fast.evaluation import evaluate
+from fdfo_fast.rewards import CompositeReward
+from fdfo_fast.sampling import Trajectory, derive_seed, sigma_schedule
+from fdfo_fast.viz import save_grid
+from fdfo_fast.world.grammar import CATEGORIES, eval_prompts, parse_prompt, prompt_sets
+
+STATE_FORMAT = "fdfo_fast.train_state"
+# Options that may differ between a run and its resumption.
+RESUMABLE_CHANGES = ("epochs", "progress", "tensorboard", "threads", "eval_every", "save_every")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the algorithms see of the run
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunContext:
+    cfg: TrainConfig
+    model: torch.nn.Module  # the policy being trained
+    reference: torch.nn.Module | None  # frozen base model (KL / velocity penalty)
+    reward: CompositeReward
+    prompt_pool: dict[str, tuple[str, ...]]  # category (or "file") -> prompts
+    shape: tuple[int, int, int]
+    sigmas: torch.Tensor
+
+    def draw_prompts(self, n: int, generator: torch.Generator) -> tuple[list[str], list[int]]:
+        """n prompts (uniform over categories, then over the category's prompts) and one seed each."""
+        cats = list(self.prompt_pool)
+        prompts = []
+        for _ in range(n):
+            pool = self.prompt_pool[cats[int(torch.randint(len(cats), (1,), generator=generator))]]
+            prompts.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+        seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+        return prompts, seeds
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[dict, dict | None]:
+        """Text conditioning (frozen text encoder) and the empty-prompt conditioning when CFG is on."""
+        cond = self.model.encode_prompts(prompts)
+        uncond = self.model.encode_prompts([""] * len(prompts)) if self.cfg.cfg_scale != 1.0 else None
+        return cond, uncond
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(x0)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.reward(images, prompts)
+
+    @staticmethod
+    def cat_trajectories(trajs: list[Trajectory]) -> Trajectory:
+        if len(trajs) == 1:
+            return trajs[0]
+        cat = lambda name, dim: (
+            None
+            if getattr(trajs[0], name) is None
+            else torch.cat(  # noqa: E731
+                [getattr(t, name) for t in trajs], dim
+            )
+        )
+        return Trajectory(
+            sigmas=trajs[0].sigmas,
+            x0=cat("x0", 0),
+            states=cat("states", 1),
+            velocities=cat("velocities", 1),
+            log_probs=cat("log_probs", 1),
+            step_std=trajs[0].step_std,
+        )
+
+
+def load_prompt_pool(spec: str) -> dict[str, tuple[str, ...]]:
+    """'train' -> the world's training split by category; otherwise a file of one prompt per line."""
+    if spec == "train":
+        return {c: tuple(p.text() for p in prompt_sets()["train"][c]) for c in CATEGORIES}
+    path = Path(spec)
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise FdfoError(f"prompt file {spec} cannot be read ({err})") from None
+    prompts = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    if not prompts:
+        raise FdfoError(f"prompt file {spec} holds no prompts (one per line, '#' starts a comment)")
+    for n, p in enumerate(prompts, 1):
+        try:
+            parse_prompt(p)
+        except FdfoError as err:
+            raise FdfoError(f"prompt file {spec}, prompt {n}: {err}") from None
+    return {"file": prompts}
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters; swapped in for evaluation."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self):
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p, 1 - self.decay)
+
+    def swap(self):
+        """Exchange live and EMA weights (call twice to undo)."""
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                tmp = p.detach().clone()
+                p.copy_(s)
+                s.copy_(tmp)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) + TensorBoard scalars when available."""
+
+    def __init__(self, out: Path, tensorboard: bool, keep_lines: int | None):
+        self.path = out / "metrics.jsonl"
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        if keep_lines is not None:  # resume: drop lines written after the checkpoint we resume from
+            lines = lines[:keep_lines]
+        else:
+            lines = []
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+        self.lines = len(lines)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only", stacklevel=2)
+
+    def write(self, record: dict, step: int):
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def apply_finetune_mode(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """Freeze what is not trained and return the trainable parameters (text encoder always frozen)."""
+    model.requires_grad_(False)
+    if cfg.finetune == "lora":
+        if not hasattr(model, "add_lora"):
+            raise FdfoError(f"--finetune lora is not available for {type(model).__name__}; use --finetune full")
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith("text."))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_context(cfg: TrainConfig, model: torch.nn.Module):
+    """(RunContext, algorithm, trainable parameters) for a loaded base model; freezes what is not trained."""
+    algo = make_algorithm(cfg)
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if algo.needs_reference else None
+    params = apply_finetune_mode(model, cfg)
+    ctx = RunContext(
+        cfg,
+        model,
+        reference,
+        CompositeReward(cfg.reward),
+        load_prompt_pool(cfg.prompts),
+        (model.cfg.channels, model.cfg.image_size, model.cfg.image_size),
+        sigma_schedule(cfg.num_steps, cfg.shift),
+    )
+    return ctx, algo, params
+
+
+def _all_finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or continue) a training run; returns the last evaluation summary."""
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise FdfoError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or pick --out")
+    if resume and not ckpt_path.exists():
+        raise FdfoError(f"--resume: {ckpt_path} does not exist")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = load_toy_model(cfg.base_checkpoint or TOY_BASE_CHECKPOINT)
+    ctx, algo, params = make_context(cfg, model)
+    eval_reward = CompositeReward(
+        {**ctx.reward.weights, **({} if "geneval" in ctx.reward.weights else {"geneval": 0.0})}
+    )
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    cfg_factor = 2 if cfg.cfg_scale != 1.0 else 1
+    counters = {
+        "reward_queries": 0,
+        "train_passes": 0,
+        "sample_passes": 0,
+        "wall_time": 0.0,
+        "skipped_epochs_nonfinite": 0,
+        "skipped_steps_nonfinite": 0,
+    }
+    start_epoch, keep_lines, last_eval = 0, None, {}
+
+    # -- resume ---------------------------------------------------------------------------------------------
+    if resume:
+        st = read_checkpoint(ckpt_path, STATE_FORMAT)
+        saved = TrainConfig(**st["config"])
+        diff = [k for k, v in saved.to_dict().items() if k not in RESUMABLE_CHANGES and cfg.to_dict()[k] != v]
+        if diff:
+            raise FdfoError(
+                f"--resume: options {diff} differ from the run in {out}; only {RESUMABLE_CHANGES} may change"
+            )
+        load_state_dict_strict(model, st["model"], f"{ckpt_path} (model)")
+        opt.load_state_dict(st["optimizer"])
+        if ema is not None:
+            for s, v in zip(ema.shadow, st["ema"]):
+                s.copy_(v)
+        algo.load_state_dict(st["algorithm"])
+        counters.update(st["counters"])
+        torch.set_rng_state(st["torch_rng"])
+        start_epoch, keep_lines, last_eval = st["epoch"], st["metrics_lines"], st.get("last_eval", {})
+    save_resolved(cfg, out)
+    log = MetricsLog(out, cfg.tensorboard, keep_lines)
+
+    def checkpoint(epoch: int):
+        if not _all_finite(model.parameters()):
+            raise FdfoError(f"refusing to write a checkpoint from a non-finite model at epoch {epoch}")
+        atomic_save(
+            {
+                "format": STATE_FORMAT,
+                "version": 1,
+                "config": cfg.to_dict(),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "model_config": model.cfg.to_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": None if ema is None else [s.clone() for s in ema.shadow],
+                "algorithm": algo.state_dict(),
+                "counters": dict(counters),
+                "torch_rng": torch.get_rng_state(),
+                "metrics_lines": log.lines,
+                "last_eval": last_eval,
+            },
+            ckpt_path,
+        )
+
+    def run_eval(epoch: int) -> dict:
+        if ema is not None:
+            ema.swap()
+        model.eval()
+        res = evaluate(
+            model, eval_prompts(cfg.eval_per_category), eval_reward, cfg.eval_num_steps, cfg.shift, cfg.cfg_scale
+        )
+        model.train()
+        if ema is not None:
+            ema.swap()
+        save_grid(
+            res.images,
+            out / "grids" / f"eval_{epoch:05d}.png",
+            ncol=cfg.eval_per_category,
+            correct=res.scores["geneval"],
+        )
+        summary = {f"eval/{k}": v for k, v in res.summary().items()}
+        log.write(
+            {"kind": "eval", "epoch": epoch, **{k: v for k, v in counters.items()}, **summary},
+            counters["reward_queries"],
+        )
+        return summary
+
+    bar = _progress(cfg, start_epoch)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        # -- evaluation & checkpoint at the epoch boundary ---------------------------------------------------
+        # (a resumed run already evaluated this boundary before writing the checkpoint it resumes from)
+        due = epoch == 0 or (cfg.eval_every and epoch % cfg.eval_every == 0)
+        if due and not (resume and epoch == start_epoch):
+            last_eval = run_eval(epoch)
+        if epoch > start_epoch and epoch % cfg.save_every == 0:
+            checkpoint(epoch)
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, epoch))  # (seed, rank, epoch)
+
+        # -- sample & score ---------------------------------------------------------------------------------
+        model.eval()
+        rollout = algo.rollout(ctx, epoch, gen)
+        model.train()
+        counters["reward_queries"] += algo.reward_queries(rollout)
+        counters["sample_passes"] += len(rollout.prompts) * cfg.num_steps * cfg_factor
+        record = {"kind": "train", "epoch": epoch + 1}
+        record.update({f"reward/{k}": float(v.float().mean()) for k, v in rollout.rewards.items()})
+        record.update(rollout.stats)
+        if not (torch.isfinite(rollout.rewards["reward"]).all() and torch.isfinite(rollout.advantages).all()):
+            counters["skipped_epochs_nonfinite"] += 1
+            record["skipped"] = "non-finite rewards or advantages"
+        else:
+            # -- loss & backward & step ---------------------------------------------------------------------
+            totals: dict[str, float] = {}
+            losses, norms = [], []
+            for step_i, chunk in enumerate(split_items(rollout.items, cfg.opt_steps_per_epoch, gen)):
+                opt.zero_grad(set_to_none=True)
+                work = active_items(rollout, chunk)
+                loss_val = 0.0
+                for mb in work.split(cfg.micro_batch) if len(work) else ():
+                    loss_sum, stats = algo.loss(ctx, rollout, mb, first_step=step_i == 0)
+                    (loss_sum / len(chunk)).backward()
+                    loss_val += float(loss_sum.detach()) / len(chunk)
+                    for k, v in stats.items():
+                        totals[k] = max(totals.get(k, 0.0), v) if k.endswith("_max") else totals.get(k, 0.0) + v
+                counters["train_passes"] += len(work) * cfg_factor
+                grads = [p.grad for p in params if p.grad is not None]
+                if not grads:
+                    losses.append(loss_val)
+                    continue  # every item had a = 0: nothing to learn from this chunk
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                if not torch.isfinite(norm) or not math.isfinite(loss_val):
+                    opt.zero_grad(set_to_none=True)
+                    counters["skipped_steps_nonfinite"] += 1
+                    continue
+                opt.step()
+                # -- EMA ------------------------------------------------------------------------------------
+                if ema is not None:
+                    ema.update()
+                losses.append(loss_val)
+                norms.append(float(norm))
+            record["loss"] = sum(losses) / max(1, len(losses))
+            record["grad_norm"] = sum(norms) / max(1, len(norms))
+            n = totals.pop("n", 0)
+            for k, v in totals.items():
+                if k.endswith("_sum"):
+                    record[f"{algo.name}/{k[:-4]}_mean"] = v / max(1, n)
+                elif k.endswith("_max"):
+                    record[f"{algo.name}/{k}"] = v
+                else:
+                    record[f"{algo.name}/{k}_frac"] = v / max(1, n)
+            record[f"{algo.name}/active_items_frac"] = n / max(1, len(rollout.items))
+        counters["wall_time"] += time.perf_counter() - t0
+        record.update(counters)
+        log.write(record, counters["reward_queries"])
+        bar.update(record, last_eval)
+
+    # -- final evaluation & checkpoint ------------------------------------------------------------------------
+    if start_epoch < cfg.epochs or not last_eval:
+        last_eval = run_eval(cfg.epochs)
+    checkpoint(cfg.epochs)
+    bar.close(last_eval)
+    log.close()
+    return last_eval
+
+
+class _progress:
+    """tqdm over epochs with reward and held-out accuracy (a plain line per epoch when tqdm is off)."""
+
+    def __init__(self, cfg: TrainConfig, start: int):
+        self.bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=cfg.epochs, initial=start, desc=cfg.algorithm, unit="epoch", file=sys.stderr, dynamic_ncols=True
+            )
+
+    def update(self, record: dict, last_eval: dict):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                reward=f"{record.get('reward/reward', float('nan')):.3f}",
+                heldout=f"{last_eval.get('eval/geneval', float('nan')):.3f}",
+            )
+
+    def close(self, last_eval: dict):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdfo-train", description=__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named preset (options below override it)")
+    parser.add_argument("--config", help="YAML file of options (applied after the preset)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_dataclass_args(parser, TrainConfig)
+    return parser
+
+
+@cli_entry
+def main(argv=None):
+    ns = build_parser().parse_args(argv)
+    cfg = make_config(ns.preset, ns.config, overrides_from_args(ns, TrainConfig))
+    print(json.dumps(cfg.to_dict(), indent=1))
+    if ns.dry_run:
+        return
+    summary = train(cfg, resume=ns.resume)
+    print("final held-out: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in summary.items() if k.startswith("eval/g")))
+
+
+if __name__ == "__main__":
+    main()
