@@ -11,8 +11,9 @@ export HF_HUB_OFFLINE := 1
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "setuptools>=70" wheel
-	# torch pinned and installed first: an unpinned torch resolves to a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0 numpy pillow pyyaml tqdm matplotlib tensorboard pytest
+	# torch pinned and installed first: an unpinned torch resolves to a multi-GB CUDA build; triton 3.7.1 is the
+	# version torch 2.13 pins (its interpreter runs the kernel tests on CPU).
+	$(BIN)/pip install -q torch==2.13.0 triton==3.7.1 numpy pillow pyyaml tqdm matplotlib tensorboard pytest
 	# No build isolation: a build env would pull another torch (see environment notes).
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)

@@ -22,7 +22,7 @@ from fdfo_fast.train import train
 from fdfo_fast.viz import save_grid
 from fdfo_fast.world.grammar import CATEGORIES, eval_prompts
 
-DEMO_EPOCHS = 120
+DEMO_EPOCHS = 150
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class DemoConfig:
     checkpoint: str = field(default=str(TOY_BASE_CHECKPOINT), metadata={"help": "toy model checkpoint"})
     epochs: int = field(default=DEMO_EPOCHS, metadata={"help": "FDFO epochs of the demo post-training"})
     sample_only: bool = field(default=False, metadata={"help": "only sample & score the checkpoint (no training)"})
-    per_category: int = field(default=32, metadata={"help": "held-out items per GenEval category"})
+    per_category: int = field(default=48, metadata={"help": "held-out items per GenEval category"})
     num_steps: int = field(default=20, metadata={"help": "Euler ODE steps for evaluation"})
     cfg_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance scale"})
     shift: float = field(default=1.0, metadata={"help": "SD3 time shift"})

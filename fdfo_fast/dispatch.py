@@ -1,0 +1,51 @@
+"""Backend choice for the fused ops: `impl=None|"ref"|"triton"`; auto = Triton on CUDA tensors, reference elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from fdfo_fast.errors import FdfoError
+
+IMPLS = (None, "ref", "triton")
+_log = logging.getLogger("fdfo_fast")
+_warned: set[str] = set()
+
+
+def triton_usable() -> tuple[bool, str]:
+    """(usable, why not) for Triton in this process: installed, not disabled, and a GPU or the interpreter."""
+    if os.environ.get("FDFO_DISABLE_TRITON", "0").lower() in ("1", "true", "yes", "on"):
+        return False, "disabled by FDFO_DISABLE_TRITON=1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed (pip install fdfo_fast[triton])"
+    return True, ""
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose_impl(op: str, impl: str | None, *tensors: torch.Tensor) -> str:
+    """Resolve `impl` for one call: an explicit "triton" that cannot run raises; auto falls back with one warning."""
+    if impl not in IMPLS:
+        raise FdfoError(f"{op}: impl must be one of None, 'ref', 'triton'; got {impl!r}")
+    if impl == "ref":
+        return "ref"
+    on_cuda = all(t.is_cuda for t in tensors)
+    ok, why = triton_usable()
+    if impl == "triton":
+        if not ok:
+            raise FdfoError(f"{op}: impl='triton' requested but {why}")
+        if not on_cuda and not interpreter_on():
+            raise FdfoError(f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+        return "triton"
+    if on_cuda and ok:
+        return "triton"
+    if on_cuda and op not in _warned:  # a GPU run that cannot use its kernels deserves one warning
+        _warned.add(op)
+        _log.warning("%s: using the PyTorch reference on CUDA (%s)", op, why)
+    return "ref"

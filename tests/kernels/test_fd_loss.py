@@ -1,0 +1,64 @@
+"""Fused FDFO loss kernel vs its torch reference: forward, gradient, penalty, odd shapes, dtypes, dispatch."""
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close_by_dtype
+
+from fdfo_fast.errors import FdfoError
+from fdfo_fast.kernels.fd_loss import fd_loss, fd_loss_ref
+
+SHAPES = [(1, 1, 1, 1023), (3, 7, 257), (5, 3, 9, 11), (2, 9000)]
+DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]
+
+
+def _inputs(shape, dtype, spread=0.05):
+    v_ref = torch.randn(shape, device=DEVICE)
+    v_theta = (v_ref + spread * torch.randn(shape, device=DEVICE)).to(dtype)
+    x0 = torch.randn(shape, device=DEVICE)
+    d = x0 / (x0.pow(2).flatten(1).mean(1).view(-1, *[1] * (x0.ndim - 1)) + 1e-6)  # §1.2 direction
+    a = torch.randn(shape[0], device=DEVICE)
+    v_base = torch.randn(shape, device=DEVICE).to(dtype)
+    return v_theta, v_ref.to(dtype), d, a, v_base
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype, atol", DTYPES)
+@pytest.mark.parametrize("penalty", [0.0, 0.5])
+def test_forward_and_gradient_match_reference(shape, dtype, atol, penalty):
+    v_theta, v_ref, d, a, v_base = _inputs(shape, dtype)
+    vt = v_theta.clone().requires_grad_(True)
+    loss, rho = fd_loss(vt, v_ref, d, a, 0.03, v_base, penalty, impl="triton")
+    g_out = torch.randn_like(loss)  # a non-uniform upstream gradient exercises the backward scaling
+    (grad,) = torch.autograd.grad((loss * g_out).sum(), vt)
+    # fp64 reference and the same-dtype torch reference
+    v64 = v_theta.double().requires_grad_(True)
+    l64, r64 = fd_loss_ref(v64, v_ref.double(), d.double(), a.double(), 0.03, v_base.double(), penalty)
+    l64, r64 = l64.double(), r64.double()
+    (g64,) = torch.autograd.grad((l64 * g_out.double()).sum(), v64)
+    vs = v_theta.clone().requires_grad_(True)
+    ls, rs = fd_loss_ref(vs, v_ref, d, a, 0.03, v_base, penalty)
+    (gs,) = torch.autograd.grad((ls * g_out).sum(), vs)
+    assert grad.dtype == dtype and grad.shape == v_theta.shape
+    assert_close_by_dtype(rho, r64, rs, atol)
+    assert_close_by_dtype(loss, l64, ls, atol)
+    assert_close_by_dtype(grad, g64, gs, atol * max(1.0, g64.abs().max().item()))
+
+
+def test_rho_is_exactly_one_at_the_reference():
+    v_theta, v_ref, d, a, _ = _inputs((4, 3, 5, 7), torch.float32)
+    loss, rho = fd_loss(v_ref.clone(), v_ref, d, a, 0.03, impl="triton")
+    assert torch.equal(rho, torch.ones_like(rho)) and torch.equal(loss, -a)
+
+
+def test_auto_dispatch_takes_the_reference_on_cpu_and_explicit_errors_are_clear(monkeypatch):
+    v_theta, v_ref, d, a, _ = _inputs((2, 3, 4), torch.float32)
+    if DEVICE == "cpu":
+        out = fd_loss(v_theta.cpu(), v_ref.cpu(), d.cpu(), a.cpu(), 0.03)
+        assert torch.equal(out[0], fd_loss_ref(v_theta, v_ref, d, a, 0.03)[0])
+    monkeypatch.setenv("FDFO_DISABLE_TRITON", "1")
+    with pytest.raises(FdfoError, match="disabled by FDFO_DISABLE_TRITON"):
+        fd_loss(v_theta, v_ref, d, a, 0.03, impl="triton")
+    with pytest.raises(FdfoError, match="impl must be one of"):
+        fd_loss(v_theta, v_ref, d, a, 0.03, impl="cuda-magic")
+    with pytest.raises(FdfoError, match="d has shape"):
+        fd_loss(v_theta, v_ref, d[:, :2], a, 0.03)
