@@ -1,4 +1,4 @@
-"""Fused FDFO finite-difference velocity loss (method.md §1.3): reference -> kernels -> launchers -> op.
+"""Fused FDFO finite-difference velocity loss (method.md §1.3): reference -> kernels -> launcher -> custom op.
 
 Per item n (one branch at one step) with Δ = v_θ − v_ref and the pair direction d:
     ρ = exp(−mean(Δ² + 2·Δ·d))                      (= exp(L_ref − L_θ), L_θ against v_tgt = v_ref − d)
@@ -7,7 +7,7 @@ Per item n (one branch at one step) with Δ = v_θ − v_ref and the pair direct
 The kernels never materialise v_tgt or Δ: one pass reduces the row sums (split over row chunks so a few items with
 262k elements each still fill the GPU), a tiny per-item epilogue forms ρ and ℓ, and a second pass writes dℓ/dv_θ
 straight from the inputs. The gradient is formed in the forward (as Liger-Kernel's losses do) and scaled by the
-incoming per-item gradient in the backward.
+incoming per-item gradient in the backward. Registered as the torch.library op `fdfo_fast::fd_loss`.
 """
 
 from __future__ import annotations
@@ -206,23 +206,47 @@ def fd_loss_fwd(v_theta, v_ref, d, a, eps: float, v_base, penalty: float, need_g
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# autograd.Function and the public op
+# Custom op with autograd (one opaque node for torch.compile and CUDA-graph capture)
 # ---------------------------------------------------------------------------------------------------------------
-class FDLossFunction(torch.autograd.Function):
-    """ℓ per item with the gradient precomputed in the forward; ρ is returned for logging (not differentiable)."""
+@torch.library.custom_op("fdfo_fast::fd_loss", mutates_args=())
+def _fd_loss_op(
+    v_theta: torch.Tensor,
+    v_ref: torch.Tensor,
+    d: torch.Tensor,
+    a: torch.Tensor,
+    v_base: torch.Tensor | None,
+    eps: float,
+    penalty: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, rho, grad = fd_loss_fwd(v_theta, v_ref, d, a, eps, v_base, penalty, need_grad)
+    return loss, rho, grad if grad is not None else v_theta.new_empty(0)
 
-    @staticmethod
-    def forward(ctx, v_theta, v_ref, d, a, eps, v_base, penalty):
-        loss, rho, grad = fd_loss_fwd(v_theta, v_ref, d, a, eps, v_base, penalty, v_theta.requires_grad)
-        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
-        ctx.mark_non_differentiable(rho)
-        return loss, rho
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_rho):
-        (grad,) = ctx.saved_tensors
-        g = grad * grad_loss.view(-1, *[1] * (grad.ndim - 1)).to(grad.dtype)
-        return g, None, None, None, None, None, None
+@_fd_loss_op.register_fake
+def _(v_theta, v_ref, d, a, v_base, eps, penalty, need_grad):
+    n = v_theta.shape[0]
+    f32 = dict(dtype=torch.float32, device=v_theta.device)
+    return (
+        torch.empty(n, **f32),
+        torch.empty(n, **f32),
+        torch.empty_like(v_theta) if need_grad else v_theta.new_empty(0),
+    )
+
+
+def _fd_loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _fd_loss_backward(ctx, grad_loss, grad_rho, grad_grad):
+    """dL/dv_θ = Σ_n (dL/dℓ_n)·dℓ_n/dv_θ, with dℓ_n/dv_θ precomputed in the forward; ρ is not differentiable."""
+    (grad,) = ctx.saved_tensors
+    g = grad * grad_loss.view(-1, *[1] * (grad.ndim - 1)).to(grad.dtype)
+    return g, None, None, None, None, None, None, None
+
+
+_fd_loss_op.register_autograd(_fd_loss_backward, setup_context=_fd_loss_setup_context)
 
 
 def fd_loss(
@@ -240,7 +264,8 @@ def fd_loss(
     tensors = (v_theta, v_ref, d) + ((v_base,) if v_base is not None else ())
     if choose_impl("fd_loss", impl, *tensors) == "ref":
         return fd_loss_ref(v_theta, v_ref, d, a, eps, v_base, penalty)
-    return FDLossFunction.apply(v_theta, v_ref, d, a, eps, v_base, penalty)
+    loss, rho, _ = _fd_loss_op(v_theta, v_ref, d, a, v_base, float(eps), float(penalty), v_theta.requires_grad)
+    return loss, rho
 
 
 def _check(v_theta, v_ref, d, a, v_base):

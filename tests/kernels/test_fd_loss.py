@@ -62,3 +62,23 @@ def test_auto_dispatch_takes_the_reference_on_cpu_and_explicit_errors_are_clear(
         fd_loss(v_theta, v_ref, d, a, 0.03, impl="cuda-magic")
     with pytest.raises(FdfoError, match="d has shape"):
         fd_loss(v_theta, v_ref, d[:, :2], a, 0.03)
+
+
+def test_custom_op_is_one_node_under_torch_compile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    v_theta, v_ref, d, a, _ = _inputs((2, 3, 17), torch.float32)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(vt):
+        loss, _ = fd_loss(vt, v_ref, d, a, 0.03, impl="triton")
+        return loss.sum()
+
+    vt = v_theta.clone().requires_grad_(True)
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    out = compiled(vt)
+    out.backward()
+    ref = fd_loss_ref(v_theta.clone().requires_grad_(True), v_ref, d, a, 0.03)[0].sum()
+    assert counter.frame_count == 1 and torch.allclose(out, ref, atol=1e-6)
+    assert vt.grad is not None and torch.isfinite(vt.grad).all()
+    torch.library.opcheck(torch.ops.fdfo_fast.fd_loss.default, (v_theta, v_ref, d, a, None, 0.03, 0.0, False))

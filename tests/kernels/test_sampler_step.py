@@ -99,3 +99,21 @@ def test_bad_inputs_are_clear():
         sampler_step(x, x, None, 1.0, 0.5, "sde")
     with pytest.raises(FdfoError, match="v_c has shape"):
         sampler_step(x, x[:, :2], None, 1.0, 0.5, "euler")
+
+
+def test_custom_op_compiles_as_one_node():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    b, shape = 2, (3, 5, 5)
+    x = torch.randn(b, *shape, device=DEVICE)
+    v = torch.randn(b, *shape, device=DEVICE)
+    seeds = _seeds(b)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(x, v):
+        return sampler_step(x, v, None, 0.8, 0.5, "sde", seeds, stream=1, impl="triton")
+
+    x_c, lp_c = torch.compile(step, backend=counter, fullgraph=True)(x, v)
+    x_e, lp_e = step(x, v)
+    assert counter.frame_count == 1
+    assert torch.equal(x_c, x_e) and torch.equal(lp_c, lp_e)
