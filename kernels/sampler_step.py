@@ -1,4 +1,4 @@
-"""Fused paired-trajectory sampler step (method.md §1.1, §2): reference -> kernel -> launcher -> op.
+"""Fused paired-trajectory sampler step (method.md §1.1, §2): reference -> kernel -> launcher -> custom op.
 
 One launch per denoising step for the whole batch: CFG combine v = v_u + w·(v_c − v_u), optional store of v into
 the trajectory buffer, in-kernel Philox noise from per-sample seeds, and the state update, in three modes:
@@ -181,8 +181,36 @@ def sampler_step_fwd(x, v_c, v_u, seeds, stream, coefs, cfg_scale, mode, x_out=N
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Public op (no autograd: sampling runs under no_grad)
+# Custom op (one opaque node for torch.compile / CUDA graphs; no autograd: sampling runs under no_grad)
 # ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fdfo_fast::sampler_step", mutates_args=("x_out", "v_out"))
+def _sampler_step_op(
+    x: torch.Tensor,
+    v_c: torch.Tensor,
+    v_u: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    x_out: torch.Tensor,
+    v_out: torch.Tensor,
+    kind: str,  # euler | churn | sde ("mode" is reserved by torch.library's dispatch)
+    stream: int,
+    cfg_scale: float,
+    c_x: float,
+    c_v: float,
+    c_n: float,
+    log_std: float,
+) -> torch.Tensor:
+    store_v = v_out.numel() > 0
+    _, lp, _ = sampler_step_fwd(
+        x, v_c, v_u, seeds, stream, (c_x, c_v, c_n, log_std), cfg_scale, kind, x_out, v_out if store_v else None
+    )
+    return lp if lp is not None else x.new_empty(0)
+
+
+@_sampler_step_op.register_fake
+def _(x, v_c, v_u, seeds, x_out, v_out, kind, stream, cfg_scale, c_x, c_v, c_n, log_std):
+    return x.new_empty(x.shape[0]) if kind == "sde" else x.new_empty(0)
+
+
 def sampler_step(
     x: torch.Tensor,
     v_c: torch.Tensor,
@@ -218,11 +246,21 @@ def sampler_step(
     tensors = (x, v_c) + ((v_u,) if v_u is not None else ())
     if choose_impl("sampler_step", impl, *tensors) == "triton":
         coefs = step_coefficients(mode, t, s, gamma, noise_level, sigma_max)
-        xs = _contig(x)
-        x_new, lp, _ = sampler_step_fwd(
-            xs, _contig(v_c), _contig(v_u), seeds, stream, coefs, cfg_scale, mode, x_out, v_out
+        x_out = torch.empty_like(x) if x_out is None else x_out
+        v_buf = v_out if v_out is not None else x.new_empty(0)
+        lp = _sampler_step_op(
+            _contig(x),
+            _contig(v_c),
+            _contig(v_u),
+            seeds,
+            x_out,
+            v_buf,
+            mode,
+            int(stream),
+            float(cfg_scale),
+            *(float(c) for c in coefs),
         )
-        return x_new, lp
+        return x_out, (lp if mode == "sde" else None)
     noise = philox_noise(seeds, stream, tuple(x.shape[1:])).to(x.device) if mode != "euler" else None
     x_new, lp, v = sampler_step_ref(x, v_c, v_u, t, s, mode, cfg_scale, gamma, noise_level, sigma_max, noise)
     if v_out is not None:
