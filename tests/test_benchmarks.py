@@ -46,3 +46,21 @@ def test_convergence_study_tiny(tmp_path):
     assert (tmp_path / "convergence.png").stat().st_size > 0
     assert "| fdfo | 1 |" in (tmp_path / "convergence.md").read_text()
     assert "fdfo: reached 0% in 1/1 seeds; median 0 reward queries" in proc.stdout
+
+
+def test_throughput_quick_runs_and_ends_with_json():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--reps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    ops = {r["op"] for r in last["rows"]}
+    assert {"sampler_step[sde]", "fd_loss fwd+bwd", "toy FDFO paired sampling (eager)"} <= ops
+    assert last["copy_gbps"] > 0
+    if last["device"] == "cpu":
+        assert "timing the PyTorch reference paths only" in proc.stdout
