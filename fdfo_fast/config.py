@@ -59,11 +59,9 @@ class TrainConfig:
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
     ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off); evaluation uses the EMA when on")
-    finetune: str = _f("full", "full | lora")
-    lora_rank: int = _f(8, "LoRA rank (finetune=lora)")
-    lora_alpha: float = _f(16.0, "LoRA alpha (finetune=lora)")
+    finetune: str = _f("full", "full (the toy model); lora comes with the diffusers model adapters")
     # -- evaluation, logging, checkpoints ----------------------------------------------------------------------
-    eval_every: int = _f(10, "held-out evaluation every N epochs (and at the end; 0 = only at the end)")
+    eval_every: int = _f(10, "held-out evaluation every N epochs (always at epoch 0 and at the end; 0 = only those)")
     eval_per_category: int = _f(32, "held-out items per GenEval category")
     eval_num_steps: int = _f(20, "Euler ODE steps for evaluation")
     save_every: int = _f(10, "checkpoint every N epochs (and at the end)")
@@ -76,23 +74,27 @@ class TrainConfig:
         def bad(name, why):
             raise FdfoError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")
 
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f.name, "must be a finite number")
         if self.algorithm not in ALGORITHMS:
             bad("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
-        if self.finetune not in ("full", "lora"):
-            bad("finetune", "must be 'full' or 'lora'")
+        if self.finetune != "full":
+            bad("finetune", "must be 'full' for the toy model (LoRA arrives with the diffusers model adapters)")
         for name in (
             "epochs",
             "num_steps",
             "sample_batch",
             "pairs_per_epoch",
             "prompts_per_epoch",
+            "group_size",
             "opt_steps_per_epoch",
             "micro_batch",
             "eval_per_category",
             "eval_num_steps",
             "save_every",
             "stat_buffer",
-            "lora_rank",
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -108,12 +110,19 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
-        for name in ("lr", "trust_eps", "clip_range", "adv_clip", "shift", "noise_level", "lora_alpha"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
+        for name in ("lr", "trust_eps", "clip_range", "adv_clip", "shift", "noise_level"):
+            if not getattr(self, name) > 0:
                 bad(name, "must be a positive number")
+        if self.algorithm == "fdfo" and self.churn == 0:
+            bad("churn", "must be > 0 for fdfo (with γ = 0 both branches of a pair are identical)")
         if self.group_size < 2 and self.algorithm == "flow_grpo":
             bad("group_size", "must be >= 2 for group-relative advantages")
+        if self.kl_beta and self.algorithm != "flow_grpo":
+            bad("kl_beta", f"only applies to flow_grpo (not {self.algorithm})")
+        if self.velocity_penalty and self.algorithm != "fdfo":
+            bad("velocity_penalty", f"only applies to fdfo (not {self.algorithm})")
+        if self.stat_min_count > self.stat_buffer:
+            bad("stat_min_count", f"must be <= --stat-buffer ({self.stat_buffer}) or per-prompt statistics never apply")
         if not 0 < self.train_timestep_fraction <= 1:
             bad("train_timestep_fraction", "must be in (0, 1]")
         for name in ("beta1", "beta2", "ema_decay"):
@@ -171,14 +180,16 @@ def _coerce(name: str, value, typ):
             return int(float(value))
         if typ is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise FdfoError(f"option {name!r} must be of type {typ.__name__}, got {value!r}")
 
 
-def make_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """defaults <- preset <- YAML file <- CLI overrides, type-checked and validated."""
-    values: dict = {}
+def make_config(
+    preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None, base: dict | None = None
+) -> TrainConfig:
+    """defaults <- `base` (a resumed run's saved config) <- preset <- YAML file <- CLI overrides; validated."""
+    values: dict = dict(base or {})
     if preset:
         if preset not in PRESETS:
             raise FdfoError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")

@@ -75,6 +75,11 @@ def churn_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, gamma: floa
     return x_r / (1 + gamma * r) + (r * math.sqrt((1 + gamma) ** 2 - 1) / (1 + gamma * r)) * noise
 
 
+def largest_sigma_below_one(sigmas: torch.Tensor) -> float:
+    """Flow-GRPO's guard for g at t = 1: the largest σ < 1 of the schedule (σ_1; 0 for a one-step schedule)."""
+    return float(sigmas[1])
+
+
 def sde_std(t: float, noise_level: float, sigma_max: float) -> float:
     """Flow-GRPO diffusion coefficient g = a·√(t / (1 − t)); at t = 1 the denominator uses the largest σ < 1."""
     return noise_level * math.sqrt(t / (1 - (sigma_max if t >= 1.0 else t)))
@@ -192,7 +197,7 @@ def run_sampler(
         raise FdfoError(f"sampler kind {kind!r} needs a NoiseStream")
     T = len(sigmas) - 1
     sig = [float(s) for s in sigmas]
-    sigma_max = sig[1] if T > 1 else 0.5  # largest σ < 1 in the schedule (Flow-GRPO's t = 1 guard)
+    sigma_max = largest_sigma_below_one(sigmas)
     x = x1.float()
     if kind == "churn":
         x = churn_start(x, gamma, noise.randn(x.shape[1:]))

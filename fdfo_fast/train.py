@@ -34,7 +34,8 @@ from fdfo_fast.world.grammar import CATEGORIES, eval_prompts, parse_prompt, prom
 
 STATE_FORMAT = "fdfo_fast.train_state"
 # Options that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("epochs", "progress", "tensorboard", "threads", "eval_every", "save_every")
+# (a different thread count changes float reduction order: bit-identical resumes need the same --threads)
+RESUMABLE_CHANGES = ("epochs", "progress", "tensorboard", "threads", "eval_every", "save_every", "out")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,13 +175,9 @@ class MetricsLog:
 def apply_finetune_mode(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
     """Freeze what is not trained and return the trainable parameters (text encoder always frozen)."""
     model.requires_grad_(False)
-    if cfg.finetune == "lora":
-        if not hasattr(model, "add_lora"):
-            raise FdfoError(f"--finetune lora is not available for {type(model).__name__}; use --finetune full")
-        model.add_lora(cfg.lora_rank, cfg.lora_alpha)
-    else:
-        for name, p in model.named_parameters():
-            p.requires_grad_(not name.startswith("text."))
+    # finetune == "full" (the only mode config accepts for the toy model); model adapters add LoRA here.
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("text."))
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -254,6 +251,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         counters.update(st["counters"])
         torch.set_rng_state(st["torch_rng"])
         start_epoch, keep_lines, last_eval = st["epoch"], st["metrics_lines"], st.get("last_eval", {})
+        if cfg.epochs < start_epoch:
+            raise FdfoError(f"--resume: the run in {out} is at epoch {start_epoch}; --epochs {cfg.epochs} is earlier")
     save_resolved(cfg, out)
     log = MetricsLog(out, cfg.tensorboard, keep_lines)
 
@@ -330,22 +329,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         else:
             # -- loss & backward & step ---------------------------------------------------------------------
             totals: dict[str, float] = {}
+            per_step: dict[str, list[float]] = {}
             losses, norms = [], []
             for step_i, chunk in enumerate(split_items(rollout.items, cfg.opt_steps_per_epoch, gen)):
                 opt.zero_grad(set_to_none=True)
                 work = active_items(rollout, chunk)
-                loss_val = 0.0
+                loss_val, step_totals = 0.0, {}
                 for mb in work.split(cfg.micro_batch) if len(work) else ():
                     loss_sum, stats = algo.loss(ctx, rollout, mb, first_step=step_i == 0)
                     (loss_sum / len(chunk)).backward()
                     loss_val += float(loss_sum.detach()) / len(chunk)
                     for k, v in stats.items():
-                        totals[k] = max(totals.get(k, 0.0), v) if k.endswith("_max") else totals.get(k, 0.0) + v
+                        merge = max if k.endswith("_max") else float.__add__
+                        step_totals[k] = merge(step_totals[k], float(v)) if k in step_totals else float(v)
                 counters["train_passes"] += len(work) * cfg_factor
-                grads = [p.grad for p in params if p.grad is not None]
-                if not grads:
-                    losses.append(loss_val)
-                    continue  # every item had a = 0: nothing to learn from this chunk
+                for k, v in step_totals.items():
+                    merge = max if k.endswith("_max") else float.__add__
+                    totals[k] = merge(totals[k], v) if k in totals else v
+                    if k.endswith("_sum"):
+                        per_step.setdefault(k, []).append(v / max(1, step_totals.get("n", 0)))
+                # A chunk whose items all have zero loss and gradient (FDFO pairs with a = 0) still steps, with
+                # zero gradients, exactly as the unfiltered loss would (AdamW's decay and momentum still act).
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 if not torch.isfinite(norm) or not math.isfinite(loss_val):
                     opt.zero_grad(set_to_none=True)
@@ -363,8 +370,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             for k, v in totals.items():
                 if k.endswith("_sum"):
                     record[f"{algo.name}/{k[:-4]}_mean"] = v / max(1, n)
+                    record[f"{algo.name}/{k[:-4]}_mean_per_step"] = per_step[k]
                 elif k.endswith("_max"):
                     record[f"{algo.name}/{k}"] = v
+                    if v > 1e-4:  # θ = θ_ref on an epoch's first step: ρ (or the PPO ratio) must be 1
+                        warnings.warn(
+                            f"epoch {epoch + 1}: {k} = {v:.3g} on the first step (expected 0): the "
+                            "training forward does not reproduce the sampling forward",
+                            stacklevel=1,
+                        )
                 else:
                     record[f"{algo.name}/{k}_frac"] = v / max(1, n)
             record[f"{algo.name}/active_items_frac"] = n / max(1, len(rollout.items))
@@ -423,7 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv=None):
     ns = build_parser().parse_args(argv)
-    cfg = make_config(ns.preset, ns.config, overrides_from_args(ns, TrainConfig))
+    overrides = overrides_from_args(ns, TrainConfig)
+    base = None
+    if ns.resume:  # continue with the saved options; flags given now override them (then checked in train())
+        saved = Path(overrides.get("out", TrainConfig.out)) / "config.json"
+        if not saved.is_file():
+            raise FdfoError(f"--resume: {saved} does not exist (is --out the run folder?)")
+        base = json.loads(saved.read_text())
+    cfg = make_config(ns.preset, ns.config, overrides, base=base)
     print(json.dumps(cfg.to_dict(), indent=1))
     if ns.dry_run:
         return

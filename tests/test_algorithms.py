@@ -102,7 +102,17 @@ def test_ddpo_tracker_per_prompt_with_batch_fallback():
     assert list(tr.stats["a"]) == [3.0, 2.0, 10.0, 10.0]  # bounded buffer
     clone = PerPromptStatTracker(4, 3)
     clone.load_state_dict(tr.state_dict())
-    assert clone.stats.keys() == tr.stats.keys()
+    assert {p: list(b) for p, b in clone.stats.items()} == {p: list(b) for p, b in tr.stats.items()}
+    assert all(b.maxlen == 4 for b in clone.stats.values())
+
+
+def test_ddpo_non_finite_rewards_never_enter_the_buffers():
+    cfg = make_config(overrides=dict(algorithm="ddpo", stat_buffer=4, stat_min_count=2))
+    algo = DDPO(cfg)
+    adv = algo._advantages(["a", "a"], torch.tensor([1.0, float("nan")]))
+    assert torch.isnan(adv).all() and algo.tracker.stats == {}
+    adv = algo._advantages(["a", "a"], torch.tensor([1.0, 3.0]))
+    assert torch.isfinite(adv).all() and list(algo.tracker.stats["a"]) == [1.0, 3.0]
 
 
 def _context(algorithm, **over):
@@ -143,6 +153,8 @@ def test_ratio_is_one_and_clipped_gradient_is_policy_gradient_on_first_inner_ste
 
 
 def test_flow_grpo_kl_is_zero_at_the_reference_and_uses_g_squared():
+    from fdfo_fast.algorithms.base import policy_velocity
+
     ctx, algo, params = _context("flow_grpo", kl_beta=0.5)
     rollout = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
     _, stats = algo.loss(ctx, rollout, rollout.items, first_step=True)
@@ -150,8 +162,34 @@ def test_flow_grpo_kl_is_zero_at_the_reference_and_uses_g_squared():
     with torch.no_grad():
         for p in params:
             p.add_(0.01)
-    _, stats = algo.loss(ctx, rollout, rollout.items, first_step=False)
-    assert stats["kl_sum"] > 0
+    # one item by hand: μ_θ − μ_ref = (v_θ − v_ref)·c_v, c_v = (1 + g²(1 − t)/(2t))·dt, KL = mean(Δμ²)/(2g²)
+    item = rollout.items[rollout.items[:, 1] == 2][:1]  # step 2: t < 1, so g = a·√(t/(1 − t))
+    _, stats = algo.loss(ctx, rollout, item, first_step=False)
+    sig = rollout.traj.sigmas.tolist()
+    t, s = sig[2], sig[3]
+    g = 0.7 * math.sqrt(t / (1 - t))
+    c_v = (1 + g**2 * (1 - t) / (2 * t)) * (s - t)
+    with torch.no_grad():
+        dv = policy_velocity(ctx.model, rollout, item, 1.0) - policy_velocity(ctx.reference, rollout, item, 1.0)
+    kl_hand = (c_v**2 * dv.double().pow(2).mean() / (2 * g**2)).item()
+    assert stats["kl_sum"] > 0 and stats["kl_sum"] == pytest.approx(kl_hand, rel=1e-4)
+
+
+def test_skipping_zero_advantage_items_leaves_the_gradient_unchanged():
+    from fdfo_fast.algorithms.base import active_items
+
+    ctx, algo, params = _context("fdfo", churn=0.05)
+    rollout = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
+    rollout.advantages[0:2] = 0.0  # pair 0 ties
+    rollout.active = rollout.advantages != 0
+    chunk = rollout.items
+    full, _ = algo.loss(ctx, rollout, chunk, first_step=False)
+    g_full = torch.autograd.grad(full / len(chunk), params, allow_unused=True)
+    part, _ = algo.loss(ctx, rollout, active_items(rollout, chunk), first_step=False)
+    g_part = torch.autograd.grad(part / len(chunk), params, allow_unused=True)
+    assert len(active_items(rollout, chunk)) < len(chunk)
+    for a, b in zip(g_full, g_part):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-7, rtol=1e-5)
 
 
 def test_fdfo_rollout_pairs_and_rho_is_one_on_first_step():

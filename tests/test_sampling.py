@@ -110,6 +110,20 @@ def test_sde_log_prob_matches_torch_normal():
     assert torch.allclose(gaussian_log_prob(x, mean, std).double(), ref, atol=1e-5)
 
 
+def test_sde_step_hand_example():
+    """x = 1, v = 2, t = 1/2, s = 1/4, a = 0.7: g = 0.7, μ = 1·(1 − 0.49/4) + 2·(1 + 0.49/2)·(−1/4) = 0.255."""
+    from fdfo_fast.sampling import sde_step
+
+    g = sde_std(0.5, 0.7, 0.9)
+    assert g == pytest.approx(0.7)
+    assert sde_std(1.0, 0.7, 0.9) == pytest.approx(0.7 * math.sqrt(1 / (1 - 0.9)))  # t = 1 guard
+    x, v = torch.ones(1, 2), torch.full((1, 2), 2.0)
+    x_s, mean, std, lp = sde_step(x, v, 0.5, 0.25, torch.zeros(1, 2), 0.7, 0.9)
+    assert torch.allclose(mean, torch.full((1, 2), 0.255)) and torch.equal(x_s, mean)
+    assert std == pytest.approx(0.35)
+    assert lp.item() == pytest.approx(-math.log(0.35) - 0.5 * math.log(2 * math.pi), rel=1e-6)
+
+
 def test_sde_sampler_records_consistent_log_probs(dirac):
     x0 = torch.randn(SHAPE)
     sigmas = sigma_schedule(5)

@@ -49,6 +49,18 @@ def test_presets_resolve_and_bad_values_are_one_clear_error(tmp_path):
     bad_yaml.write_text("lr: [1, 2\n")
     with pytest.raises(FdfoError, match="not valid YAML"):
         make_config(yaml_path=str(bad_yaml))
+    for over, msg in [
+        ({"churn": float("nan")}, "--churn must be a finite number"),
+        ({"epochs": float("inf")}, "'epochs' must be of type int"),
+        ({"algorithm": "ddpo", "kl_beta": 0.1}, "--kl-beta only applies to flow_grpo"),
+        ({"algorithm": "flow_grpo", "velocity_penalty": 0.1}, "--velocity-penalty only applies to fdfo"),
+        ({"algorithm": "ddpo", "group_size": 0}, "--group-size must be >= 1"),
+        ({"algorithm": "fdfo", "churn": 0.0}, "--churn must be > 0 for fdfo"),
+        ({"stat_min_count": 20, "stat_buffer": 16}, "--stat-min-count must be <= --stat-buffer"),
+        ({"finetune": "lora"}, "--finetune must be 'full' for the toy model"),
+    ]:
+        with pytest.raises(FdfoError, match=msg):
+            make_config(overrides=over)
     good_yaml = tmp_path / "good.yaml"
     good_yaml.write_text("lr: 1.0e-4\nchurn: 0.05\n")
     cfg = make_config("toy-fdfo", str(good_yaml), {"churn": 0.01})
@@ -102,9 +114,9 @@ def test_a_few_epochs_change_every_trainable_parameter(tmp_path, algorithm):
     assert (tmp_path / "grids" / "eval_00000.png").exists() and (tmp_path / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("algorithm", ["fdfo", "ddpo"])
-def test_resume_matches_an_uninterrupted_run_exactly(tmp_path, algorithm):
-    common = dict(algorithm=algorithm, eval_every=2, save_every=2, ema_decay=0.9, **TINY)
+@pytest.mark.parametrize("algorithm, extra", [("fdfo", {}), ("ddpo", {}), ("flow_grpo", {"kl_beta": 0.1})])
+def test_resume_matches_an_uninterrupted_run_exactly(tmp_path, algorithm, extra):
+    common = dict(algorithm=algorithm, eval_every=2, save_every=2, ema_decay=0.9, **extra, **TINY)
     train(make_config(overrides=dict(out=str(tmp_path / "full"), epochs=4, **common)))
     train(make_config(overrides=dict(out=str(tmp_path / "split"), epochs=2, **common)))
     with pytest.raises(FdfoError, match="already holds a run"):
@@ -119,6 +131,48 @@ def test_resume_matches_an_uninterrupted_run_exactly(tmp_path, algorithm):
     b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"], strict=True))
+
+
+def test_resume_from_the_command_line_needs_only_the_run_folder_and_never_goes_back(tmp_path):
+    run = [sys.executable, "-m", "fdfo_fast.train"]
+    flags = [
+        "--num-steps",
+        "3",
+        "--pairs-per-epoch",
+        "2",
+        "--eval-per-category",
+        "1",
+        "--eval-num-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--progress",
+        "false",
+        "--tensorboard",
+        "false",
+    ]
+    out = str(tmp_path / "r")
+    proc = subprocess.run(
+        [*run, "--preset", "toy-fdfo", "--epochs", "2", "--out", out, *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [*run, "--resume", "--out", out, "--epochs", "3"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "r" / "checkpoint.pt")["epoch"] == 3
+    proc = subprocess.run(
+        [*run, "--resume", "--out", out, "--epochs", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2 and "is at epoch 3; --epochs 1 is earlier" in proc.stderr
+    assert read_checkpoint(tmp_path / "r" / "checkpoint.pt")["epoch"] == 3  # untouched
+    proc = subprocess.run(
+        [*run, "--resume", "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2 and "config.json does not exist" in proc.stderr
 
 
 def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):

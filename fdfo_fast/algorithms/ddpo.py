@@ -47,12 +47,10 @@ class DDPO(SDEPolicyGradient):
         self.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
 
     def _advantages(self, prompts, rewards):
+        if not torch.isfinite(rewards).all():
+            # Keep non-finite rewards out of the running buffers: the loop skips this epoch and counts it.
+            return torch.full_like(rewards, float("nan"))
         return self.tracker.update(prompts, rewards).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
-
-    def loss(self, ctx, rollout, items, first_step):
-        if self.cfg.kl_beta:  # DDPO has no KL term
-            raise AssertionError("kl_beta is a Flow-GRPO option")
-        return super().loss(ctx, rollout, items, first_step)
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict()}

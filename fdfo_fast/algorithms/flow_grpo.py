@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fdfo_fast.algorithms.base import Algorithm, Rollout, policy_velocity
-from fdfo_fast.sampling import gaussian_log_prob, sample_sde, sde_mean, sde_std
+from fdfo_fast.sampling import gaussian_log_prob, largest_sigma_below_one, sample_sde, sde_mean, sde_std
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
@@ -77,7 +77,7 @@ class SDEPolicyGradient(Algorithm):
         i, k = items[:, 0], items[:, 1]
         sig = traj.sigmas.tolist()
         T = len(sig) - 1
-        sigma_max = sig[1] if T > 1 else 0.5
+        sigma_max = largest_sigma_below_one(traj.sigmas)
         t = traj.sigmas[k].view(-1, 1, 1, 1).double()
         s = traj.sigmas[k + 1].view(-1, 1, 1, 1).double()
         g = torch.tensor([sde_std(sig[j], cfg.noise_level, sigma_max) for j in range(T)], dtype=torch.float64)[k]
