@@ -30,6 +30,7 @@ class TrainConfig:
     prompts: str = _f("train", "'train' (the world's training split) or a text file with one prompt per line")
     reward: str = _f("alignment:1", "weighted reward terms, e.g. 'alignment:1,quality:0.1'")
     threads: int = _f(0, "torch CPU threads (0 = torch default)")
+    impl: str = _f("auto", "fused ops: auto (Triton on CUDA, reference elsewhere) | ref | triton")
     # -- sampling ----------------------------------------------------------------------------------------------
     num_steps: int = _f(10, "sampling steps while training")
     shift: float = _f(1.0, "SD3 time shift of the σ schedule")
@@ -78,6 +79,8 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 bad(f.name, "must be a finite number")
+        if self.impl not in ("auto", "ref", "triton"):
+            bad("impl", "must be auto, ref or triton")
         if self.algorithm not in ALGORITHMS:
             bad("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
         if self.finetune != "full":
@@ -135,6 +138,11 @@ class TrainConfig:
         if self.base_checkpoint and not Path(self.base_checkpoint).is_file():
             bad("base_checkpoint", "must be an existing checkpoint file")
         return self
+
+    @property
+    def impl_or_none(self) -> str | None:
+        """`impl` as the ops take it (None = auto)."""
+        return None if self.impl == "auto" else self.impl
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -25,6 +25,7 @@ from fdfo_fast.checkpoint import (
 )
 from fdfo_fast.cli_args import add_dataclass_args, overrides_from_args
 from fdfo_fast.config import PRESETS, TrainConfig, make_config, save_resolved
+from fdfo_fast.dispatch import choose_impl
 from fdfo_fast.errors import FdfoError, cli_entry
 from fdfo_fast.evaluation import evaluate
 from fdfo_fast.rewards import CompositeReward
@@ -34,8 +35,8 @@ from fdfo_fast.world.grammar import CATEGORIES, eval_prompts, parse_prompt, prom
 
 STATE_FORMAT = "fdfo_fast.train_state"
 # Options that may differ between a run and its resumption.
-# (a different thread count changes float reduction order: bit-identical resumes need the same --threads)
-RESUMABLE_CHANGES = ("epochs", "progress", "tensorboard", "threads", "eval_every", "save_every", "out")
+# (a different thread count or impl changes float rounding: bit-identical resumes need the same --threads, --impl)
+RESUMABLE_CHANGES = ("epochs", "progress", "tensorboard", "threads", "eval_every", "save_every", "out", "impl")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +224,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     cfg_factor = 2 if cfg.cfg_scale != 1.0 else 1
+    # which implementation the fused ops take in this run (recorded in every training record)
+    impl_used = choose_impl("fd_loss", cfg.impl_or_none, params[0])
     counters = {
         "reward_queries": 0,
         "train_passes": 0,
@@ -320,7 +323,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         model.train()
         counters["reward_queries"] += algo.reward_queries(rollout)
         counters["sample_passes"] += len(rollout.prompts) * cfg.num_steps * cfg_factor
-        record = {"kind": "train", "epoch": epoch + 1}
+        record = {"kind": "train", "epoch": epoch + 1, "impl": impl_used}
         record.update({f"reward/{k}": float(v.float().mean()) for k, v in rollout.rewards.items()})
         record.update(rollout.stats)
         if not (torch.isfinite(rollout.rewards["reward"]).all() and torch.isfinite(rollout.advantages).all()):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fdfo_fast.algorithms.ddpo import DDPO, PerPromptStatTracker
-from fdfo_fast.algorithms.fdfo import FDFO, fd_direction, fd_velocity_loss_ref
+from fdfo_fast.algorithms.fdfo import FDFO, fd_direction
 from fdfo_fast.algorithms.flow_grpo import FlowGRPO, clipped_policy_loss, group_advantages
 from fdfo_fast.config import make_config
+from fdfo_fast.kernels.fd_loss import fd_loss_ref
 from fdfo_fast.models.toy_flow import ToyFlowConfig, ToyFlowModel
 from fdfo_fast.train import make_context
 
@@ -38,14 +39,14 @@ def test_fdfo_loss_hand_example():
     # Δ = [0.1, 0.2]; mean(Δ² + 2Δd) = ((0.01 + 0.2) + (0.04 − 0.4)) / 2 = −0.075; ρ = e^{0.075}
     rho_hand = math.exp(0.075)
     loss_hand = -0.5 * rho_hand + (0.5 / 0.06) * (rho_hand - 1) ** 2
-    loss, rho = fd_velocity_loss_ref(v, v_ref, d, a, 0.03)
+    loss, rho = fd_loss_ref(v, v_ref, d, a, 0.03)
     assert rho.item() == pytest.approx(rho_hand, rel=1e-6)
     assert loss.item() == pytest.approx(loss_hand, rel=1e-6)
     # the stable form equals the definition ρ = exp(L_ref − L_θ), L_θ = mean (v_θ − (v_ref − d))², L_ref = mean d²
     l_theta = (v - (v_ref - d)).pow(2).mean()
     assert rho.item() == pytest.approx(math.exp(d.pow(2).mean() - l_theta), rel=1e-6)
     # velocity penalty λ·mean (v_θ − v_base)²
-    loss_pen, _ = fd_velocity_loss_ref(v, v_ref, d, a, 0.03, torch.zeros(1, 2), penalty=2.0)
+    loss_pen, _ = fd_loss_ref(v, v_ref, d, a, 0.03, torch.zeros(1, 2), penalty=2.0)
     assert loss_pen.item() == pytest.approx(loss_hand + 2.0 * 0.025, rel=1e-6)
 
 
@@ -56,7 +57,7 @@ def test_fdfo_gradient_at_reference_is_the_finite_difference():
     a, d = fd_direction(x0, torch.tensor([0.9, 0.2]))
     v_ref = torch.randn(2, 3, 5, 7)
     v = v_ref.clone().requires_grad_(True)
-    loss, rho = fd_velocity_loss_ref(v, v_ref, d, a, 0.03)
+    loss, rho = fd_loss_ref(v, v_ref, d, a, 0.03)
     assert torch.equal(rho, torch.ones(2))
     loss.sum().backward()
     n = 3 * 5 * 7

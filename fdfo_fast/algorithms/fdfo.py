@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fdfo_fast.algorithms.base import Algorithm, Rollout, policy_velocity
+from fdfo_fast.kernels.fd_loss import fd_loss
 from fdfo_fast.sampling import sample_fdfo_pairs
 
 
@@ -22,30 +23,6 @@ def fd_direction(x0: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor,
     delta = torch.stack([delta_A, -delta_A], dim=1).flatten(0, 1)  # [2P, ...]
     d = delta / (delta.pow(2).flatten(1).mean(1).view(-1, *[1] * (delta.ndim - 1)) + 1e-6)
     return a, d
-
-
-def fd_velocity_loss_ref(
-    v_theta: torch.Tensor,
-    v_ref: torch.Tensor,
-    d: torch.Tensor,
-    a: torch.Tensor,
-    eps: float,
-    v_base: torch.Tensor | None = None,
-    penalty: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """§1.3 per item: (ℓ [N], ρ [N]).
-
-    v_tgt = v_ref − d; L_θ = mean (v_θ − v_tgt)², L_ref = mean d²; ρ = exp(L_ref − L_θ), computed as
-    exp(−mean(Δ² + 2·Δ·d)) with Δ = v_θ − v_ref (identical algebra, no cancellation of large mean d²);
-    ℓ = −a·ρ + (|a| / 2ε)·(ρ − 1)² (+ λ·mean (v_θ − v_base)²).
-    """
-    delta = v_theta.float() - v_ref.float()
-    rho = torch.exp(-(delta * (delta + 2 * d.float())).flatten(1).mean(1))
-    a = a.float()
-    loss = -a * rho + (a.abs() / (2 * eps)) * (rho - 1) ** 2
-    if penalty and v_base is not None:
-        loss = loss + penalty * (v_theta.float() - v_base.float()).pow(2).flatten(1).mean(1)
-    return loss, rho
 
 
 class FDFO(Algorithm):
@@ -107,7 +84,8 @@ class FDFO(Algorithm):
         if self.cfg.velocity_penalty > 0:
             with torch.no_grad():
                 v_base = policy_velocity(ctx.reference, rollout, items, self.cfg.cfg_scale)
-        loss, rho = fd_velocity_loss_ref(
+        # §1.3 per item (ℓ, ρ): the fused Triton op on CUDA, its reference (kernels/fd_loss.py) elsewhere
+        loss, rho = fd_loss(
             v_theta,
             v_ref,
             rollout.extras["d"][i],
@@ -115,6 +93,7 @@ class FDFO(Algorithm):
             self.cfg.trust_eps,
             v_base,
             self.cfg.velocity_penalty,
+            impl=self.cfg.impl_or_none,
         )
         dev = (rho.detach() - 1).abs()
         stats = {
