@@ -75,6 +75,15 @@ class RunContext:
     def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.reward(images, prompts)
 
+    def sample_in_chunks(self, sampler, cond: dict, uncond: dict | None, seeds: list[int], chunk: int) -> Trajectory:
+        """Run `sampler(cond, uncond, seeds)` on slices of at most `chunk` prompts and join the trajectories."""
+        trajs = []
+        for j in range(0, len(seeds), chunk):
+            sl = slice(j, j + chunk)
+            sub_u = None if uncond is None else {k: v[sl] for k, v in uncond.items()}
+            trajs.append(sampler({k: v[sl] for k, v in cond.items()}, sub_u, seeds[sl]))
+        return self.cat_trajectories(trajs)
+
     @staticmethod
     def cat_trajectories(trajs: list[Trajectory]) -> Trajectory:
         if len(trajs) == 1:

@@ -36,16 +36,13 @@ class FDFO(Algorithm):
         cfg = self.cfg
         prompts, seeds = ctx.draw_prompts(cfg.pairs_per_epoch, generator)
         cond, uncond = ctx.encode(prompts)
-        trajs = []
-        step = max(1, cfg.sample_batch // 2)  # pairs per sampler call (both branches in one batched call)
-        for j in range(0, len(prompts), step):
-            sl = slice(j, j + step)
-            sub_c = {k: v[sl] for k, v in cond.items()}
-            sub_u = None if uncond is None else {k: v[sl] for k, v in uncond.items()}
-            trajs.append(
-                sample_fdfo_pairs(ctx.model, sub_c, sub_u, seeds[sl], ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.churn)
-            )
-        traj = ctx.cat_trajectories(trajs)
+        traj = ctx.sample_in_chunks(
+            lambda c, u, sd: sample_fdfo_pairs(ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.churn),
+            cond,
+            uncond,
+            seeds,
+            max(1, cfg.sample_batch // 2),  # pairs per call: both branches in one batch
+        )
         images = ctx.decode(traj.x0)
         pair_prompts = [p for p in prompts for _ in (0, 1)]
         rewards = ctx.score(images, pair_prompts)

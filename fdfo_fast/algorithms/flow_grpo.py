@@ -41,15 +41,13 @@ class SDEPolicyGradient(Algorithm):
         cfg = self.cfg
         prompts, seeds = self._draw(ctx, generator)
         cond, uncond = ctx.encode(prompts)
-        trajs = []
-        for j in range(0, len(prompts), cfg.sample_batch):
-            sl = slice(j, j + cfg.sample_batch)
-            sub_c = {k: v[sl] for k, v in cond.items()}
-            sub_u = None if uncond is None else {k: v[sl] for k, v in uncond.items()}
-            trajs.append(
-                sample_sde(ctx.model, sub_c, sub_u, seeds[sl], ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.noise_level)
-            )
-        traj = ctx.cat_trajectories(trajs)
+        traj = ctx.sample_in_chunks(
+            lambda c, u, sd: sample_sde(ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.noise_level),
+            cond,
+            uncond,
+            seeds,
+            cfg.sample_batch,
+        )
         images = ctx.decode(traj.x0)
         rewards = ctx.score(images, prompts)
         adv = self._advantages(prompts, rewards["reward"])
