@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from fdfo_fast.backends import HAS_TRITON, env_flag
 from fdfo_fast.errors import FdfoError
 
 IMPLS = (None, "ref", "triton")
@@ -16,11 +17,10 @@ _warned: set[str] = set()
 
 def triton_usable() -> tuple[bool, str]:
     """(usable, why not) for Triton in this process: installed, not disabled, and a GPU or the interpreter."""
-    if os.environ.get("FDFO_DISABLE_TRITON", "0").lower() in ("1", "true", "yes", "on"):
+    # The env var is read per call (not the import-time backends.TRITON_DISABLED) so tests can toggle it.
+    if env_flag("FDFO_DISABLE_TRITON"):
         return False, "disabled by FDFO_DISABLE_TRITON=1"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not HAS_TRITON:
         return False, "triton is not installed (pip install fdfo_fast[triton])"
     return True, ""
 

@@ -7,7 +7,7 @@ walks σ from 1 down to 0. All three samplers share one loop (`run_sampler`); th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -157,7 +157,6 @@ class Trajectory:
     velocities: torch.Tensor | None = None  # [T, B, C, H, W]
     log_probs: torch.Tensor | None = None  # [T, B] (SDE)
     step_std: torch.Tensor | None = None  # [T] (SDE): g·√(−dt)
-    extras: dict = field(default_factory=dict)
 
     @property
     def next_states(self) -> torch.Tensor:
