@@ -45,6 +45,7 @@ def evaluate(
     shift: float = 1.0,
     cfg_scale: float = 1.0,
     batch_size: int = 128,
+    impl: str | None = None,
 ) -> EvalResult:
     """Sample every (prompt, seed) item with the Euler ODE sampler and score it."""
     reward = reward or CompositeReward("alignment:1")
@@ -57,7 +58,7 @@ def evaluate(
         prompts = [p.text() for p, _ in chunk]
         cond = model.encode_prompts(prompts)
         uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
-        traj = sample_euler(model, cond, uncond, [s for _, s in chunk], shape, sigmas, cfg_scale)
+        traj = sample_euler(model, cond, uncond, [s for _, s in chunk], shape, sigmas, cfg_scale, impl=impl)
         images.append(traj.x0.clamp(-1, 1).cpu())
     images = torch.cat(images)
     prompts = [p.text() for p, _ in items]

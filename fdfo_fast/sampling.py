@@ -132,11 +132,21 @@ def repeat_cond(c: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
 def guided_velocity(
     model, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict | None, cfg_scale: float
 ) -> torch.Tensor:
-    """v = v_u + w·(v_c − v_u) with the empty prompt as unconditional; one batched call for both halves."""
+    """v = v_u + w·(v_c − v_u) in fp32 (the training-side combine; sampling fuses it into the step kernel)."""
+    v_c, v_u = model_velocities(model, x, sigma, cond, uncond, cfg_scale)
+    if v_u is None:
+        return v_c.float()
+    return v_u.float() + cfg_scale * (v_c.float() - v_u.float())
+
+
+def model_velocities(
+    model, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict | None, cfg_scale: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(v_c, v_u) from one batched model call (the empty prompt is unconditional); v_u is None without guidance."""
     if uncond is None or cfg_scale == 1.0:
-        return model(x, sigma, cond).float()
-    v_c, v_u = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond)).float().chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
+        return model(x, sigma, cond), None
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond)).chunk(2)
+    return v_c, v_u
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,46 +190,83 @@ def run_sampler(
     uncond: dict | None = None,
     cfg_scale: float = 1.0,
     kind: str = "euler",
-    noise: NoiseStream | None = None,
+    seeds: torch.Tensor | None = None,
     gamma: float = 0.0,
     noise_level: float = 0.7,
     record: bool = False,
+    impl: str | None = None,
 ) -> Trajectory:
-    """Walk σ from 1 to 0 starting at x1 [B, C, H, W].
+    """Walk σ from 1 to 0 starting at x1 [B, C, H, W]; every state update is one fused `sampler_step` call.
 
     kind="euler": deterministic ODE; "churn": FDFO's variance-preserving churn (γ), last step deterministic;
-    "sde": Flow-GRPO Euler–Maruyama with per-step Gaussian log-probs. `noise` supplies per-sample noise.
+    "sde": Flow-GRPO Euler–Maruyama with per-step Gaussian log-probs. `seeds` (int64 [B]) key each sample's
+    Philox noise: stream 0 is FDFO's start churn, stream k + 1 the noise of step k, identical on the reference
+    and Triton paths (`impl`, see fdfo_fast.dispatch). With `record`, the step writes x_s and the CFG-combined
+    velocity straight into the trajectory buffers.
     """
+    # Imported here: the kernel module imports this module's step functions as its reference.
+    from fdfo_fast.kernels.sampler_step import sampler_step
+
     if kind not in SAMPLER_KINDS:
         raise FdfoError(f"sampler kind must be one of {SAMPLER_KINDS}, got {kind!r}")
-    if kind != "euler" and noise is None:
-        raise FdfoError(f"sampler kind {kind!r} needs a NoiseStream")
-    T = len(sigmas) - 1
+    if kind != "euler" and seeds is None:
+        raise FdfoError(f"sampler kind {kind!r} needs per-sample noise seeds (int64 [B])")
+    T, B = len(sigmas) - 1, x1.shape[0]
     sig = [float(s) for s in sigmas]
     sigma_max = largest_sigma_below_one(sigmas)
-    x = x1.float()
-    if kind == "churn":
-        x = churn_start(x, gamma, noise.randn(x.shape[1:]))
-    states, vels, lps, stds = [], [], [], []
+    if seeds is not None:
+        seeds = torch.as_tensor(seeds, dtype=torch.int64, device=x1.device)
+    # states[k] = input of step k; states[T] = x0. Without recording, the update runs in place in one buffer.
+    states = x1.new_empty((T + 1 if record else 1, *x1.shape), dtype=torch.float32)
+    if kind == "churn":  # §1.1 start churn = the churn step with t = s = 1 and v = 0 (r = 1)
+        sampler_step(
+            x1.float(),
+            torch.zeros_like(states[0]),
+            None,
+            1.0,
+            1.0,
+            "churn",
+            seeds,
+            0,
+            gamma=gamma,
+            x_out=states[0],
+            impl=impl,
+        )
+    else:
+        states[0].copy_(x1)
+    vels, lps, stds = None, [], []
     for k in range(T):
         t, s = sig[k], sig[k + 1]
-        v = guided_velocity(model, x, torch.full((x.shape[0],), t, device=x.device), cond, uncond, cfg_scale)
-        if record:
-            states.append(x)
-            vels.append(v)
-        if kind == "euler" or (kind == "churn" and k == T - 1):  # FDFO: the last step uses γ = 0
-            x = euler_step(x, v, t, s)
-        elif kind == "churn":
-            x = churn_step(x, v, t, s, gamma, noise.randn(x.shape[1:]))
-        else:
-            x, _, std, lp = sde_step(x, v, t, s, noise.randn(x.shape[1:]), noise_level, sigma_max)
+        x = states[k if record else 0]
+        v_c, v_u = model_velocities(model, x, torch.full((B,), t, device=x.device), cond, uncond, cfg_scale)
+        if record and vels is None:
+            vels = v_c.new_empty((T, *x1.shape))
+        mode = "euler" if kind == "euler" or (kind == "churn" and k == T - 1) else kind  # FDFO: last step γ = 0
+        x_next, lp = sampler_step(
+            x,
+            v_c,
+            v_u,
+            t,
+            s,
+            mode,
+            seeds,
+            k + 1,
+            cfg_scale=cfg_scale,
+            gamma=gamma,
+            noise_level=noise_level,
+            sigma_max=sigma_max,
+            x_out=states[k + 1 if record else 0],
+            v_out=vels[k] if record else None,
+            impl=impl,
+        )
+        if kind == "sde":
             lps.append(lp)
-            stds.append(std)
+            stds.append(sde_std(t, noise_level, sigma_max) * math.sqrt(t - s))
     return Trajectory(
         sigmas=sigmas,
-        x0=x,
-        states=torch.stack(states) if record else None,
-        velocities=torch.stack(vels) if record else None,
+        x0=states[-1],
+        states=states[:T] if record else None,
+        velocities=vels if record else None,
         log_probs=torch.stack(lps) if lps else None,
         step_std=torch.tensor(stds) if stds else None,
     )
@@ -233,30 +280,42 @@ def start_noise(seeds: list[int], shape: tuple[int, ...], device="cpu") -> torch
     return NoiseStream([derive_seed(s, 0) for s in seeds], device).randn(shape)
 
 
-def sample_euler(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, record=False) -> Trajectory:
+def sample_euler(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, record=False, impl=None) -> Trajectory:
     """Deterministic ODE sampler (evaluation)."""
     x1 = start_noise(seeds, shape, _device(cond))
-    return run_sampler(model, x1, sigmas, cond, uncond, cfg_scale, "euler", record=record)
+    return run_sampler(model, x1, sigmas, cond, uncond, cfg_scale, "euler", record=record, impl=impl)
 
 
-def sample_fdfo_pairs(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, gamma=0.0025) -> Trajectory:
+def sample_fdfo_pairs(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, gamma=0.0025, impl=None) -> Trajectory:
     """FDFO paired rollouts (§1.1): per prompt one x₁, duplicated into branches A, B with independent churn.
 
     `cond`/`uncond` hold P prompts and `seeds` P seeds; the batch is laid out pair-major: row 2p + b is prompt p,
     branch b (A = 0, B = 1). Both branches go through the model in one batched call.
     """
     x1 = start_noise(seeds, shape, _device(cond)).repeat_interleave(2, dim=0)  # [2P, ...] shared within a pair
-    churn = NoiseStream([derive_seed(s, 1, b) for s in seeds for b in (0, 1)], _device(cond))
+    churn = [derive_seed(s, 1, b) for s in seeds for b in (0, 1)]
     return run_sampler(
-        model, x1, sigmas, repeat_cond(cond, 2), _rep(uncond, 2), cfg_scale, "churn", churn, gamma=gamma, record=True
+        model,
+        x1,
+        sigmas,
+        repeat_cond(cond, 2),
+        _rep(uncond, 2),
+        cfg_scale,
+        "churn",
+        churn,
+        gamma,
+        record=True,
+        impl=impl,
     )
 
 
-def sample_sde(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, noise_level=0.7) -> Trajectory:
+def sample_sde(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, noise_level=0.7, impl=None) -> Trajectory:
     """Flow-GRPO SDE sampler: every sample gets its own x₁ and step noise from its seed; log-probs recorded."""
     x1 = start_noise(seeds, shape, _device(cond))
-    steps = NoiseStream([derive_seed(s, 2) for s in seeds], _device(cond))
-    return run_sampler(model, x1, sigmas, cond, uncond, cfg_scale, "sde", steps, noise_level=noise_level, record=True)
+    steps = [derive_seed(s, 2) for s in seeds]
+    return run_sampler(
+        model, x1, sigmas, cond, uncond, cfg_scale, "sde", steps, noise_level=noise_level, record=True, impl=impl
+    )
 
 
 def _device(cond: dict) -> torch.device:

@@ -295,7 +295,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             ema.swap()
         model.eval()
         res = evaluate(
-            model, eval_prompts(cfg.eval_per_category), eval_reward, cfg.eval_num_steps, cfg.shift, cfg.cfg_scale
+            model,
+            eval_prompts(cfg.eval_per_category),
+            eval_reward,
+            cfg.eval_num_steps,
+            cfg.shift,
+            cfg.cfg_scale,
+            impl=cfg.impl_or_none,
         )
         model.train()
         if ema is not None:

@@ -60,7 +60,7 @@ def test_throughput_quick_runs_and_ends_with_json():
 
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     ops = {r["op"] for r in last["rows"]}
-    assert {"sampler_step[sde]", "fd_loss fwd+bwd", "toy FDFO paired sampling (eager)"} <= ops
+    assert {"sampler_step[sde]", "fd_loss fwd+bwd", "toy FDFO paired sampling (ref, eager)"} <= ops
     assert last["copy_gbps"] > 0
     if last["device"] == "cpu":
         assert "timing the PyTorch reference paths only" in proc.stdout

@@ -37,7 +37,9 @@ class FDFO(Algorithm):
         prompts, seeds = ctx.draw_prompts(cfg.pairs_per_epoch, generator)
         cond, uncond = ctx.encode(prompts)
         traj = ctx.sample_in_chunks(
-            lambda c, u, sd: sample_fdfo_pairs(ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.churn),
+            lambda c, u, sd: sample_fdfo_pairs(
+                ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.churn, cfg.impl_or_none
+            ),
             cond,
             uncond,
             seeds,

@@ -42,7 +42,9 @@ class SDEPolicyGradient(Algorithm):
         prompts, seeds = self._draw(ctx, generator)
         cond, uncond = ctx.encode(prompts)
         traj = ctx.sample_in_chunks(
-            lambda c, u, sd: sample_sde(ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.noise_level),
+            lambda c, u, sd: sample_sde(
+                ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.noise_level, cfg.impl_or_none
+            ),
             cond,
             uncond,
             seeds,
