@@ -13,14 +13,26 @@ from setuptools import setup
 def extension_modules():
     if os.environ.get("FDFO_BUILD_EXT", "0") != "1":
         return []
-    from pathlib import Path
-
-    sources = sorted(str(p) for p in Path("csrc").glob("*.cpp"))
-    if not sources:
-        raise SystemExit("FDFO_BUILD_EXT=1 but csrc/ holds no C++ sources yet")
+    import torch
     from torch.utils import cpp_extension
 
-    return [cpp_extension.CppExtension("fdfo_fast._C", sources, extra_compile_args=["-O3"])]
+    # CUDA part only with a CUDA build of torch and a toolkit (CUDA_HOME is always None under CPU torch);
+    # FDFO_BUILD_CUDA=0/1 overrides the detection.
+    mode = os.environ.get("FDFO_BUILD_CUDA", "auto")
+    cuda_ok = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    use_cuda = cuda_ok if mode == "auto" else mode == "1"
+    sources = ["csrc/reward_preprocess.cpp"]
+    if use_cuda:
+        return [
+            cpp_extension.CUDAExtension(
+                "fdfo_fast._C",
+                sources + ["csrc/reward_preprocess_cuda.cu"],
+                include_dirs=["csrc"],
+                define_macros=[("WITH_CUDA", None)],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            )
+        ]
+    return [cpp_extension.CppExtension("fdfo_fast._C", sources, include_dirs=["csrc"], extra_compile_args=["-O3"])]
 
 
 ext_modules = extension_modules()

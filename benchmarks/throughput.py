@@ -158,6 +158,61 @@ def sampling_loop_rows(device, reps, quick):
     return rows
 
 
+def pil_per_image(images, specs):
+    """The path peers use: every image to PIL, then each reward model's processor on the CPU, one image at a time."""
+    import numpy as np
+    from PIL import Image
+
+    from fdfo_fast.rewards.preprocess import to_uint8_nhwc
+
+    modes = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    h, w = images.shape[-2:]
+    outs = [[] for _ in specs]
+    for arr in to_uint8_nhwc(images).cpu().numpy():
+        pil = Image.fromarray(arr)
+        for k, spec in enumerate(specs):
+            rh, rw = spec.resized_hw(h, w)
+            top, left, ch, cw = spec.crop_box(h, w)
+            crop = pil.resize((rw, rh), modes[spec.resample]).crop((left, top, left + cw, top + ch))
+            x = (np.asarray(crop, dtype=np.float32) / 255.0 - np.array(spec.mean, np.float32)) / np.array(spec.std)
+            outs[k].append(torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1))
+    return [torch.stack(o).to(images.device, spec.dtype) for o, spec in zip(outs, specs, strict=True)]
+
+
+def reward_preprocess_rows(device, quick, reps):
+    """Reward-model inputs for two processors (CLIP 224 + a 384 px SigLIP-style one) plus uint8 images, images/s."""
+    from fdfo_fast._ext import extension_status
+    from fdfo_fast.rewards.preprocess import ImageInputSpec, preprocess_images
+
+    clip = ImageInputSpec(
+        224, (224, 224), "bicubic", True, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    )
+    siglip = ImageInputSpec((384, 384), None, "bicubic", True, (0.5,) * 3, (0.5,) * 3, torch.bfloat16)
+    specs = [clip, siglip]
+    sizes = [("toy 48 x 3x32x32", 48, 32)] + ([] if quick else [("SD3.5 decode 8 x 3x1024x1024", 8, 1024)])
+    ext_ok, why = extension_status()
+    if not ext_ok:
+        print(f"reward preprocessing: extension unavailable ({why}); timing the reference and PIL paths")
+    rows = []
+    for label, b, px in sizes:
+        images = torch.rand(b, 3, px, px, device=device) * 2 - 1
+        paths = {"ref": lambda: preprocess_images(images, specs, uint8=True, impl="ref")}
+        if ext_ok:
+            paths["ext"] = lambda: preprocess_images(images, specs, uint8=True, impl="ext")
+        paths["PIL per image"] = lambda: pil_per_image(images, specs)
+        for name, fn in paths.items():
+            sec = bench(fn, device, max(2, reps // 2))
+            rows.append(
+                {
+                    "op": f"reward inputs CLIP224+384+u8 ({name})",
+                    "size": label,
+                    "eager_s": sec,
+                    "samples_per_s": b / sec,
+                }
+            )
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes")
@@ -182,17 +237,18 @@ def main(argv=None):
         device, sizes, args.reps, compile_ref, bw
     )
     rows += sampling_loop_rows(device, args.reps, args.quick)
+    rows += reward_preprocess_rows(device, args.quick, args.reps)
     header = (
-        f"{'op':<36} {'size':<26} {'eager ms':>9} {'compile ms':>10} {'triton ms':>9} {'GB/s':>7} "
+        f"{'op':<44} {'size':<30} {'eager ms':>9} {'compile ms':>10} {'triton ms':>9} {'GB/s':>7} "
         f"{'%copy':>6} {'x eager':>7} {'x comp':>7}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         ms = lambda k: f"{r[k] * 1e3:9.3f}" if k in r else f"{'-':>9}"  # noqa: E731
-        extra = f"  {r['samples_per_s']:.0f} samples/s" if "samples_per_s" in r else ""
+        extra = f"  {r['samples_per_s']:.1f} images/s" if "samples_per_s" in r else ""
         print(
-            f"{r['op']:<36} {r['size']:<26} {ms('eager_s')} {ms('compile_s'):>10} {ms('triton_s')} "
+            f"{r['op']:<44} {r['size']:<30} {ms('eager_s')} {ms('compile_s'):>10} {ms('triton_s')} "
             f"{r.get('gbps', float('nan')):7.1f} {100 * r.get('frac_of_copy_bw', float('nan')):5.0f}% "
             f"{r.get('speedup_vs_eager', float('nan')):7.2f} {r.get('speedup_vs_compile', float('nan')):7.2f}" + extra
         )

@@ -45,6 +45,15 @@ TRITON_DISABLED = env_flag("FDFO_DISABLE_TRITON")
 HAS_CUDA_EXT = importlib.util.find_spec("fdfo_fast._C") is not None
 
 
+def _extension_row() -> str:
+    """Status of the reward-preprocessing extension without triggering a build."""
+    if env_flag("FDFO_DISABLE_EXT"):
+        return "disabled by FDFO_DISABLE_EXT=1: PyTorch reference"
+    if HAS_CUDA_EXT:
+        return "built ahead of time (FDFO_BUILD_EXT=1)"
+    return "JIT-built from csrc/ on first use (about 30 s once, then cached); PyTorch reference if that fails"
+
+
 def table() -> list[tuple[str, str, str]]:
     """(component, version or '-', status) rows for `python -m fdfo_fast.info`."""
     rows = [("python", _py(), "ok"), ("torch", torch.__version__, "ok")]
@@ -63,7 +72,7 @@ def table() -> list[tuple[str, str, str]]:
             else:
                 status = "interpreter only (TRITON_INTERPRET=1, tests)" if TRITON_INTERPRET else "no GPU: unused"
         rows.append((name, ver or "-", status))
-    rows.append(("fdfo_fast._C", "-", "built" if HAS_CUDA_EXT else "not built: torch fallback"))
+    rows.append(("fdfo_fast._C", "-", _extension_row()))
     return rows
 
 

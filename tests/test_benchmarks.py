@@ -61,6 +61,12 @@ def test_throughput_quick_runs_and_ends_with_json():
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     ops = {r["op"] for r in last["rows"]}
     assert {"sampler_step[sde]", "fd_loss fwd+bwd", "toy FDFO paired sampling (ref, eager)"} <= ops
+    # the reward-input section times the extension (built by the preprocess tests or here), reference and PIL
+    assert {
+        "reward inputs CLIP224+384+u8 (ref)",
+        "reward inputs CLIP224+384+u8 (ext)",
+        "reward inputs CLIP224+384+u8 (PIL per image)",
+    } <= ops
     assert last["copy_gbps"] > 0
     if last["device"] == "cpu":
         assert "timing the PyTorch reference paths only" in proc.stdout

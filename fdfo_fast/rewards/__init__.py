@@ -6,7 +6,7 @@ import torch
 
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.rewards.alignment import AlignmentReward
-from fdfo_fast.rewards.base import Reward
+from fdfo_fast.rewards.base import ModelReward, Reward
 from fdfo_fast.rewards.image_stats import JpegReward, PaletteQualityReward
 
 # term name -> the Reward class that produces it
@@ -15,7 +15,7 @@ REWARD_TERMS: dict[str, type[Reward]] = {
 }
 
 
-def parse_weights(spec: str | dict[str, float]) -> dict[str, float]:
+def parse_weights(spec: str | dict[str, float], known: dict[str, object] | None = None) -> dict[str, float]:
     """'alignment:1,quality:0.1' (or a dict) -> {term: weight}; clear error on unknown terms or bad numbers."""
     if isinstance(spec, dict):
         items = list(spec.items())
@@ -29,30 +29,67 @@ def parse_weights(spec: str | dict[str, float]) -> dict[str, float]:
                 raise FdfoError(f"reward weight for {name!r} is not a number: {w!r}") from None
     if not items:
         raise FdfoError("reward must name at least one term, e.g. 'alignment:1.0'")
+    known = REWARD_TERMS if known is None else known
     for name, w in items:
-        if name not in REWARD_TERMS:
-            raise FdfoError(f"unknown reward term {name!r}; known: {', '.join(REWARD_TERMS)}")
+        if name not in known:
+            raise FdfoError(f"unknown reward term {name!r}; known: {', '.join(known)}")
         if not isinstance(w, (int, float)) or w != w:
             raise FdfoError(f"reward weight for {name!r} must be a finite number, got {w!r}")
     return {name: float(w) for name, w in items}
 
 
 class CompositeReward(Reward):
-    """Σ_i w_i·term_i as `reward`, plus every term the underlying rewards compute (for logging)."""
+    """Σ_i w_i·term_i as `reward`, plus every term the underlying rewards compute (for logging).
 
-    def __init__(self, weights: str | dict[str, float]):
-        self.weights = parse_weights(weights)
-        classes = dict.fromkeys(REWARD_TERMS[n] for n in self.weights)  # ordered, deduplicated
-        self.parts = [cls() for cls in classes]
+    `models` adds reward instances built elsewhere (e.g. network rewards loaded from a path); their terms become
+    usable in `weights`. Scoring a batch runs one fused preprocessing pass (`preprocess_images`: every model
+    reward's input spec plus the uint8 images when a part wants them), then each part on its input; model rewards
+    score in fixed-size micro-batches. `preprocess_impl` picks the extension or the PyTorch reference.
+    """
+
+    def __init__(self, weights: str | dict[str, float], models: list[Reward] | None = None, preprocess_impl=None):
+        instances = {name: m for m in (models or []) for name in m.names}
+        known = {**REWARD_TERMS, **instances}
+        self.weights = parse_weights(weights, known)
+        parts: dict[int, Reward] = {}
+        for name in self.weights:
+            part = instances.get(name)
+            if part is None:  # built-in classes: one instance per class, shared by its terms
+                cls = REWARD_TERMS[name]
+                part = next((p for p in parts.values() if type(p) is cls), None) or cls()
+            parts.setdefault(id(part), part)
+        self.parts = list(parts.values())
         self.names = ("reward", *(n for p in self.parts for n in p.names))
+        self.preprocess_impl = preprocess_impl
+        specs = [p.input_spec for p in self.parts if isinstance(p, ModelReward)]
+        self.specs = list(dict.fromkeys(specs))  # models sharing a processor share one prepared tensor
+        self.wants_uint8 = any(p.wants_uint8 for p in self.parts)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         self.check_batch(images, prompts)
+        pixels, uint8 = [], None
+        if self.specs or self.wants_uint8:
+            from fdfo_fast.rewards.preprocess import preprocess_images
+
+            pixels, uint8 = preprocess_images(images, self.specs, self.wants_uint8, impl=self.preprocess_impl)
         out: dict[str, torch.Tensor] = {}
         for part in self.parts:
-            out.update(part(images, prompts))
+            if isinstance(part, ModelReward):
+                out.update(part(images, prompts, pixels=pixels[self.specs.index(part.input_spec)]))
+            elif part.wants_uint8:
+                out.update(part(images, prompts, uint8_nhwc=uint8))
+            else:
+                out.update(part(images, prompts))
         out["reward"] = sum(w * out[n] for n, w in self.weights.items())
         return out
 
 
-__all__ = ["AlignmentReward", "CompositeReward", "JpegReward", "PaletteQualityReward", "Reward", "REWARD_TERMS"]
+__all__ = [
+    "AlignmentReward",
+    "CompositeReward",
+    "JpegReward",
+    "ModelReward",
+    "PaletteQualityReward",
+    "Reward",
+    "REWARD_TERMS",
+]

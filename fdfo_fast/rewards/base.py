@@ -18,11 +18,13 @@ def check_images(images: torch.Tensor) -> None:
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] float in [-1, 1] or uint8 -> uint8 numpy [B, H, W, 3] (round to nearest, clamp)."""
+    """[B, 3, H, W] float in [-1, 1] or uint8 -> uint8 numpy [B, H, W, 3] (clamp, round half up as PIL does)."""
     check_images(images)
-    if images.dtype != torch.uint8:
-        images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
+    if images.dtype == torch.uint8:
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+    from fdfo_fast.rewards.preprocess import to_uint8_nhwc
+
+    return to_uint8_nhwc(images.detach()).cpu().numpy()
 
 
 def to_unit_hwc(images: torch.Tensor) -> np.ndarray:
@@ -36,9 +38,14 @@ def to_unit_hwc(images: torch.Tensor) -> np.ndarray:
 
 
 class Reward:
-    """Base class: `names` lists the keys `__call__` returns, each a float32 [B] tensor on the CPU."""
+    """Base class: `names` lists the keys `__call__` returns, each a float32 [B] tensor on the CPU.
+
+    A reward that reads the uint8 [B, H, W, 3] images sets `wants_uint8` and accepts them as `uint8_nhwc=`; the
+    composite then takes them from the same fused preprocessing pass that prepares the model rewards' inputs.
+    """
 
     names: tuple[str, ...] = ()
+    wants_uint8: bool = False
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -47,3 +54,47 @@ class Reward:
     def check_batch(images, prompts: list[str]) -> None:
         if len(images) != len(prompts):
             raise FdfoError(f"reward got {len(images)} images but {len(prompts)} prompts")
+
+
+def score_in_micro_batches(score_fn, pixels: torch.Tensor, prompts: list[str], micro_batch: int) -> dict:
+    """Run `score_fn(pixels[i:i + m], prompts[i:i + m])` on fixed-size chunks; the last is padded by repeating its
+    final row and the padding's scores dropped. Static shapes let a GPU scorer be CUDA-graph captured once."""
+    if micro_batch < 1:
+        raise FdfoError(f"micro_batch must be >= 1, got {micro_batch}")
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(pixels), micro_batch):
+        chunk, texts = pixels[i : i + micro_batch], list(prompts[i : i + micro_batch])
+        n = len(chunk)
+        if n < micro_batch:
+            pad = micro_batch - n
+            chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
+            texts += [texts[-1]] * pad
+        for name, value in score_fn(chunk, texts).items():
+            if value.shape != (micro_batch,):
+                raise FdfoError(f"reward term {name!r} returned shape {tuple(value.shape)}, expected ({micro_batch},)")
+            parts.setdefault(name, []).append(value[:n].detach().float().cpu())
+    return {name: torch.cat(v) for name, v in parts.items()}
+
+
+class ModelReward(Reward):
+    """A reward computed by a network from its own preprocessed pixel tensor, in fixed-size micro-batches.
+
+    Subclasses set `input_spec` (what the model's image processor does) and implement `score(pixels, prompts)` for
+    one micro-batch. Called alone it preprocesses for itself; inside a `CompositeReward` it receives `pixels` from
+    the one fused pass that serves every model reward.
+    """
+
+    input_spec = None  # fdfo_fast.rewards.preprocess.ImageInputSpec
+    micro_batch: int = 16
+
+    def score(self, pixels: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, images, prompts, pixels: torch.Tensor | None = None, impl: str | None = None):
+        self.check_batch(images, prompts)
+        if pixels is None:
+            from fdfo_fast.rewards.preprocess import preprocess_images
+
+            (pixels,), _ = preprocess_images(images, [self.input_spec], impl=impl)
+        with torch.no_grad():
+            return score_in_micro_batches(self.score, pixels, prompts, self.micro_batch)

@@ -12,10 +12,11 @@ from fdfo_fast.rewards.base import Reward, to_uint8_hwc, to_unit_hwc
 from fdfo_fast.world.render import BACKGROUND, PALETTE
 
 
-def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+def jpeg_kilobytes(images: torch.Tensor, quality: int = 95, uint8_nhwc: torch.Tensor | None = None) -> torch.Tensor:
     """Encoded JPEG size of each image in kB (DDPO's compressibility measure)."""
+    arrays = uint8_nhwc.cpu().numpy() if uint8_nhwc is not None else to_uint8_hwc(images)
     sizes = []
-    for arr in to_uint8_hwc(images):
+    for arr in arrays:
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
         sizes.append(buf.tell() / 1000.0)
@@ -26,13 +27,14 @@ class JpegReward(Reward):
     """DDPO's JPEG rewards: `jpeg_compressibility` = −kB and `jpeg_incompressibility` = +kB."""
 
     names = ("jpeg_compressibility", "jpeg_incompressibility")
+    wants_uint8 = True
 
     def __init__(self, quality: int = 95):
         self.quality = quality
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, prompts: list[str], uint8_nhwc: torch.Tensor | None = None):
         self.check_batch(images, prompts)
-        kb = jpeg_kilobytes(images, self.quality)
+        kb = jpeg_kilobytes(images, self.quality, uint8_nhwc)
         return {"jpeg_compressibility": -kb, "jpeg_incompressibility": kb}
 
 

@@ -1,0 +1,285 @@
+"""Fused reward-model input preparation: C++ extension vs PyTorch reference vs transformers' CLIP processor,
+resampling taps vs torch, bad inputs, build-failure handling, the CUDA source compiling, micro-batched scoring."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fdfo_fast.errors import FdfoError
+from fdfo_fast.rewards import CompositeReward, ModelReward
+from fdfo_fast.rewards.base import score_in_micro_batches
+from fdfo_fast.rewards.preprocess import (
+    ImageInputSpec,
+    preprocess_images,
+    preprocess_reference,
+    resize_taps,
+    to_uint8_nhwc,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+LEVEL = 1 / 255  # one 8-bit step, in [0, 1] units
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The JIT-built extension (about 30 s the first time on 2 cores, then cached). A failed build fails here."""
+    from fdfo_fast._ext import load_extension
+
+    return load_extension()
+
+
+def _images(b, h, w, smooth=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if smooth:
+        return F.interpolate(torch.rand(b, 3, 6, 6, generator=g) * 2 - 1, size=(h, w), mode="bilinear")
+    return torch.rand(b, 3, h, w, generator=g) * 2.2 - 1.1  # slightly out of range: clipping is exercised
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("in_size, out_size", [(37, 224), (53, 17), (300, 224), (64, 64), (9, 5)])
+def test_taps_reproduce_torch_interpolate(resample, antialias, in_size, out_size):
+    x = torch.randn(2, 3, 5, in_size, dtype=torch.float64)
+    idx, w = resize_taps(in_size, out_size, resample, antialias)
+    ours = (x[..., torch.from_numpy(idx.astype(np.int64))] * torch.from_numpy(w).double()).sum(-1)
+    ref = F.interpolate(x, size=(5, out_size), mode=resample, antialias=antialias, align_corners=False)
+    torch.testing.assert_close(ours, ref, atol=2e-6, rtol=0)
+    assert np.allclose(w.sum(1), 1.0, atol=1e-5)
+
+
+SPEC_SETS = {
+    "clip-like + uint8": [ImageInputSpec(24, (24, 24), "bicubic", True, CLIP_MEAN, CLIP_STD)],
+    "mixed dtypes": [
+        ImageInputSpec((17, 29), None, "bilinear", False, dtype=torch.float16, quantize=False),
+        ImageInputSpec((80, 90), (71, 77), "bicubic", True, (0.5,) * 3, (0.5,) * 3, torch.bfloat16, quantize=False),
+        ImageInputSpec((11, 13), None, "bicubic", False, quantize=False),
+        ImageInputSpec(31, (19, 23), "bilinear", True, CLIP_MEAN, CLIP_STD),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(SPEC_SETS))
+@pytest.mark.parametrize("hw", [(37, 53), (64, 41)])
+def test_extension_matches_reference(ext, name, hw):
+    specs = SPEC_SETS[name]
+    images = _images(3, *hw, seed=hash(name) % 1000)
+    outs, u8 = preprocess_images(images, specs, uint8=True, impl="ext")
+    refs, u8_ref = preprocess_reference(images, specs, uint8=True)
+    assert torch.equal(u8, u8_ref) and u8.shape == (3, *hw, 3)
+    for spec, out, ref in zip(specs, outs, refs, strict=True):
+        assert out.dtype == ref.dtype == spec.dtype and out.shape == ref.shape
+        diff = (out.float() - ref.float()).abs()
+        if spec.quantize:
+            # both round to the 8-bit grid twice; float summation order can put a value on the other side of a
+            # rounding boundary, which moves it one level (two after the second rounding), rarely
+            assert diff.max() <= 2 * LEVEL / min(spec.std) + 1e-5
+            assert (diff > 1e-4).float().mean() < 0.02
+        else:
+            ulp = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[spec.dtype]
+            assert (diff <= 1e-5 + ulp * ref.float().abs()).all(), diff.max()
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (29, 64)])
+def test_cuda_kernel_code_emulated_on_cpu_matches(ext, hw):
+    """The CUDA kernel's per-element code (segment lookup, NCHW / uint8-HWC indexing, dtype stores), run on the CPU,
+    gives what the separable CPU path gives: the GPU path's logic is checked even without a GPU."""
+    from fdfo_fast.rewards.preprocess import _run_extension
+
+    specs = SPEC_SETS["mixed dtypes"]
+    images = _images(2, *hw, seed=3)
+    shapes = [(2, 3, *s.output_hw(*hw)) for s in specs]
+    direct, u8_direct = _run_extension(images, specs, shapes, True, None, emulate_kernel=True)
+    sep, u8_sep = _run_extension(images, specs, shapes, True, None)
+    assert torch.equal(u8_direct, u8_sep)
+    for spec, a, b in zip(specs, direct, sep, strict=True):
+        diff = (a.float() - b.float()).abs()
+        ulp = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[spec.dtype]
+        bound = 2 * LEVEL / min(spec.std) + 1e-5 if spec.quantize else 1e-5 + ulp * b.float().abs()
+        assert (diff <= bound).all(), diff.max()
+
+
+@pytest.mark.parametrize("impl", ["ext", "ref"])
+@pytest.mark.parametrize("hw, smooth", [((37, 53), False), ((37, 53), True), ((300, 257), False), ((512, 512), True)])
+def test_matches_transformers_clip_processor(ext, impl, hw, smooth):
+    """Same pixels as `CLIPImageProcessor()(PIL images)`: within 2 levels anywhere, almost everywhere exact."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    processor = transformers.CLIPImageProcessor()  # library defaults: shortest edge 224, crop 224, bicubic
+    spec = ImageInputSpec.from_hf_processor(processor)
+    assert spec == ImageInputSpec(224, (224, 224), "bicubic", True, CLIP_MEAN, CLIP_STD)
+    images = _images(2, *hw, smooth=smooth, seed=7)
+    expected = processor(images=[Image.fromarray(a) for a in to_uint8_nhwc(images).numpy()], return_tensors="pt")
+    (ours,), _ = preprocess_images(images, [spec], impl=impl)
+    diff = (ours - expected["pixel_values"]).abs() * torch.tensor(CLIP_STD).view(1, 3, 1, 1)  # in [0, 1] units
+    assert diff.max() <= 2 * LEVEL + 1e-6
+    # PIL rounds with 22-bit fixed-point weights: smooth gradients sit on rounding boundaries more often, and a few
+    # per cent of pixels land one level apart (measured: up to 2.6 % for the 512 px smooth case)
+    assert diff.mean() <= 0.05 * LEVEL
+
+
+def test_preallocated_outputs_are_fully_written(ext):
+    specs = SPEC_SETS["mixed dtypes"]
+    images = _images(2, 37, 53)
+    out = [torch.full((2, 3, *s.output_hw(37, 53)), float("nan"), dtype=s.dtype) for s in specs]
+    got, _ = preprocess_images(images, specs, impl="ext", out=out)
+    assert all(g is o for g, o in zip(got, out, strict=True))
+    assert all(torch.isfinite(o.float()).all() for o in out)
+    with pytest.raises(FdfoError, match="preallocated outputs have shapes"):
+        preprocess_images(images, specs, impl="ext", out=out[:1])
+
+
+def test_bad_inputs_give_clear_errors(ext):
+    spec = ImageInputSpec(16, (16, 16))
+    with pytest.raises(FdfoError, match=r"decoded images \[B, 3, H, W\]"):
+        preprocess_images(torch.zeros(2, 4, 8, 8), [spec])
+    with pytest.raises(FdfoError, match="float images"):
+        preprocess_images(torch.zeros(2, 3, 8, 8, dtype=torch.int32), [spec])
+    with pytest.raises(FdfoError, match="centre crop"):
+        preprocess_images(torch.zeros(1, 3, 8, 8), [ImageInputSpec((8, 8), (9, 9))])
+    with pytest.raises(FdfoError, match="impl must be"):
+        preprocess_images(torch.zeros(1, 3, 8, 8), [spec], impl="cuda")
+    for bad in (
+        dict(size=0),
+        dict(size=8, resample="lanczos"),
+        dict(size=8, std=(1, 0, 1)),
+        dict(size=8, dtype=torch.int8),
+    ):
+        with pytest.raises(FdfoError, match="ImageInputSpec"):
+            ImageInputSpec(**bad)
+    # the C++ checks name the problem (callers outside preprocess_images get TORCH_CHECK messages)
+    img = torch.zeros(1, 3, 8, 8)
+    idx, w = (torch.from_numpy(a) for a in resize_taps(8, 4, "bilinear", True))
+    out = torch.empty(1, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="images must be float32"):
+        ext.reward_preprocess(img.double(), [out], [idx], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
+    with pytest.raises(RuntimeError, match="is on .* but images are on"):
+        ext.reward_preprocess(img, [out.to("meta")], [idx], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
+    with pytest.raises(RuntimeError, match="index must be int32"):
+        ext.reward_preprocess(img, [out], [idx.long()], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
+    with pytest.raises(RuntimeError, match="rows for an output of size"):
+        ext.reward_preprocess(img, [out], [idx[:3]], [w[:3]], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
+    with pytest.raises(RuntimeError, match="index out of range"):
+        ext.reward_preprocess(img, [out], [idx + 8], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
+    with pytest.raises(RuntimeError, match="3 values per output"):
+        ext.reward_preprocess(img, [out], [idx], [w], [idx], [w], [1.0], [0.0] * 3, [0], torch.empty(0))
+    with pytest.raises(RuntimeError, match="uint8_out must be"):
+        ext.reward_preprocess(img, [out], [idx], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(1, 8, 8, 3))
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_build_failure_falls_back_on_auto_and_errors_when_asked(tmp_path):
+    code = """
+import logging, torch
+logging.basicConfig(level=logging.WARNING)
+from fdfo_fast.errors import FdfoError
+from fdfo_fast.rewards.preprocess import ImageInputSpec, preprocess_images, preprocess_reference
+img = torch.rand(2, 3, 9, 11) * 2 - 1
+specs = [ImageInputSpec(8, (8, 8))]
+(auto,), _ = preprocess_images(img, specs)             # auto: warns once, runs the reference
+(again,), _ = preprocess_images(img, specs)
+(ref,), _ = preprocess_reference(img, specs)
+assert torch.equal(auto, ref) and torch.equal(again, ref)
+try:
+    preprocess_images(img, specs, impl="ext")
+except FdfoError as e:
+    print("EXT-ERROR:", e)
+"""
+    proc = _run_python(code, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("reward preprocessing uses the PyTorch reference") == 1
+    assert "EXT-ERROR: building the C++ extension" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    disabled = _run_python(code, FDFO_DISABLE_EXT="1")
+    assert disabled.returncode == 0, disabled.stderr[-3000:]
+    assert "EXT-ERROR: the C++ extension is disabled by FDFO_DISABLE_EXT=1" in disabled.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_cuda_source_compiles_with_nvcc(tmp_path):
+    """The CUDA translation unit is torch-free, so plain nvcc checks it here (no GPU, CPU-only torch)."""
+    proc = subprocess.run(
+        ["nvcc", "-c", "-O3", "-std=c++17", "-gencode", "arch=compute_80,code=sm_80",
+         "-gencode", "arch=compute_90,code=sm_90", str(ROOT / "csrc" / "reward_preprocess_cuda.cu"),
+         "-o", str(tmp_path / "k.o")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "k.o").stat().st_size > 0
+
+
+class ChannelMeanReward(ModelReward):
+    """A stand-in network reward: per-image weighted channel means of its own preprocessed input."""
+
+    def __init__(self, name, spec, weights, micro_batch=3):
+        self.names = (name,)
+        self.input_spec = spec
+        self.micro_batch = micro_batch
+        self.weights = torch.tensor(weights)
+        self.batch_sizes = []
+
+    def score(self, pixels, prompts):
+        self.batch_sizes.append(len(pixels))
+        assert len(prompts) == len(pixels)
+        return {self.names[0]: (pixels.float().mean((2, 3)) * self.weights).sum(1)}
+
+
+def test_micro_batches_are_static_and_padding_is_dropped():
+    seen = []
+
+    def fn(x, prompts):
+        seen.append((len(x), tuple(prompts)))
+        return {"s": x.sum(1)}
+
+    x = torch.arange(7.0)[:, None].expand(7, 2)
+    out = score_in_micro_batches(fn, x, [str(i) for i in range(7)], 3)
+    assert [n for n, _ in seen] == [3, 3, 3] and seen[-1][1] == ("6", "6", "6")
+    torch.testing.assert_close(out["s"], 2 * torch.arange(7.0))
+    with pytest.raises(FdfoError, match="micro_batch"):
+        score_in_micro_batches(fn, x, ["a"] * 7, 0)
+
+
+def test_composite_prepares_all_model_inputs_in_one_pass(ext, monkeypatch):
+    import fdfo_fast.rewards.preprocess as pp
+
+    clip = ImageInputSpec(24, (24, 24), "bicubic", True, CLIP_MEAN, CLIP_STD)
+    other = ImageInputSpec((12, 12), None, "bilinear", True, dtype=torch.bfloat16)
+    a = ChannelMeanReward("model_a", clip, [1.0, 0.0, 0.0])
+    b = ChannelMeanReward("model_b", clip, [0.0, 1.0, 1.0])  # shares a's processor: one tensor for both
+    c = ChannelMeanReward("model_c", other, [1.0, 1.0, 1.0], micro_batch=4)
+    calls = []
+    real = pp.preprocess_images
+    monkeypatch.setattr(pp, "preprocess_images", lambda *args, **kw: calls.append(args[1:]) or real(*args, **kw))
+    reward = CompositeReward("model_a:1,model_b:0.5,model_c:-1,jpeg_compressibility:0.01", models=[a, b, c])
+    images = _images(7, 37, 53, smooth=True)
+    prompts = [f"p{i}" for i in range(7)]
+    out = reward(images, prompts)
+    assert len(calls) == 1 and calls[0][0] == [clip, other] and calls[0][1] is True  # specs deduplicated, uint8
+    assert a.batch_sizes == [3, 3, 3] and c.batch_sizes == [4, 4]
+    for part in (a, b, c):  # each equals the part scored on its own
+        alone = part(images, prompts)
+        torch.testing.assert_close(out[part.names[0]], alone[part.names[0]])
+    expected = out["model_a"] + 0.5 * out["model_b"] - out["model_c"] + 0.01 * out["jpeg_compressibility"]
+    torch.testing.assert_close(out["reward"], expected)
+    with pytest.raises(FdfoError, match="unknown reward term 'model_d'"):
+        CompositeReward("model_d:1", models=[a])
+
+
+@pytest.mark.parametrize("impl", ["ext", "ref"])
+def test_uint8_images_round_trip(ext, impl):
+    u8 = torch.randint(0, 256, (2, 3, 9, 14), dtype=torch.uint8)
+    (_,), out = preprocess_images(u8, [ImageInputSpec(8, (8, 8))], uint8=True, impl=impl)
+    assert torch.equal(out, u8.permute(0, 2, 3, 1))
