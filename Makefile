@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml setup.py
 	# torch pinned and installed first: an unpinned torch resolves to a multi-GB CUDA build; triton 3.7.1 is the
 	# version torch 2.13 pins (its interpreter runs the kernel tests on CPU).
 	$(BIN)/pip install -q torch==2.13.0 triton==3.7.1 numpy pillow pyyaml tqdm matplotlib tensorboard pytest
-	# transformers: the reward-preprocessing tests compare against its CLIP image processor (offline, no weights);
-	# ninja: torch's JIT build of the C++ extension (csrc/) needs it.
-	$(BIN)/pip install -q transformers==5.23.0 ninja
+	# diffusers/transformers/peft/accelerate: the real-model adapters and reward models, tested offline on tiny
+	# models the tests build; ninja: torch's JIT build of the C++ extension (csrc/).
+	$(BIN)/pip install -q transformers==5.23.0 diffusers==0.42.1 peft==0.21.2 accelerate==1.15.0 ninja
 	# No build isolation: a build env would pull another torch (see environment notes).
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)

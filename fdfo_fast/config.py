@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,23 @@ class TrainConfig:
     reward: str = _f("alignment:1", "weighted reward terms, e.g. 'alignment:1,quality:0.1'")
     threads: int = _f(0, "torch CPU threads (0 = torch default)")
     impl: str = _f("auto", "fused ops: auto (Triton on CUDA, reference elsewhere) | ref | triton")
+    device: str = _f("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    # -- model (toy, or SD3 / FLUX through diffusers) ----------------------------------------------------------
+    model: str = _f("toy", "toy | sd3 | flux")
+    model_path: str = _f("", "sd3 / flux: a local diffusers pipeline folder or a hub id")
+    resolution: int = _f(512, "sd3 / flux: image resolution (pixels)")
+    dtype: str = _f("bf16", "sd3 / flux: weight dtype bf16 | fp16 | fp32 (the sampler state is always fp32)")
+    max_sequence_length: int = _f(256, "sd3 / flux: T5 prompt tokens")
+    flux_guidance: float = _f(3.5, "flux: the distilled guidance scale fed to the model (FLUX has no CFG)")
+    lora_rank: int = _f(32, "--finetune lora: rank r")
+    lora_alpha: float = _f(64.0, "--finetune lora: alpha")
+    lora_targets: str = _f(
+        "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out",
+        "--finetune lora: comma-separated module names (the attention projections)",
+    )
+    gradient_checkpointing: bool = _f(False, "sd3 / flux: recompute transformer activations in the backward")
+    reward_models: str = _f("", "network rewards, e.g. 'pickscore=PATH' (see fdfo_fast.rewards.hf_models)")
+    eval_prompts: str = _f("heldout", "'heldout' (the world's held-out split) or a text file with one prompt per line")
     # -- sampling ----------------------------------------------------------------------------------------------
     num_steps: int = _f(10, "sampling steps while training")
     shift: float = _f(1.0, "SD3 time shift of the σ schedule")
@@ -60,7 +78,7 @@ class TrainConfig:
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
     ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off); evaluation uses the EMA when on")
-    finetune: str = _f("full", "full (the toy model); lora comes with the diffusers model adapters")
+    finetune: str = _f("full", "full | lora (sd3 / flux; the toy model is always fully fine-tuned)")
     # -- evaluation, logging, checkpoints ----------------------------------------------------------------------
     eval_every: int = _f(10, "held-out evaluation every N epochs (always at epoch 0 and at the end; 0 = only those)")
     eval_per_category: int = _f(32, "held-out items per GenEval category")
@@ -83,8 +101,26 @@ class TrainConfig:
             bad("impl", "must be auto, ref or triton")
         if self.algorithm not in ALGORITHMS:
             bad("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
-        if self.finetune != "full":
-            bad("finetune", "must be 'full' for the toy model (LoRA arrives with the diffusers model adapters)")
+        if self.model not in ("toy", "sd3", "flux"):
+            bad("model", "must be toy, sd3 or flux")
+        if self.finetune not in ("full", "lora"):
+            bad("finetune", "must be full or lora")
+        if self.model == "toy" and self.finetune != "full":
+            bad("finetune", "must be 'full' for the toy model (LoRA is for --model sd3 / flux)")
+        if self.model != "toy" and not self.model_path:
+            bad("model_path", f"is required for --model {self.model} (a local pipeline folder or a hub id)")
+        if self.model == "toy" and self.model_path:
+            bad("model_path", "applies to --model sd3 / flux; the toy model loads --base-checkpoint")
+        if self.model == "flux" and self.cfg_scale != 1.0:
+            bad("cfg_scale", "must be 1 for flux (guidance-distilled: set --flux-guidance instead)")
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            bad("device", "must be auto, cpu, cuda or cuda:N")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            bad("dtype", "must be bf16, fp16 or fp32")
+        if self.eval_prompts != "heldout" and not Path(self.eval_prompts).is_file():
+            bad("eval_prompts", "must be 'heldout' or an existing prompt file")
+        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+            bad("lora_targets", "must name at least one module")
         for name in (
             "epochs",
             "num_steps",
@@ -98,6 +134,9 @@ class TrainConfig:
             "eval_num_steps",
             "save_every",
             "stat_buffer",
+            "resolution",
+            "max_sequence_length",
+            "lora_rank",
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -113,7 +152,7 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
-        for name in ("lr", "trust_eps", "clip_range", "adv_clip", "shift", "noise_level"):
+        for name in ("lr", "trust_eps", "clip_range", "adv_clip", "shift", "noise_level", "lora_alpha"):
             if not getattr(self, name) > 0:
                 bad(name, "must be a positive number")
         if self.algorithm == "fdfo" and self.churn == 0:
@@ -148,6 +187,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The paper's rewards (method.md §1.4): PickScore (its CLIP-H processor lives in the LAION repo) and a VLM yes/no.
+PICKSCORE = "pickscore=yuvalkirstain/PickScore_v1;processor=laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+VLM_QUESTION = 'question=Does this image match the caption "{prompt}"? Answer Yes or No.'
+
 # Named presets: overrides on top of the dataclass defaults.
 PRESETS: dict[str, dict] = {
     # Toy presets: 64 reward queries per epoch for every method, 10 sampling steps, 150 epochs (9,600 queries);
@@ -167,6 +210,91 @@ PRESETS: dict[str, dict] = {
     ),
     # DDPO-IS: 16 prompt draws x 4 SDE samples, per-prompt running statistics, every step trained, no KL.
     "toy-ddpo": dict(algorithm="ddpo", epochs=150, lr=3e-5, prompts_per_epoch=16, group_size=4, num_steps=10),
+    # -- real models (need a GPU and the weights; method.md §1.4 and §2) --------------------------------------------
+    # FDFO on SD3.5-Medium as in the paper: 512², 40 steps at shift 3, bf16 with fp32 latent updates, churn 0.0025,
+    # 432 pairs per epoch split into 4 AdamW steps (lr 3e-5), LoRA r 32 / α 64 on the attention projections,
+    # CFG 1, reward PickScore + 0.1·VLM (the VLM term is P(yes) ∈ [0, 1], the paper's 100·sigmoid(Δlogit): weight 10).
+    "sd35m-fdfo": dict(
+        model="sd3",
+        model_path="stabilityai/stable-diffusion-3.5-medium",
+        algorithm="fdfo",
+        resolution=512,
+        num_steps=40,
+        shift=3.0,
+        churn=0.0025,
+        pairs_per_epoch=432,
+        opt_steps_per_epoch=4,
+        lr=3e-5,
+        finetune="lora",
+        lora_rank=32,
+        lora_alpha=64.0,
+        cfg_scale=1.0,
+        reward="pickscore:1,vlm_yes:10",
+        reward_models=PICKSCORE + ",vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=8;" + VLM_QUESTION,
+        sample_batch=16,
+        micro_batch=8,
+        gradient_checkpointing=True,
+        epochs=100,
+        eval_every=10,
+        eval_num_steps=40,
+        save_every=5,
+    ),
+    # Flow-GRPO on SD3.5-Medium (its reference PickScore config): 10 SDE steps for training, 40 ODE steps for
+    # evaluation, G = 16, CFG 4.5, LoRA r 32 / α 64, lr 3e-4, clip 1e-4, KL β 0.01.
+    "sd35m-flow-grpo": dict(
+        model="sd3",
+        model_path="stabilityai/stable-diffusion-3.5-medium",
+        algorithm="flow_grpo",
+        resolution=512,
+        num_steps=10,
+        shift=3.0,
+        prompts_per_epoch=24,
+        group_size=16,
+        noise_level=0.7,
+        clip_range=1e-4,
+        kl_beta=0.01,
+        lr=3e-4,
+        finetune="lora",
+        lora_rank=32,
+        lora_alpha=64.0,
+        cfg_scale=4.5,
+        reward="pickscore:1",
+        reward_models=PICKSCORE,
+        sample_batch=16,
+        micro_batch=8,
+        gradient_checkpointing=True,
+        epochs=1000,
+        eval_every=50,
+        eval_num_steps=40,
+        save_every=10,
+    ),
+    # FDFO on FLUX.1-dev: the same recipe; guidance-distilled (flux_guidance 3.5, no CFG), 28 steps at shift 3.
+    "flux-fdfo": dict(
+        model="flux",
+        model_path="black-forest-labs/FLUX.1-dev",
+        algorithm="fdfo",
+        resolution=512,
+        num_steps=28,
+        shift=3.0,
+        churn=0.0025,
+        pairs_per_epoch=432,
+        opt_steps_per_epoch=4,
+        lr=3e-5,
+        finetune="lora",
+        lora_rank=32,
+        lora_alpha=64.0,
+        flux_guidance=3.5,
+        max_sequence_length=512,
+        reward="pickscore:1",
+        reward_models=PICKSCORE,
+        sample_batch=8,
+        micro_batch=4,
+        gradient_checkpointing=True,
+        epochs=100,
+        eval_every=10,
+        eval_num_steps=28,
+        save_every=5,
+    ),
 }
 
 

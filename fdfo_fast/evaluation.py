@@ -20,9 +20,12 @@ class EvalResult:
     scores: dict[str, torch.Tensor]  # name -> [N]
 
     def accuracy(self) -> float:
+        """GenEval-style accuracy (shapes world only)."""
         return float(self.scores["geneval"].mean())
 
     def per_category(self, key: str = "geneval") -> dict[str, float]:
+        if key not in self.scores:
+            return {}
         out = {}
         for cat in CATEGORIES:
             idx = [i for i, c in enumerate(self.categories) if c == cat]
@@ -39,7 +42,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(
     model,
-    items: list[tuple[PromptSpec, int]],
+    items: list[tuple[PromptSpec | str, int]],
     reward: CompositeReward | None = None,
     num_steps: int = 20,
     shift: float = 1.0,
@@ -47,20 +50,23 @@ def evaluate(
     batch_size: int = 128,
     impl: str | None = None,
 ) -> EvalResult:
-    """Sample every (prompt, seed) item with the Euler ODE sampler and score it."""
+    """Sample every (prompt, seed) item with the Euler ODE sampler, decode and score it.
+
+    A prompt is a world `PromptSpec` (categorised) or plain text (category "prompts", e.g. for SD3 / FLUX runs).
+    """
     reward = reward or CompositeReward("alignment:1")
-    cfg = model.cfg
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    shape = model.latent_shape
     sigmas = sigma_schedule(num_steps, shift)
+    texts = [p if isinstance(p, str) else p.text() for p, _ in items]
     images = []
     for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        prompts = [p.text() for p, _ in chunk]
-        cond = model.encode_prompts(prompts)
+        chunk = texts[i : i + batch_size]
+        cond = model.encode_prompts(chunk)
         uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
-        traj = sample_euler(model, cond, uncond, [s for _, s in chunk], shape, sigmas, cfg_scale, impl=impl)
-        images.append(traj.x0.clamp(-1, 1).cpu())
+        seeds = [s for _, s in items[i : i + batch_size]]
+        traj = sample_euler(model, cond, uncond, seeds, shape, sigmas, cfg_scale, impl=impl)
+        images.append(model.decode(traj.x0).float().clamp(-1, 1).cpu())
     images = torch.cat(images)
-    prompts = [p.text() for p, _ in items]
-    scores = reward(images, prompts)
-    return EvalResult(images, prompts, [p.category for p, _ in items], [s for _, s in items], scores)
+    scores = reward(images, texts)
+    categories = ["prompts" if isinstance(p, str) else p.category for p, _ in items]
+    return EvalResult(images, texts, categories, [s for _, s in items], scores)

@@ -36,7 +36,9 @@ from fdfo_fast.world.grammar import CATEGORIES, eval_prompts, parse_prompt, prom
 STATE_FORMAT = "fdfo_fast.train_state"
 # Options that may differ between a run and its resumption.
 # (a different thread count or impl changes float rounding: bit-identical resumes need the same --threads, --impl)
-RESUMABLE_CHANGES = ("epochs", "progress", "tensorboard", "threads", "eval_every", "save_every", "out", "impl")
+RESUMABLE_CHANGES = (
+    "epochs", "progress", "tensorboard", "threads", "eval_every", "save_every", "out", "impl", "device",
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,10 +107,8 @@ class RunContext:
         )
 
 
-def load_prompt_pool(spec: str) -> dict[str, tuple[str, ...]]:
-    """'train' -> the world's training split by category; otherwise a file of one prompt per line."""
-    if spec == "train":
-        return {c: tuple(p.text() for p in prompt_sets()["train"][c]) for c in CATEGORIES}
+def read_prompt_file(spec: str) -> tuple[str, ...]:
+    """One prompt per line ('#' starts a comment, blank lines skipped); FdfoError naming the file on any problem."""
     path = Path(spec)
     try:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
@@ -117,7 +117,16 @@ def load_prompt_pool(spec: str) -> dict[str, tuple[str, ...]]:
     prompts = tuple(ln for ln in lines if ln and not ln.startswith("#"))
     if not prompts:
         raise FdfoError(f"prompt file {spec} holds no prompts (one per line, '#' starts a comment)")
-    for n, p in enumerate(prompts, 1):
+    return prompts
+
+
+def load_prompt_pool(spec: str, world_grammar: bool = True) -> dict[str, tuple[str, ...]]:
+    """'train' -> the world's training split by category; otherwise a file of one prompt per line (checked against
+    the shapes world's grammar when the run scores with the world's programmatic rewards)."""
+    if spec == "train":
+        return {c: tuple(p.text() for p in prompt_sets()["train"][c]) for c in CATEGORIES}
+    prompts = read_prompt_file(spec)
+    for n, p in enumerate(prompts if world_grammar else (), 1):
         try:
             parse_prompt(p)
         except FdfoError as err:
@@ -182,30 +191,95 @@ class MetricsLog:
             self.writer.close()
 
 
+def load_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The base model: the shipped toy model (or --base-checkpoint), or SD3 / FLUX through diffusers."""
+    if cfg.model == "toy":
+        return load_toy_model(cfg.base_checkpoint or TOY_BASE_CHECKPOINT)
+    from fdfo_fast.models.diffusers_flow import DTYPES, MODEL_KINDS
+
+    extra = {"guidance": cfg.flux_guidance} if cfg.model == "flux" else {}
+    return MODEL_KINDS[cfg.model].from_pretrained(
+        cfg.model_path,
+        dtype=DTYPES[cfg.dtype],
+        resolution=cfg.resolution,
+        max_sequence_length=cfg.max_sequence_length,
+        **extra,
+    )
+
+
 def apply_finetune_mode(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Freeze what is not trained and return the trainable parameters (text encoder always frozen)."""
+    """Freeze what is not trained and return the trainable parameters (text encoders always frozen)."""
+    if hasattr(model, "setup_finetune"):  # SD3 / FLUX: LoRA on the attention projections, or the full transformer
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        torch.manual_seed(derive_seed(cfg.seed, 2))  # the LoRA init draws from the global generator: make it the run's
+        return model.setup_finetune(cfg.finetune, cfg.lora_rank, cfg.lora_alpha, targets, cfg.gradient_checkpointing)
     model.requires_grad_(False)
-    # finetune == "full" (the only mode config accepts for the toy model); model adapters add LoRA here.
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # the toy model: everything but its text encoder
         p.requires_grad_(not name.startswith("text."))
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_context(cfg: TrainConfig, model: torch.nn.Module):
+def make_reward(cfg: TrainConfig, device: torch.device) -> CompositeReward:
+    """The configured reward terms; network rewards (--reward-models) are loaded here."""
+    models = []
+    if cfg.reward_models:
+        from fdfo_fast.rewards.hf_models import load_reward_models
+
+        models = load_reward_models(cfg.reward_models, device=device)
+    return CompositeReward(cfg.reward, models=models)
+
+
+def make_context(cfg: TrainConfig, model: torch.nn.Module, device: torch.device | str = "cpu"):
     """(RunContext, algorithm, trainable parameters) for a loaded base model; freezes what is not trained."""
     algo = make_algorithm(cfg)
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if algo.needs_reference else None
     params = apply_finetune_mode(model, cfg)
+    reference = None
+    if algo.needs_reference:  # LoRA: the same weights with the adapters off; otherwise a frozen copy
+        ref = model.reference_model() if hasattr(model, "reference_model") else copy.deepcopy(model)
+        reference = ref.requires_grad_(False).eval()
     ctx = RunContext(
         cfg,
         model,
         reference,
-        CompositeReward(cfg.reward),
-        load_prompt_pool(cfg.prompts),
-        (model.cfg.channels, model.cfg.image_size, model.cfg.image_size),
+        make_reward(cfg, torch.device(device)),
+        load_prompt_pool(cfg.prompts, world_grammar=cfg.model == "toy"),
+        tuple(model.latent_shape),
         sigma_schedule(cfg.num_steps, cfg.shift),
     )
     return ctx, algo, params
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """What a checkpoint keeps of the model: the trainable weights of an adapter (LoRA), or the whole toy model."""
+    return model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
+
+
+def load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
+    if hasattr(model, "load_trainable_state_dict"):
+        model.load_trainable_state_dict(state, where)
+    else:
+        load_state_dict_strict(model, state, where)
+
+
+def export_lora_atomic(model, directory: Path) -> None:
+    """Write the diffusers-format LoRA next to the checkpoint; a crash never leaves a half-written folder."""
+    import shutil
+
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.export_lora(tmp)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FdfoError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
 
 
 def _all_finite(params) -> bool:
@@ -225,11 +299,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise FdfoError(f"--resume: {ckpt_path} does not exist")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = load_toy_model(cfg.base_checkpoint or TOY_BASE_CHECKPOINT)
-    ctx, algo, params = make_context(cfg, model)
-    eval_reward = CompositeReward(
-        {**ctx.reward.weights, **({} if "geneval" in ctx.reward.weights else {"geneval": 0.0})}
-    )
+    device = resolve_device(cfg.device)
+    model = load_model(cfg).to(device)
+    ctx, algo, params = make_context(cfg, model, device)
+    world = cfg.model == "toy"  # the shapes world's GenEval-style accuracy applies to the toy model only
+    eval_reward = ctx.reward
+    if world and "geneval" not in ctx.reward.weights:
+        eval_reward = CompositeReward({**ctx.reward.weights, "geneval": 0.0}, models=ctx.reward.models)
+    if cfg.eval_prompts != "heldout":
+        eval_items = [(p, derive_seed(cfg.seed, 1, j)) for j, p in enumerate(read_prompt_file(cfg.eval_prompts))]
+    elif world:
+        eval_items = eval_prompts(cfg.eval_per_category)
+    else:  # the held-out split's prompts as plain text
+        eval_items = [(p.text(), s) for p, s in eval_prompts(cfg.eval_per_category)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     cfg_factor = 2 if cfg.cfg_scale != 1.0 else 1
@@ -254,7 +336,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             raise FdfoError(
                 f"--resume: options {diff} differ from the run in {out}; only {RESUMABLE_CHANGES} may change"
             )
-        load_state_dict_strict(model, st["model"], f"{ckpt_path} (model)")
+        load_model_state(model, st["model"], f"{ckpt_path} (model)")
         opt.load_state_dict(st["optimizer"])
         if ema is not None:
             for s, v in zip(ema.shadow, st["ema"]):
@@ -277,8 +359,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 "version": 1,
                 "config": cfg.to_dict(),
                 "epoch": epoch,
-                "model": model.state_dict(),
-                "model_config": model.cfg.to_dict(),
+                "model": model_state(model),
+                "model_config": model.describe(),
                 "optimizer": opt.state_dict(),
                 "ema": None if ema is None else [s.clone() for s in ema.shadow],
                 "algorithm": algo.state_dict(),
@@ -289,6 +371,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             },
             ckpt_path,
         )
+        if getattr(model, "lora", False):
+            export_lora_atomic(model, out / "lora")
 
     def run_eval(epoch: int) -> dict:
         if ema is not None:
@@ -296,7 +380,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         model.eval()
         res = evaluate(
             model,
-            eval_prompts(cfg.eval_per_category),
+            eval_items,
             eval_reward,
             cfg.eval_num_steps,
             cfg.shift,
@@ -309,8 +393,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         save_grid(
             res.images,
             out / "grids" / f"eval_{epoch:05d}.png",
-            ncol=cfg.eval_per_category,
-            correct=res.scores["geneval"],
+            ncol=cfg.eval_per_category if cfg.eval_prompts == "heldout" else 8,
+            correct=res.scores.get("geneval"),
+            scale=4 if world else 1,
         )
         summary = {f"eval/{k}": v for k, v in res.summary().items()}
         log.write(
@@ -431,7 +516,7 @@ class _progress:
             self.bar.update(1)
             self.bar.set_postfix(
                 reward=f"{record.get('reward/reward', float('nan')):.3f}",
-                heldout=f"{last_eval.get('eval/geneval', float('nan')):.3f}",
+                heldout=f"{last_eval.get('eval/geneval', last_eval.get('eval/reward', float('nan'))):.3f}",
             )
 
     def close(self, last_eval: dict):
@@ -467,7 +552,8 @@ def main(argv=None):
     if ns.dry_run:
         return
     summary = train(cfg, resume=ns.resume)
-    print("final held-out: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in summary.items() if k.startswith("eval/g")))
+    keys = [k for k in summary if k.startswith("eval/geneval")] or ["eval/reward"]
+    print("final held-out: " + "  ".join(f"{k[5:]} {summary[k]:.3f}" for k in keys if k in summary))
 
 
 if __name__ == "__main__":

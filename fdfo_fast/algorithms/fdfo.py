@@ -88,7 +88,7 @@ class FDFO(Algorithm):
             v_theta,
             v_ref,
             rollout.extras["d"][i],
-            rollout.advantages[i],
+            rollout.advantages[i].to(v_theta.device),  # rewards and advantages are kept on the CPU
             self.cfg.trust_eps,
             v_base,
             self.cfg.velocity_penalty,

@@ -82,8 +82,9 @@ class SDEPolicyGradient(Algorithm):
         s = traj.sigmas[k + 1].view(-1, 1, 1, 1).double()
         g = torch.tensor([sde_std(sig[j], cfg.noise_level, sigma_max) for j in range(T)], dtype=torch.float64)[k]
         g = g.view(-1, 1, 1, 1)
-        std = (g * (t - s).sqrt()).float()  # [N, 1, 1, 1]: g·√(−dt)
         x, x_next = traj.states[k, i], traj.next_state(k, i)
+        t, s, g = t.to(x.device), s.to(x.device), g.to(x.device)  # the schedule lives on the CPU
+        std = (g * (t - s).sqrt()).float()  # [N, 1, 1, 1]: g·√(−dt)
         v = policy_velocity(model if model is not None else ctx.model, rollout, items, cfg.cfg_scale)
         mean = sde_mean(x, v, t, s, g)
         return gaussian_log_prob(x_next, mean, std), mean, g
@@ -93,7 +94,8 @@ class SDEPolicyGradient(Algorithm):
         i, k = items[:, 0], items[:, 1]
         log_prob, mean, g = self.step_log_probs(ctx, rollout, items)
         old = rollout.traj.log_probs[k, i]
-        loss, ratio = clipped_policy_loss(log_prob, old, rollout.advantages[i], cfg.clip_range)
+        adv = rollout.advantages[i].to(log_prob.device)  # rewards and advantages are kept on the CPU
+        loss, ratio = clipped_policy_loss(log_prob, old, adv, cfg.clip_range)
         stats = {
             "ratio_dev_sum": float((ratio.detach() - 1).abs().sum()),
             "clipped": float(((ratio.detach() - 1).abs() > cfg.clip_range).sum()),

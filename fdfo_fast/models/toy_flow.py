@@ -179,6 +179,14 @@ class ToyFlowModel(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """Shape of one sample the samplers walk (pixel space for the toy model)."""
+        return (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+
+    def describe(self) -> dict:
+        return {"kind": "toy", **self.cfg.to_dict()}
+
     # -- conditioning ------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts ("" = unconditional) -> conditioning dict, every tensor batch-first."""

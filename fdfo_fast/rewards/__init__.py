@@ -48,7 +48,8 @@ class CompositeReward(Reward):
     """
 
     def __init__(self, weights: str | dict[str, float], models: list[Reward] | None = None, preprocess_impl=None):
-        instances = {name: m for m in (models or []) for name in m.names}
+        self.models = list(models or [])
+        instances = {name: m for m in self.models for name in m.names}
         known = {**REWARD_TERMS, **instances}
         self.weights = parse_weights(weights, known)
         parts: dict[int, Reward] = {}

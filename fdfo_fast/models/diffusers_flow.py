@@ -1,0 +1,377 @@
+"""Stable Diffusion 3 / 3.5 and FLUX.1 behind the flow-model interface the samplers and the trainer use.
+
+The interface (shared with `ToyFlowModel`): `encode_prompts(prompts) -> cond dict` (batch-first tensors),
+`forward(x, sigma, cond) -> v` with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀ (SD3's rectified-flow convention, which
+diffusers' SD3 and FLUX transformers predict), `decode(x₀) -> images in [-1, 1]`, and `latent_shape`.
+Sampling therefore runs the same samplers and fused kernels in latent space ([B, C, H, W]; FLUX's 2×2 packing
+happens inside `forward`).
+
+- Prompt embeddings come from the pipeline's own `encode_prompt` once per distinct prompt and are cached on the CPU
+  (the text encoders are frozen; FDFO re-uses a prompt's conditioning across its pair and all steps).
+- LoRA through peft (the attention projections by default, as peers do) or full fine-tuning of the transformer;
+  gradient checkpointing; bf16 weights with the sampler state kept in fp32.
+- The frozen reference model (velocity penalty / KL) of a LoRA run is the same transformer with its adapters
+  disabled, so no second copy of the weights exists.
+- `export_lora(dir)` writes the diffusers LoRA format that `pipe.load_lora_weights(dir)` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fdfo_fast.errors import FdfoError
+
+_log = logging.getLogger("fdfo_fast")
+# Attention projections of the joint (image + text) blocks, as Flow-GRPO and peers train them.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _require_diffusers():
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise FdfoError(
+            f"the SD3 / FLUX adapters need diffusers and transformers ({err.name} is missing): "
+            "pip install 'fdfo_fast[diffusers]'"
+        ) from None
+
+
+def _load_pipeline(cls_name: str, path: str, dtype: torch.dtype, what: str):
+    """`<Pipeline>.from_pretrained` from a local folder (never touching the hub) or a hub id, as one clear error."""
+    _require_diffusers()
+    import diffusers
+
+    local = Path(path).expanduser()
+    if not path:
+        raise FdfoError(f"{what}: --model-path is empty (a local pipeline folder or a hub id)")
+    if (path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+        raise FdfoError(f"{what}: model path {path} does not exist or is not a folder")
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise FdfoError(f"{what}: {path} is not a diffusers pipeline folder (no model_index.json)")
+    if local.is_dir():
+        import json
+
+        index = json.loads((local / "model_index.json").read_text())
+        if index.get("_class_name") != cls_name:
+            raise FdfoError(f"{what}: {path} holds a {index.get('_class_name')}, expected a {cls_name}")
+    try:
+        pipe = getattr(diffusers, cls_name).from_pretrained(
+            str(local) if local.is_dir() else path, dtype=dtype, local_files_only=local.is_dir()
+        )
+    except Exception as err:  # OSError (offline / missing files), ValueError (wrong components), ...
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FdfoError(f"{what}: cannot load a {cls_name} from {path}: {msg}") from None
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipe, name, None)
+        if tok is not None and len(tok) <= 2:  # offline hub misses can yield a 2-token stand-in instead of raising
+            raise FdfoError(f"{what}: {name} from {path} has only {len(tok)} tokens (a failed offline download?)")
+    return pipe
+
+
+class DiffusersFlowModel(nn.Module):
+    """What SD3 and FLUX share: the embedding cache, VAE decode, fine-tuning setup, reference view, LoRA export."""
+
+    kind = "diffusers"
+    pipeline_class = ""
+
+    def __init__(self, pipe, resolution: int, max_sequence_length: int, path: str = "", transformer=None):
+        super().__init__()
+        self.transformer = pipe.transformer if transformer is None else transformer
+        self.vae = pipe.vae
+        # The pipeline holds the text encoders and tokenizers; kept out of the module tree (frozen, never trained,
+        # never checkpointed) so `parameters()` and `state_dict()` are the transformer's (and the VAE's buffers).
+        self._pipe = [pipe]
+        for enc in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            m = getattr(pipe, enc, None)
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self.vae.requires_grad_(False).eval()
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % (2 * self.vae_scale):
+            raise FdfoError(f"resolution {resolution} must be a multiple of {2 * self.vae_scale} for this VAE")
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+        self.path = path
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.latent_shape = (self.latent_channels, resolution // self.vae_scale, resolution // self.vae_scale)
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.lora = False
+
+    @property
+    def pipe(self):
+        return self._pipe[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, *args, **kwargs):  # the pipeline's text encoders follow the transformer
+        super().to(*args, **kwargs)
+        self.pipe.to(self.device)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen parts never switch to training behaviour (T5 dropout would make runs random)
+        return self
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "resolution": self.resolution, "lora": self.lora}
+
+    # -- conditioning ------------------------------------------------------------------------------------
+    def _encode_uncached(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-prompt embeddings, computed once per distinct prompt and cached on the CPU."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            enc = self._encode_uncached(missing)
+            for j, p in enumerate(missing):
+                self._cache[p] = {k: v[j].detach().to("cpu") for k, v in enc.items()}
+        keys = self._cache[prompts[0]].keys()
+        return {k: torch.stack([self._cache[p][k] for p in prompts]).to(self.device) for k in keys}
+
+    # -- decode ------------------------------------------------------------------------------------------
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (fp32) through the VAE: z / scaling_factor + shift_factor, decode."""
+        cfg = self.vae.config
+        z = x0 / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        with torch.no_grad():
+            images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return images.float().clamp(-1, 1)
+
+    # -- fine-tuning -------------------------------------------------------------------------------------
+    def setup_finetune(
+        self,
+        mode: str,
+        lora_rank: int = 32,
+        lora_alpha: float = 64.0,
+        lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        gradient_checkpointing: bool = False,
+    ) -> list[nn.Parameter]:
+        """Freeze what is not trained; return the trainable parameters (LoRA factors, or the whole transformer)."""
+        self.requires_grad_(False)
+        if mode == "lora":
+            try:
+                from peft import LoraConfig
+            except ImportError:
+                raise FdfoError("--finetune lora needs peft: pip install 'fdfo_fast[diffusers]'") from None
+            present = {n.rsplit(".", 1)[-1] for n, _ in self.transformer.named_modules()}
+            present |= {".".join(n.split(".")[-2:]) for n, _ in self.transformer.named_modules()}
+            if not any(t in present for t in lora_targets):
+                raise FdfoError(f"--lora-targets {','.join(lora_targets)} match no module of the transformer")
+            targets = [t for t in lora_targets if t in present]
+            config = LoraConfig(
+                r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=targets
+            )
+            self.transformer.add_adapter(config)
+            self.lora = True
+            # LoRA factors train in fp32 even when the frozen base is bf16 (optimizer state and updates need it)
+            for name, p in self.transformer.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
+                    p.requires_grad_(True)
+        elif mode == "full":
+            self.transformer.requires_grad_(True)
+        else:
+            raise FdfoError(f"--finetune must be full or lora, got {mode!r}")
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], where: str) -> None:
+        own = dict(self.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise FdfoError(f"{where}: trainable weights do not match (missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for n, v in state.items():
+                if own[n].shape != v.shape:
+                    raise FdfoError(f"{where}: {n} has shape {tuple(v.shape)}, the model {tuple(own[n].shape)}")
+                own[n].copy_(v)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        if not self.lora:
+            yield
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    def _init_kwargs(self) -> dict:
+        return {"resolution": self.resolution, "max_sequence_length": self.max_sequence_length, "path": self.path}
+
+    def reference_model(self) -> nn.Module:
+        """The frozen base model: LoRA -> this model with adapters off (no copy); full -> a frozen copy of the
+        transformer sharing the pipeline, the VAE and the prompt cache."""
+        if self.lora:
+            return _AdaptersOff(self)
+        import copy
+
+        frozen = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        ref = type(self)(self.pipe, transformer=frozen, **self._init_kwargs())
+        ref._cache = self._cache
+        return ref
+
+    def export_lora(self, directory: str | Path) -> Path:
+        """Write the LoRA in the diffusers format (`pipe.load_lora_weights(directory)` loads it)."""
+        if not self.lora:
+            raise FdfoError("export_lora: this run fine-tunes the full transformer, there is no LoRA to export")
+        from peft.utils import get_peft_model_state_dict
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        layers = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        type(self.pipe).save_lora_weights(str(directory), transformer_lora_layers=layers)
+        return directory
+
+
+class _AdaptersOff(nn.Module):
+    """Calls a LoRA model with its adapters disabled: the frozen base model without a second copy of the weights."""
+
+    def __init__(self, model: DiffusersFlowModel):
+        super().__init__()
+        self._model = [model]  # not a registered submodule: its parameters belong to the policy
+
+    def forward(self, x, sigma, cond):
+        model = self._model[0]
+        with model.adapters_disabled():
+            return model(x, sigma, cond)
+
+    def encode_prompts(self, prompts):
+        return self._model[0].encode_prompts(prompts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stable Diffusion 3 / 3.5
+# ---------------------------------------------------------------------------------------------------------------
+class SD3FlowModel(DiffusersFlowModel):
+    """SD3 / SD3.5 (MMDiT): CLIP-L + CLIP-G + T5 conditioning, CFG with the empty prompt."""
+
+    kind = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: torch.dtype = torch.bfloat16, resolution: int = 512, max_sequence_length: int = 256
+    ):
+        pipe = _load_pipeline(cls.pipeline_class, path, dtype, "SD3 model")
+        return cls(pipe, resolution, max_sequence_length, path)
+
+    def _encode_uncached(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"embeds": embeds, "pooled": pooled}
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        return self.transformer(
+            hidden_states=x.to(self.dtype),
+            timestep=(sigma * 1000).to(self.dtype),  # the scheduler's timesteps are σ·1000
+            encoder_hidden_states=cond["embeds"].to(self.dtype),
+            pooled_projections=cond["pooled"].to(self.dtype),
+            return_dict=False,
+        )[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.1
+# ---------------------------------------------------------------------------------------------------------------
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> FLUX's token sequence [B, (H/2)(W/2), 4C] of 2×2 patches."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of `pack_latents`."""
+    c, h, w = shape
+    b = tokens.shape[0]
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class FluxFlowModel(DiffusersFlowModel):
+    """FLUX.1 (guidance-distilled: the guidance scale is a model input, there is no CFG; dev/schnell alike)."""
+
+    kind = "flux"
+    pipeline_class = "FluxPipeline"
+
+    def __init__(self, pipe, resolution, max_sequence_length, path="", transformer=None, guidance: float = 3.5):
+        super().__init__(pipe, resolution, max_sequence_length, path, transformer)
+        self.guidance = guidance
+
+    def _init_kwargs(self) -> dict:
+        return {**super()._init_kwargs(), "guidance": self.guidance}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: torch.dtype = torch.bfloat16,
+        resolution: int = 512,
+        max_sequence_length: int = 512,
+        guidance: float = 3.5,
+    ):
+        pipe = _load_pipeline(cls.pipeline_class, path, dtype, "FLUX model")
+        return cls(pipe, resolution, max_sequence_length, path, guidance=guidance)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "guidance": self.guidance}
+
+    def _encode_uncached(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return {"embeds": embeds, "pooled": pooled}
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        b, c, h, w = x.shape
+        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        # positional ids: (0, row, col) per image token, zeros per text token (as FluxPipeline builds them)
+        rows = torch.arange(h // 2, device=x.device).repeat_interleave(w // 2)
+        cols = torch.arange(w // 2, device=x.device).repeat(h // 2)
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], 1).to(self.dtype)
+        txt_ids = torch.zeros(cond["embeds"].shape[1], 3, device=x.device, dtype=self.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance, device=x.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=pack_latents(x.to(self.dtype)),
+            timestep=sigma.to(self.dtype),  # FLUX takes σ itself (the pipeline passes timestep / 1000)
+            guidance=guidance,
+            pooled_projections=cond["pooled"].to(self.dtype),
+            encoder_hidden_states=cond["embeds"].to(self.dtype),
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, (c, h, w))
+
+
+MODEL_KINDS = {"sd3": SD3FlowModel, "flux": FluxFlowModel}

@@ -1,0 +1,548 @@
+"""Network rewards loaded through transformers: CLIPScore, PickScore, HPSv2, the LAION aesthetic predictor, VLM P(yes).
+
+Every class loads with `from_pretrained(path_or_id, device, dtype, micro_batch, **options)`: a local folder loads
+with `local_files_only=True`, anything else is a hub id that transformers resolves (and that fails fast when
+HF_HUB_OFFLINE=1). Every failure is one `FdfoError` naming the term, the source and the reason.
+
+The CLIP-based rewards are `ModelReward`s: they read the pixel tensor the fused preprocessing pass prepares from
+their folder's image processor (`ImageInputSpec.from_hf_processor`) and never run the HF processor themselves.
+`VLMYesNoReward` hands the uint8 images to its VLM's own processor (dynamic resolution, image tokens), so it is a
+plain `Reward` that sets `wants_uint8`, like `JpegReward`.
+
+`load_reward_models("pickscore=yuvalkirstain/PickScore_v1,aesthetic=/m/clip-l14;head=/m/sac.pth")` builds them from
+one config string (syntax in its docstring); `CompositeReward(weights, models=...)` then weighs their terms.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fdfo_fast.errors import FdfoError
+from fdfo_fast.rewards.base import ModelReward, Reward, score_in_micro_batches, to_uint8_hwc
+from fdfo_fast.rewards.preprocess import ImageInputSpec
+
+_log = logging.getLogger("fdfo_fast")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading helpers
+# ---------------------------------------------------------------------------------------------------------------
+def _transformers():
+    """transformers, imported on first use so the library imports without the [diffusers] extra."""
+    try:
+        import transformers
+    except ImportError:
+        raise FdfoError("network rewards need transformers: pip install fdfo_fast[diffusers]") from None
+    return transformers
+
+
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    """transformers >= 4.56 takes `dtype=` (and warns on `torch_dtype=`); older releases only know `torch_dtype=`."""
+    major, minor = (int(re.match(r"\d+", v).group()) for v in _transformers().__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise FdfoError(f"reward model dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _source(path_or_id: str | Path, what: str) -> tuple[str, dict]:
+    """(source, from_pretrained kwargs): a folder loads offline; a missing path errors here, not as a hub 404."""
+    text = str(path_or_id).strip()
+    path = Path(text).expanduser()
+    if text and path.is_dir():
+        return str(path), {"local_files_only": True}
+    if text and path.exists():
+        raise FdfoError(f"{what}: {text} is a file; expected a model folder or a hub id")
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
+    if not text or text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise FdfoError(f"{what}: model folder not found: {text or '(empty path)'}")
+    return text, {}
+
+
+@contextmanager
+def _loading(what: str, source: str):
+    """Turn whatever transformers raises (OSError offline, ValueError for a wrong class, ...) into one FdfoError."""
+    try:
+        yield
+    except FdfoError:
+        raise
+    except Exception as err:  # a loader boundary: every failure becomes one clear line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FdfoError(f"cannot load {what} from {source}: {reason}") from err
+
+
+def _check_model_type(source: str, kw: dict, what: str, expected: tuple[str, ...] | None) -> str:
+    """Read the folder's config first, so a wrong model type is named instead of half-loaded with random weights."""
+    tf = _transformers()
+    with _loading(f"{what} config", source):
+        model_type = getattr(tf.AutoConfig.from_pretrained(source, **kw), "model_type", None)
+    if expected is not None and model_type not in expected:
+        raise FdfoError(f"{what}: {source} holds a {model_type!r} model, expected model_type {' or '.join(expected)}")
+    return model_type
+
+
+def _load_tokenizer(source: str, what: str, vocab_size: int):
+    """AutoTokenizer, validated: offline, `from_pretrained(hub_id)` can silently return a 2-token tokenizer."""
+    src, kw = _source(source, what)
+    with _loading(f"{what} tokenizer", src):
+        tokenizer = _transformers().AutoTokenizer.from_pretrained(src, **kw)
+    if not 2 < len(tokenizer) <= vocab_size:
+        raise FdfoError(
+            f"{what}: tokenizer from {src} has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size} "
+            "(no tokenizer files there? name the folder that has them with processor=)"
+        )
+    return tokenizer
+
+
+def _image_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Projected CLIP image embeddings [b, d]; transformers 5 wraps them in an output object's `pooler_output`."""
+    out = model.get_image_features(pixel_values=pixels)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _text_features(model, **tokens) -> torch.Tensor:
+    out = model.get_text_features(**tokens)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _freeze(model: nn.Module, device: torch.device | str) -> nn.Module:
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_clip(
+    path_or_id: str | Path,
+    what: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    processor_path: str | Path | None = None,
+    default_processor: str | None = None,
+    with_tokenizer: bool = True,
+):
+    """(CLIPModel, tokenizer or None, ImageInputSpec) from a Hugging Face CLIP folder or hub id.
+
+    The tokenizer and image processor come from `processor_path` (default: the model's own folder). A model-only
+    folder (PickScore_v1 ships no processor) falls back to `default_processor` if given; a folder without an image
+    processor config falls back to `CLIPImageProcessor()` (OpenAI CLIP's 224 px bicubic, mean/std), with a log line.
+    """
+    tf = _transformers()
+    src, kw = _source(path_or_id, what)
+    _check_model_type(src, kw, what, ("clip",))
+    with _loading(f"{what} model", src):
+        model = _freeze(tf.CLIPModel.from_pretrained(src, **kw, **_dtype_kw(dtype)), device)
+    proc_src = str(processor_path) if processor_path is not None else src
+    tokenizer = None
+    if with_tokenizer:
+        vocab_size = model.config.text_config.vocab_size
+        try:
+            tokenizer = _load_tokenizer(proc_src, what, vocab_size)
+        except FdfoError as err:
+            if processor_path is not None or default_processor is None:
+                raise
+            _log.warning("%s: %s; using the tokenizer and image processor of %s", what, err, default_processor)
+            proc_src = default_processor
+            tokenizer = _load_tokenizer(proc_src, what, vocab_size)
+    psrc, pkw = _source(proc_src, what)
+    try:
+        image_processor = tf.CLIPImageProcessor.from_pretrained(psrc, **pkw)
+    except OSError as err:  # no preprocessor_config.json there
+        _log.warning("%s: no image processor config in %s (%s); using CLIPImageProcessor() defaults", what, psrc, err)
+        image_processor = tf.CLIPImageProcessor()
+    return model, tokenizer, ImageInputSpec.from_hf_processor(image_processor, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP image-text similarity: CLIPScore, PickScore, HPSv2
+# ---------------------------------------------------------------------------------------------------------------
+class ClipSimilarityReward(ModelReward):
+    """cos(CLIP image embedding, CLIP text embedding) of each (image, prompt), mapped by `from_cosine`.
+
+    Subclasses differ only in the term name, the default processor and the map; they share loading and scoring.
+    Prompts are tokenised here (truncated to the text tower's length) and each distinct prompt is embedded once
+    per micro-batch: RL batches repeat every prompt across its group of samples.
+    """
+
+    names: tuple[str, ...] = ()
+    default_processor: str | None = None
+    OPTIONS: dict[str, tuple[str, Callable]] = {
+        "micro_batch": ("micro_batch", int),
+        "processor": ("processor_path", str),
+    }
+
+    def __init__(self, model, tokenizer, input_spec: ImageInputSpec, micro_batch: int = 16):
+        self.model, self.tokenizer, self.input_spec, self.micro_batch = model, tokenizer, input_spec, micro_batch
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        micro_batch: int = 16,
+        processor_path: str | Path | None = None,
+        **kw,
+    ):
+        """Load a Hugging Face CLIPModel; `processor_path` names where its tokenizer and image processor live."""
+        dtype = _as_dtype(dtype)
+        model, tokenizer, spec = load_clip(
+            path_or_id, cls.names[0], device, dtype, processor_path, cls.default_processor
+        )
+        return cls(model, tokenizer, spec, micro_batch=micro_batch, **kw)
+
+    def cosine(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """cos(image, text) [b] in float32."""
+        image = _image_features(self.model, pixels.to(self.device, self.dtype)).float()  # [b, d]
+        unique = list(dict.fromkeys(prompts))
+        tokens = self.tokenizer(
+            unique, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        text = _text_features(self.model, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).float()
+        text = text[torch.tensor([unique.index(p) for p in prompts], device=self.device)]  # [b, d]
+        return nn.functional.cosine_similarity(image, text, dim=-1)
+
+    def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, pixels: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {self.names[0]: self.from_cosine(self.cosine(pixels, prompts))}
+
+
+class CLIPScoreReward(ClipSimilarityReward):
+    """`clip_score` = scale·cos(image, text) (CLIPScore, Hessel et al. 2021, without its 2.5·max(·, 0) clipping)."""
+
+    names = ("clip_score",)
+    OPTIONS = {**ClipSimilarityReward.OPTIONS, "scale": ("scale", float)}
+
+    def __init__(self, model, tokenizer, input_spec: ImageInputSpec, micro_batch: int = 16, scale: float = 1.0):
+        super().__init__(model, tokenizer, input_spec, micro_batch)
+        self.scale = scale
+
+    def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        return self.scale * cos
+
+
+class PickScoreReward(ClipSimilarityReward):
+    """`pickscore` = exp(logit_scale)·cos(image, text): PickScore's logit (Kirstain et al. 2023), about 20-23.
+
+    PickScore_v1 ships without tokenizer or image processor; its authors load them from the CLIP-H it was
+    fine-tuned from, which is the fallback here when the model folder has none (or pass processor=...).
+    """
+
+    names = ("pickscore",)
+    default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        return self.model.logit_scale.exp().float() * cos
+
+
+class HPSReward(ClipSimilarityReward):
+    """`hps` = cos(image, text) of an HPSv2 CLIP (Wu et al. 2023) converted to Hugging Face format; HPSv2 reports
+    the raw cosine (about 0.2-0.3). Its base is the same CLIP-H as PickScore's, hence the same processor fallback."""
+
+    names = ("hps",)
+    default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        return cos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LAION aesthetic predictor v2
+# ---------------------------------------------------------------------------------------------------------------
+class AestheticHead(nn.Module):
+    """The MLP of LAION's improved-aesthetic-predictor (christophschuhmann/improved-aesthetic-predictor), same layer
+    indices so its published state dict (`layers.0.weight`, ... `layers.7.bias`) loads as is."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, dim] -> [b]
+        return self.layers(x).squeeze(-1)
+
+
+def load_aesthetic_head(path: str | Path, dim: int) -> AestheticHead:
+    """The head from a .pth/.pt (a state dict, loaded with weights_only) or .safetensors file, shapes checked."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FdfoError(f"aesthetic: head file not found: {path}")
+    if path.suffix not in (".pth", ".pt", ".safetensors"):
+        raise FdfoError(f"aesthetic: head file must be .pth, .pt or .safetensors, got {path}")
+    with _loading("aesthetic head", str(path)):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise FdfoError(f"aesthetic: {path} holds a {type(state).__name__}, expected a state dict")
+    head = AestheticHead(dim)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    problems = [f"missing {k}" for k in expected if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    problems += [f"{k} is {got[k]}, expected {s}" for k, s in expected.items() if k in got and got[k] != s]
+    if problems:
+        raise FdfoError(f"aesthetic: {path} does not fit the head for {dim}-d CLIP embeddings: {'; '.join(problems)}")
+    head.load_state_dict(state)
+    return head
+
+
+class AestheticReward(ModelReward):
+    """`aesthetic`: LAION aesthetic predictor v2 = MLP(L2-normalised CLIP image embedding); prompt-free.
+
+    The published head expects CLIP ViT-L/14 (768-d); the head's input size follows the CLIP's projection size,
+    so any CLIP with a matching head works. The head runs in float32 whatever the CLIP's dtype (it is tiny).
+    """
+
+    names = ("aesthetic",)
+    OPTIONS = {
+        "micro_batch": ("micro_batch", int),
+        "head": ("head_path", str),
+        "processor": ("processor_path", str),
+    }
+
+    def __init__(self, model, head: AestheticHead, input_spec: ImageInputSpec, micro_batch: int = 16):
+        self.model, self.input_spec, self.micro_batch = model, input_spec, micro_batch
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.head = _freeze(head.float(), self.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        micro_batch: int = 16,
+        head_path: str | Path | None = None,
+        processor_path: str | Path | None = None,
+    ):
+        """CLIP from `path_or_id`, head from `head_path` (e.g. sac+logos+ava1-l14-linearMSE.pth)."""
+        if head_path is None:
+            raise FdfoError("aesthetic: needs head_path (the predictor's .pth, e.g. sac+logos+ava1-l14-linearMSE.pth)")
+        dtype = _as_dtype(dtype)
+        model, _, spec = load_clip(path_or_id, "aesthetic", device, dtype, processor_path, with_tokenizer=False)
+        return cls(model, load_aesthetic_head(head_path, model.config.projection_dim), spec, micro_batch)
+
+    @torch.no_grad()
+    def score(self, pixels: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        emb = _image_features(self.model, pixels.to(self.device, self.dtype)).float()  # [b, d]
+        return {"aesthetic": self.head(nn.functional.normalize(emb, dim=-1))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VLM yes/no
+# ---------------------------------------------------------------------------------------------------------------
+YES_SPELLINGS = ("yes", "Yes", " yes", " Yes")
+NO_SPELLINGS = ("no", "No", " no", " No")
+
+
+def answer_token_ids(tokenizer, spellings: tuple[str, ...]) -> list[int]:
+    """Distinct first-token ids of an answer's spellings, unknown-token ids dropped.
+
+    A chat model may begin its answer with "Yes" or "yes", with or without a leading space (byte-level BPEs give each
+    its own id; SentencePiece/WordLevel may map several to one); scoring all of them makes P(yes) independent of the
+    model's capitalisation habit.
+    """
+    ids = (tokenizer.encode(s, add_special_tokens=False)[:1] for s in spellings)
+    return list(dict.fromkeys(i[0] for i in ids if i and i[0] != tokenizer.unk_token_id))
+
+
+class VLMYesNoReward(Reward):
+    """`vlm_yes` = P("yes") of a vision-language model asked `question.format(prompt=...)` about each image.
+
+    The answer's logit is logsumexp of the next-token logits over its spellings' ids (`answer_token_ids`), i.e. the
+    log of their summed probabilities; P(yes) = softmax([yes, no])[0] = p(yes-ids) / (p(yes-ids) + p(no-ids)).
+    The question goes through the processor's chat template (user turn: image then text, then the generation
+    prompt), or, without one, is "<image token>\\n<question>". Prompts are padded on the left so the last position is
+    every row's next token (rotary positions make the shift harmless) and only that position's logits are computed.
+    """
+
+    names = ("vlm_yes",)
+    wants_uint8 = True
+    DEFAULT_QUESTION = 'Does this image show "{prompt}"? Answer yes or no.'
+    OPTIONS = {"micro_batch": ("micro_batch", int), "question": ("question", str)}
+
+    def __init__(self, model, processor, question: str = DEFAULT_QUESTION, micro_batch: int = 16):
+        try:
+            question.format(prompt="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise FdfoError(f"vlm_yes: question may only use the field {{prompt}}: {question!r} ({err!r})") from None
+        self.model, self.processor, self.question, self.micro_batch = model, processor, question, micro_batch
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"
+        self.yes_ids = answer_token_ids(tokenizer, YES_SPELLINGS)
+        self.no_ids = answer_token_ids(tokenizer, NO_SPELLINGS)
+        if not self.yes_ids or not self.no_ids or set(self.yes_ids) & set(self.no_ids):
+            raise FdfoError(f"vlm_yes: tokenizer has no distinct 'yes'/'no' tokens (ids {self.yes_ids}/{self.no_ids})")
+        self.chat = getattr(processor, "chat_template", None) is not None
+        if not self.chat and not getattr(processor, "image_token", None):
+            raise FdfoError("vlm_yes: the processor has neither a chat template nor an image token")
+        self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        micro_batch: int = 16,
+        question: str = DEFAULT_QUESTION,
+    ):
+        """AutoProcessor + AutoModelForImageTextToText (Qwen2.5-VL, LLaVA, ...) from a folder or hub id."""
+        tf = _transformers()
+        dtype = _as_dtype(dtype)
+        src, kw = _source(path_or_id, "vlm_yes")
+        model_type = _check_model_type(src, kw, "vlm_yes", None)
+        with _loading("vlm_yes model", src):
+            model = tf.AutoModelForImageTextToText.from_pretrained(src, **kw, **_dtype_kw(dtype))
+        model = _freeze(model, device)
+        with _loading("vlm_yes processor", src):
+            processor = tf.AutoProcessor.from_pretrained(src, **kw)
+        tokenizer = getattr(processor, "tokenizer", None)
+        n_embed = model.get_input_embeddings().num_embeddings
+        if tokenizer is None or not 2 < len(tokenizer) <= n_embed:
+            raise FdfoError(
+                f"vlm_yes: {src} ({model_type}) has no usable tokenizer "
+                f"({len(tokenizer) if tokenizer is not None else 0} tokens for a {n_embed}-token model)"
+            )
+        return cls(model, processor, question, micro_batch)
+
+    def texts(self, prompts: list[str]) -> list[str]:
+        out = []
+        for prompt in prompts:
+            question = self.question.format(prompt=prompt)
+            if self.chat:
+                content = [{"type": "image"}, {"type": "text", "text": question}]
+                messages = [{"role": "user", "content": content}]
+                out.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            else:
+                out.append(f"{self.processor.image_token}\n{question}")
+        return out
+
+    def answer_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[b, vocab] next-token logits -> [b, 2] (yes, no) logits."""
+        logits = logits.float()
+        return torch.stack([logits[:, self.yes_ids].logsumexp(-1), logits[:, self.no_ids].logsumexp(-1)], -1)
+
+    @torch.no_grad()
+    def score(self, uint8_nhwc: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        images = [Image.fromarray(a) for a in uint8_nhwc.cpu().numpy()]
+        inputs = self.processor(images=images, text=self.texts(prompts), padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+        logits = self.model(**inputs, **({"logits_to_keep": 1} if self.keep_last else {})).logits[:, -1]  # [b, V]
+        return {"vlm_yes": self.answer_logits(logits).softmax(-1)[:, 0]}
+
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], uint8_nhwc: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        self.check_batch(images, prompts)
+        u8 = uint8_nhwc.cpu() if uint8_nhwc is not None else torch.from_numpy(to_uint8_hwc(images))
+        return score_in_micro_batches(self.score, u8, prompts, self.micro_batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From a config string
+# ---------------------------------------------------------------------------------------------------------------
+HF_REWARD_CLASSES: dict[str, type] = {
+    cls.names[0]: cls for cls in (CLIPScoreReward, PickScoreReward, HPSReward, AestheticReward, VLMYesNoReward)
+}
+# Split only where a new `name=` begins, so a question may contain commas and semicolons.
+_ENTRY_SPLIT = re.compile(r",(?=\s*\w+\s*=)")
+_OPTION_SPLIT = re.compile(r";(?=\s*\w+\s*=)")
+
+
+def load_reward_models(
+    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32
+) -> list[Reward]:
+    """Reward instances from a config string, ready for `CompositeReward(weights, models=...)`.
+
+    Syntax: comma-separated `term=path_or_hub_id`, each optionally followed by `;option=value` pairs:
+
+        pickscore=yuvalkirstain/PickScore_v1
+        clip_score=/m/clip;scale=2.5,aesthetic=/m/clip-l14;head=/m/sac+logos+ava1-l14-linearMSE.pth
+        vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=4;question=Is this "{prompt}"? Answer yes or no.
+
+    Terms: clip_score, pickscore, hps, aesthetic, vlm_yes. Options: micro_batch (all), processor (CLIP terms: folder
+    of the tokenizer and image processor), scale (clip_score), head (aesthetic, required), question (vlm_yes). A
+    value runs to the next `,name=` / `;name=`, so it may hold commas and semicolons otherwise. "" gives [].
+    """
+    models: list[Reward] = []
+    for entry in filter(None, (e.strip() for e in _ENTRY_SPLIT.split(spec or ""))):
+        head, *options = _OPTION_SPLIT.split(entry)
+        term, sep, path = (s.strip() for s in head.partition("="))
+        if not sep or not path:
+            raise FdfoError(f"reward model entry {entry!r} must be term=path_or_hub_id")
+        cls = HF_REWARD_CLASSES.get(term)
+        if cls is None:
+            raise FdfoError(f"unknown reward model term {term!r}; known: {', '.join(HF_REWARD_CLASSES)}")
+        if any(term in m.names for m in models):
+            raise FdfoError(f"reward model term {term!r} is given twice")
+        kwargs = {}
+        for option in options:
+            key, _, value = (s.strip() for s in option.partition("="))
+            if key not in cls.OPTIONS:
+                raise FdfoError(f"{term}: unknown option {key!r}; known: {', '.join(cls.OPTIONS)}")
+            name, convert = cls.OPTIONS[key]
+            try:
+                kwargs[name] = convert(value)
+            except ValueError:
+                raise FdfoError(f"{term}: option {key}={value!r} is not a valid {convert.__name__}") from None
+        models.append(cls.from_pretrained(path, device=device, dtype=dtype, **kwargs))
+    return models
+
+
+__all__ = [
+    "AestheticHead",
+    "AestheticReward",
+    "CLIPScoreReward",
+    "ClipSimilarityReward",
+    "HF_REWARD_CLASSES",
+    "HPSReward",
+    "PickScoreReward",
+    "VLMYesNoReward",
+    "answer_token_ids",
+    "load_aesthetic_head",
+    "load_clip",
+    "load_reward_models",
+]
