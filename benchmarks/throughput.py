@@ -126,7 +126,7 @@ def _finish(entry, nbytes, bw):
 
 
 def sampling_loop_rows(device, reps, quick):
-    """End-to-end: the toy model's FDFO paired sampling loop, samples/s (eager; CUDA graphs come with ZeRO-3)."""
+    """End-to-end: the toy model's FDFO paired sampling loop in samples/s (eager, and as one CUDA graph on a GPU)."""
     from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT, load_toy_model
     from fdfo_fast.sampling import sample_fdfo_pairs, sigma_schedule
 
@@ -139,17 +139,25 @@ def sampling_loop_rows(device, reps, quick):
     shape = (3, model.cfg.image_size, model.cfg.image_size)
     sigmas = sigma_schedule(steps)
     rows = []
-    # On CUDA both paths are timed; the reference replays the Philox noise on the CPU (it exists for correctness),
-    # so its row is an upper bound on what the unfused loop costs, not a tuned baseline.
-    for impl in ("ref", "triton") if device == "cuda" else ("ref",):
+    # On CUDA: the reference (it replays the Philox noise on the CPU, so its row is an upper bound on the unfused
+    # loop, not a tuned baseline), the fused Triton step eagerly, and the whole loop replayed as one CUDA graph.
+    variants = [("ref", None)]
+    if device == "cuda":
+        from fdfo_fast.cuda_graph import CudaGraphSampler
+
+        variants += [("triton", None), ("triton, CUDA graph", CudaGraphSampler())]
+    for label, runner in variants:
+        impl = "ref" if label == "ref" else "triton"
         sec = bench(
-            lambda impl=impl: sample_fdfo_pairs(model, cond, None, list(range(pairs)), shape, sigmas, 1.0, 0.05, impl),
+            lambda impl=impl, runner=runner: sample_fdfo_pairs(
+                model, cond, None, list(range(pairs)), shape, sigmas, 1.0, 0.05, impl, runner
+            ),
             device,
             max(2, reps // 4),
         )
         rows.append(
             {
-                "op": f"toy FDFO paired sampling ({impl}, eager)",
+                "op": f"toy FDFO paired sampling ({label}{'' if runner else ', eager'})",
                 "size": f"{pairs} pairs x {steps} steps",
                 "eager_s": sec,
                 "samples_per_s": 2 * pairs / sec,

@@ -40,7 +40,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if default is not None:
             kw["help"] = f"{kw['help']} (default: {default})".strip()
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+        names = ["--" + f.name.replace("_", "-")]
+        if "_" in f.name:  # launchers and DeepSpeed habits spell options with underscores (--ds_config)
+            names.append("--" + f.name)
+        parser.add_argument(*names, dest=f.name, **kw)
 
 
 def overrides_from_args(ns: argparse.Namespace, cls) -> dict:

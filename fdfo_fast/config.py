@@ -33,6 +33,12 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads (0 = torch default)")
     impl: str = _f("auto", "fused ops: auto (Triton on CUDA, reference elsewhere) | ref | triton")
     device: str = _f("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    ds_config: str = _f("", "DeepSpeed JSON config (ZeRO-2/3, e.g. ds_z3.json); '' = plain PyTorch optimiser")
+    optimizer: str = _f("adamw", "adamw | adamw8bit (bitsandbytes)")
+    attention: str = _f(
+        "auto", "sd3 / flux attention: auto (flash-attn on CUDA if installed, else sdpa) | sdpa | flash | xformers"
+    )
+    cuda_graph: str = _f("auto", "sampling under CUDA graphs: auto (on CUDA without ZeRO-3) | on | off")
     # -- model (toy, or SD3 / FLUX through diffusers) ----------------------------------------------------------
     model: str = _f("toy", "toy | sd3 | flux")
     model_path: str = _f("", "sd3 / flux: a local diffusers pipeline folder or a hub id")
@@ -115,6 +121,14 @@ class TrainConfig:
             bad("cfg_scale", "must be 1 for flux (guidance-distilled: set --flux-guidance instead)")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             bad("device", "must be auto, cpu, cuda or cuda:N")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            bad("optimizer", "must be adamw or adamw8bit")
+        if self.attention not in ("auto", "sdpa", "flash", "xformers"):
+            bad("attention", "must be auto, sdpa, flash or xformers")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            bad("cuda_graph", "must be auto, on or off")
+        if self.ds_config and not Path(self.ds_config).is_file():
+            bad("ds_config", "must be an existing DeepSpeed JSON file")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             bad("dtype", "must be bf16, fp16 or fp32")
         if self.eval_prompts != "heldout" and not Path(self.eval_prompts).is_file():

@@ -286,15 +286,18 @@ def sample_euler(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, recor
     return run_sampler(model, x1, sigmas, cond, uncond, cfg_scale, "euler", record=record, impl=impl)
 
 
-def sample_fdfo_pairs(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, gamma=0.0025, impl=None) -> Trajectory:
+def sample_fdfo_pairs(
+    model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, gamma=0.0025, impl=None, runner=None
+) -> Trajectory:
     """FDFO paired rollouts (§1.1): per prompt one x₁, duplicated into branches A, B with independent churn.
 
     `cond`/`uncond` hold P prompts and `seeds` P seeds; the batch is laid out pair-major: row 2p + b is prompt p,
-    branch b (A = 0, B = 1). Both branches go through the model in one batched call.
+    branch b (A = 0, B = 1). Both branches go through the model in one batched call. `runner` replaces
+    `run_sampler` (e.g. a `CudaGraphSampler`).
     """
     x1 = start_noise(seeds, shape, _device(cond)).repeat_interleave(2, dim=0)  # [2P, ...] shared within a pair
     churn = [derive_seed(s, 1, b) for s in seeds for b in (0, 1)]
-    return run_sampler(
+    return (runner or run_sampler)(
         model,
         x1,
         sigmas,
@@ -309,11 +312,13 @@ def sample_fdfo_pairs(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, 
     )
 
 
-def sample_sde(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, noise_level=0.7, impl=None) -> Trajectory:
+def sample_sde(
+    model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, noise_level=0.7, impl=None, runner=None
+) -> Trajectory:
     """Flow-GRPO SDE sampler: every sample gets its own x₁ and step noise from its seed; log-probs recorded."""
     x1 = start_noise(seeds, shape, _device(cond))
     steps = [derive_seed(s, 2) for s in seeds]
-    return run_sampler(
+    return (runner or run_sampler)(
         model, x1, sigmas, cond, uncond, cfg_scale, "sde", steps, noise_level=noise_level, record=True, impl=impl
     )
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
+import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fdfo_fast.algorithms import make_algorithm
-from fdfo_fast.algorithms.base import active_items, split_items
+from fdfo_fast.algorithms.base import active_items
 from fdfo_fast.checkpoint import (
     TOY_BASE_CHECKPOINT,
     atomic_save,
@@ -25,9 +27,12 @@ from fdfo_fast.checkpoint import (
 )
 from fdfo_fast.cli_args import add_dataclass_args, overrides_from_args
 from fdfo_fast.config import PRESETS, TrainConfig, make_config, save_resolved
+from fdfo_fast.cuda_graph import CudaGraphSampler, graphs_wanted
 from fdfo_fast.dispatch import choose_impl
+from fdfo_fast.distributed import DistEnv, init_distributed
+from fdfo_fast.engine import make_engine
 from fdfo_fast.errors import FdfoError, cli_entry
-from fdfo_fast.evaluation import evaluate
+from fdfo_fast.evaluation import EvalResult, evaluate
 from fdfo_fast.rewards import CompositeReward
 from fdfo_fast.sampling import Trajectory, derive_seed, sigma_schedule
 from fdfo_fast.viz import save_grid
@@ -53,16 +58,30 @@ class RunContext:
     prompt_pool: dict[str, tuple[str, ...]]  # category (or "file") -> prompts
     shape: tuple[int, int, int]
     sigmas: torch.Tensor
+    env: DistEnv = field(default_factory=DistEnv)
+    runner: object = None  # replaces sampling.run_sampler (a CudaGraphSampler on CUDA), None = eager
 
     def draw_prompts(self, n: int, generator: torch.Generator) -> tuple[list[str], list[int]]:
-        """n prompts (uniform over categories, then over the category's prompts) and one seed each."""
+        """This rank's shard of n globally drawn prompts (uniform over categories, then over the category's
+        prompts) with one seed each; the draw is the same on every rank, so the global batch does not depend on
+        the number of processes."""
         cats = list(self.prompt_pool)
         prompts = []
         for _ in range(n):
             pool = self.prompt_pool[cats[int(torch.randint(len(cats), (1,), generator=generator))]]
             prompts.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
         seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
-        return prompts, seeds
+        mine = self.env.shard(n)
+        return prompts[mine], seeds[mine]
+
+    def global_advantages(self, fn, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """`fn(prompts, rewards)` over the whole batch of all ranks (statistics that span ranks, e.g. DDPO's
+        per-prompt tracker, see every reward in the same order everywhere), returning this rank's part."""
+        if not self.env.enabled:
+            return fn(prompts, rewards)
+        all_prompts = [p for part in self.env.all_gather_objects(list(prompts)) for p in part]
+        adv = fn(all_prompts, self.env.cat_from_all(rewards.float()))
+        return adv[self.env.shard(len(all_prompts))]
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[dict, dict | None]:
@@ -158,14 +177,16 @@ class EMA:
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) + TensorBoard scalars when available."""
 
-    def __init__(self, out: Path, tensorboard: bool, keep_lines: int | None):
+    def __init__(self, out: Path, tensorboard: bool, keep_lines: int | None, write: bool = True):
         self.path = out / "metrics.jsonl"
+        self.enabled = write  # only rank 0 writes; every rank counts lines so checkpoints agree
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         if keep_lines is not None:  # resume: drop lines written after the checkpoint we resume from
             lines = lines[:keep_lines]
         else:
             lines = []
-        self.path.write_text("".join(ln + "\n" for ln in lines))
+        if write:
+            self.path.write_text("".join(ln + "\n" for ln in lines))
         self.lines = len(lines)
         self.writer = None
         if tensorboard:
@@ -177,9 +198,11 @@ class MetricsLog:
                 warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only", stacklevel=2)
 
     def write(self, record: dict, step: int):
+        self.lines += 1
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.lines += 1
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -229,7 +252,7 @@ def make_reward(cfg: TrainConfig, device: torch.device) -> CompositeReward:
     return CompositeReward(cfg.reward, models=models)
 
 
-def make_context(cfg: TrainConfig, model: torch.nn.Module, device: torch.device | str = "cpu"):
+def make_context(cfg: TrainConfig, model: torch.nn.Module, device: torch.device | str = "cpu", env=None):
     """(RunContext, algorithm, trainable parameters) for a loaded base model; freezes what is not trained."""
     algo = make_algorithm(cfg)
     params = apply_finetune_mode(model, cfg)
@@ -245,6 +268,7 @@ def make_context(cfg: TrainConfig, model: torch.nn.Module, device: torch.device 
         load_prompt_pool(cfg.prompts, world_grammar=cfg.model == "toy"),
         tuple(model.latent_shape),
         sigma_schedule(cfg.num_steps, cfg.shift),
+        env or DistEnv(),
     )
     return ctx, algo, params
 
@@ -282,6 +306,73 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def split_items_global(items: torch.Tensor, n_local: int, env: DistEnv, n_steps: int, gen: torch.Generator):
+    """[(this rank's items of step j, global item count of step j)] for the epoch's optimiser steps.
+
+    The items of all ranks (sample indices offset by rank) are shuffled with the shared generator and split into
+    `n_steps` near-equal chunks, as a single process would shuffle the same global batch; each rank keeps its own.
+    """
+    offset = env.rank * n_local
+    every = env.cat_from_all(items + torch.tensor([offset, 0])) if env.enabled else items
+    perm = torch.randperm(len(every), generator=gen)
+    out = []
+    for chunk in every[perm].tensor_split(n_steps):
+        if not len(chunk):
+            continue
+        mine = chunk[(chunk[:, 0] >= offset) & (chunk[:, 0] < offset + n_local)]
+        out.append((mine - torch.tensor([offset, 0]), len(chunk)))
+    return out
+
+
+def merge_stats(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Loss statistics of two item sets -> their union's: sums add up, `*_max` keys take the max."""
+    out = dict(a)
+    for k, v in b.items():
+        merge = max if k.endswith("_max") else float.__add__
+        out[k] = merge(out[k], float(v)) if k in out else float(v)
+    return out
+
+
+def gather_eval(res: EvalResult, env: DistEnv) -> EvalResult:
+    """Every rank evaluated a shard of the held-out items: reassemble them in order on every rank."""
+    if not env.enabled:
+        return res
+    parts = env.all_gather_objects((res.images, res.prompts, res.categories, res.seeds, res.scores))
+    return EvalResult(
+        torch.cat([p[0] for p in parts]),
+        [x for p in parts for x in p[1]],
+        [x for p in parts for x in p[2]],
+        [x for p in parts for x in p[3]],
+        {k: torch.cat([p[4][k] for p in parts]) for k in parts[0][4]},
+    )
+
+
+def set_attention_backend(model: torch.nn.Module, choice: str) -> str:
+    """--attention auto|sdpa|flash|xformers for the diffusers transformers (the toy model always uses SDPA).
+
+    auto = flash-attn when installed and on CUDA, else PyTorch SDPA; an explicit choice that cannot run raises."""
+    from fdfo_fast.backends import package_version
+
+    on_cuda = next(model.parameters()).is_cuda
+    usable = {
+        "sdpa": (True, ""),
+        "flash": (package_version("flash_attn") is not None and on_cuda, "needs flash-attn and a CUDA device"),
+        "xformers": (package_version("xformers") is not None and on_cuda, "needs xformers and a CUDA device"),
+    }
+    chosen = choice
+    if choice == "auto":
+        chosen = "flash" if usable["flash"][0] else "sdpa"
+    elif not usable[choice][0]:
+        raise FdfoError(f"--attention {choice} {usable[choice][1]}")
+    transformer = getattr(model, "transformer", None)
+    if transformer is None:
+        if chosen != "sdpa":
+            raise FdfoError(f"--attention {chosen}: the toy model supports sdpa only")
+        return chosen
+    transformer.set_attention_backend({"sdpa": "native", "flash": "flash", "xformers": "xformers"}[chosen])
+    return chosen
+
+
 def _all_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
@@ -290,7 +381,11 @@ def _all_finite(params) -> bool:
 # The training loop
 # ---------------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or continue) a training run; returns the last evaluation summary."""
+    """Run (or continue) a training run; returns the last evaluation summary.
+
+    Runs as one process, or as every rank of a `torchrun` / `deepspeed` launch (fdfo_fast.distributed); with
+    `--ds-config` the optimiser is DeepSpeed ZeRO (fdfo_fast.engine). The loop below is the same in every case.
+    """
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
@@ -300,8 +395,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    env = init_distributed(device)
+    if device.type == "cuda" and env.enabled:
+        device = torch.device("cuda", env.local_rank)
     model = load_model(cfg).to(device)
-    ctx, algo, params = make_context(cfg, model, device)
+    set_attention_backend(model, cfg.attention)
+    ctx, algo, params = make_context(cfg, model, device, env)
     world = cfg.model == "toy"  # the shapes world's GenEval-style accuracy applies to the toy model only
     eval_reward = ctx.reward
     if world and "geneval" not in ctx.reward.weights:
@@ -312,8 +411,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         eval_items = eval_prompts(cfg.eval_per_category)
     else:  # the held-out split's prompts as plain text
         eval_items = [(p.text(), s) for p, s in eval_prompts(cfg.eval_per_category)]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    engine = make_engine(model, params, cfg, env)
+    if graphs_wanted(cfg.cuda_graph, device, cfg.impl_or_none, engine.zero_stage):
+        ctx.runner = CudaGraphSampler()
+    if ema is not None and engine.zero_stage == 3:
+        raise FdfoError("--ema-decay needs the full weights on every rank: use ZeRO stage <= 2 or --ema-decay 0")
     cfg_factor = 2 if cfg.cfg_scale != 1.0 else 1
     # which implementation the fused ops take in this run (recorded in every training record)
     impl_used = choose_impl("fd_loss", cfg.impl_or_none, params[0])
@@ -330,14 +433,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     # -- resume ---------------------------------------------------------------------------------------------
     if resume:
         st = read_checkpoint(ckpt_path, STATE_FORMAT)
-        saved = TrainConfig(**st["config"])
+        saved = TrainConfig(**{**TrainConfig().to_dict(), **st["config"]})
         diff = [k for k, v in saved.to_dict().items() if k not in RESUMABLE_CHANGES and cfg.to_dict()[k] != v]
         if diff:
             raise FdfoError(
                 f"--resume: options {diff} differ from the run in {out}; only {RESUMABLE_CHANGES} may change"
             )
-        load_model_state(model, st["model"], f"{ckpt_path} (model)")
-        opt.load_state_dict(st["optimizer"])
+        if st.get("world_size", 1) != env.world_size:
+            raise FdfoError(
+                f"--resume: the run used {st.get('world_size', 1)} processes, this launch has {env.world_size}"
+            )
+        if st.get("deepspeed_tag"):
+            engine.load(out, st["deepspeed_tag"])
+        else:
+            load_model_state(model, st["model"], f"{ckpt_path} (model)")
+        engine.load_state_dict(st["engine"] if "engine" in st else {"optimizer": st["optimizer"]})  # v1 files
         if ema is not None:
             for s, v in zip(ema.shadow, st["ema"]):
                 s.copy_(v)
@@ -347,64 +457,78 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         start_epoch, keep_lines, last_eval = st["epoch"], st["metrics_lines"], st.get("last_eval", {})
         if cfg.epochs < start_epoch:
             raise FdfoError(f"--resume: the run in {out} is at epoch {start_epoch}; --epochs {cfg.epochs} is earlier")
-    save_resolved(cfg, out)
-    log = MetricsLog(out, cfg.tensorboard, keep_lines)
+    if env.is_main:
+        save_resolved(cfg, out)
+    log = MetricsLog(out, cfg.tensorboard and env.is_main, keep_lines, write=env.is_main)
 
     def checkpoint(epoch: int):
-        if not _all_finite(model.parameters()):
+        """DeepSpeed shards first (every rank), then the run state, written atomically by rank 0 and naming the
+        shard tag: a run killed at any point resumes from the last state file, never from a partial one."""
+        tag = None
+        if engine.kind == "deepspeed":
+            tag = f"epoch_{epoch:06d}"
+            engine.save(out, tag)
+            env.barrier()
+        elif not _all_finite(model.parameters()):
             raise FdfoError(f"refusing to write a checkpoint from a non-finite model at epoch {epoch}")
-        atomic_save(
-            {
-                "format": STATE_FORMAT,
-                "version": 1,
-                "config": cfg.to_dict(),
-                "epoch": epoch,
-                "model": model_state(model),
-                "model_config": model.describe(),
-                "optimizer": opt.state_dict(),
-                "ema": None if ema is None else [s.clone() for s in ema.shadow],
-                "algorithm": algo.state_dict(),
-                "counters": dict(counters),
-                "torch_rng": torch.get_rng_state(),
-                "metrics_lines": log.lines,
-                "last_eval": last_eval,
-            },
-            ckpt_path,
-        )
+        if env.is_main:
+            atomic_save(
+                {
+                    "format": STATE_FORMAT,
+                    "version": 2,
+                    "config": cfg.to_dict(),
+                    "epoch": epoch,
+                    "world_size": env.world_size,
+                    "deepspeed_tag": tag,
+                    "model": None if tag else model_state(model),
+                    "model_config": model.describe(),
+                    "engine": engine.state_dict(),
+                    "ema": None if ema is None else [s.clone() for s in ema.shadow],
+                    "algorithm": algo.state_dict(),
+                    "counters": dict(counters),
+                    "torch_rng": torch.get_rng_state(),
+                    "metrics_lines": log.lines,
+                    "last_eval": last_eval,
+                },
+                ckpt_path,
+            )
+            if tag:
+                engine.prune(out, keep=tag)
         if getattr(model, "lora", False):
-            export_lora_atomic(model, out / "lora")
+            with engine.gathered():  # a collective under ZeRO-3: every rank enters, rank 0 writes
+                if env.is_main:
+                    export_lora_atomic(model, out / "lora")
+        env.barrier()
 
     def run_eval(epoch: int) -> dict:
         if ema is not None:
             ema.swap()
         model.eval()
-        res = evaluate(
-            model,
-            eval_items,
-            eval_reward,
-            cfg.eval_num_steps,
-            cfg.shift,
-            cfg.cfg_scale,
-            impl=cfg.impl_or_none,
-        )
+        mine = eval_items[env.shard_uneven(len(eval_items))]
+        with engine.gathered():
+            res = evaluate(
+                model, mine, eval_reward, cfg.eval_num_steps, cfg.shift, cfg.cfg_scale, impl=cfg.impl_or_none
+            )
         model.train()
         if ema is not None:
             ema.swap()
-        save_grid(
-            res.images,
-            out / "grids" / f"eval_{epoch:05d}.png",
-            ncol=cfg.eval_per_category if cfg.eval_prompts == "heldout" else 8,
-            correct=res.scores.get("geneval"),
-            scale=4 if world else 1,
-        )
+        res = gather_eval(res, env)
         summary = {f"eval/{k}": v for k, v in res.summary().items()}
+        if env.is_main:
+            save_grid(
+                res.images,
+                out / "grids" / f"eval_{epoch:05d}.png",
+                ncol=cfg.eval_per_category if cfg.eval_prompts == "heldout" else 8,
+                correct=res.scores.get("geneval"),
+                scale=4 if world else 1,
+            )
         log.write(
             {"kind": "eval", "epoch": epoch, **{k: v for k, v in counters.items()}, **summary},
             counters["reward_queries"],
         )
         return summary
 
-    bar = _progress(cfg, start_epoch)
+    bar = _progress(cfg, start_epoch, env.is_main)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         # -- evaluation & checkpoint at the epoch boundary ---------------------------------------------------
@@ -415,65 +539,70 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if epoch > start_epoch and epoch % cfg.save_every == 0:
             checkpoint(epoch)
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, epoch))  # (seed, rank, epoch)
+        # Every rank draws the same global batch and item shuffle from (seed, epoch) and takes its shard.
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, epoch))
 
         # -- sample & score ---------------------------------------------------------------------------------
         model.eval()
-        rollout = algo.rollout(ctx, epoch, gen)
+        with engine.gathered():
+            rollout = algo.rollout(ctx, epoch, gen)
         model.train()
-        counters["reward_queries"] += algo.reward_queries(rollout)
-        counters["sample_passes"] += len(rollout.prompts) * cfg.num_steps * cfg_factor
+        counters["reward_queries"] += int(env.sum(algo.reward_queries(rollout)))
+        counters["sample_passes"] += int(env.sum(len(rollout.prompts))) * cfg.num_steps * cfg_factor
         record = {"kind": "train", "epoch": epoch + 1, "impl": impl_used}
-        record.update({f"reward/{k}": float(v.float().mean()) for k, v in rollout.rewards.items()})
-        record.update(rollout.stats)
-        if not (torch.isfinite(rollout.rewards["reward"]).all() and torch.isfinite(rollout.advantages).all()):
+        record.update({f"reward/{k}": float(env.cat_from_all(v.float()).mean()) for k, v in rollout.rewards.items()})
+        record.update({k: env.sum(v) / env.world_size for k, v in rollout.stats.items()})
+        finite = bool(torch.isfinite(rollout.rewards["reward"]).all() and torch.isfinite(rollout.advantages).all())
+        if not env.all_true(finite):
             counters["skipped_epochs_nonfinite"] += 1
             record["skipped"] = "non-finite rewards or advantages"
         else:
             # -- loss & backward & step ---------------------------------------------------------------------
-            totals: dict[str, float] = {}
-            per_step: dict[str, list[float]] = {}
+            step_stats: list[dict[str, float]] = []  # this rank's sums per optimiser step (merged over ranks below)
             losses, norms = [], []
-            for step_i, chunk in enumerate(split_items(rollout.items, cfg.opt_steps_per_epoch, gen)):
-                opt.zero_grad(set_to_none=True)
+            for step_i, (chunk, global_len) in enumerate(
+                split_items_global(rollout.items, len(rollout.prompts), env, cfg.opt_steps_per_epoch, gen)
+            ):
+                engine.zero_grad()
                 work = active_items(rollout, chunk)
+                batches = list(work.split(cfg.micro_batch)) if len(work) else []
+                # ZeRO shards gather weights and reduce gradients inside forward/backward: every rank must run the
+                # same number of passes, so ranks with fewer items run zero-weighted passes on one of theirs.
+                n_passes = int(env.max(len(batches))) if engine.kind == "deepspeed" else len(batches)
                 loss_val, step_totals = 0.0, {}
-                for mb in work.split(cfg.micro_batch) if len(work) else ():
+                for j in range(n_passes):
+                    real = j < len(batches)
+                    mb = batches[j] if real else rollout.items[:1]
                     loss_sum, stats = algo.loss(ctx, rollout, mb, first_step=step_i == 0)
-                    (loss_sum / len(chunk)).backward()
-                    loss_val += float(loss_sum.detach()) / len(chunk)
-                    for k, v in stats.items():
-                        merge = max if k.endswith("_max") else float.__add__
-                        step_totals[k] = merge(step_totals[k], float(v)) if k in step_totals else float(v)
-                counters["train_passes"] += len(work) * cfg_factor
-                for k, v in step_totals.items():
-                    merge = max if k.endswith("_max") else float.__add__
-                    totals[k] = merge(totals[k], v) if k in totals else v
-                    if k.endswith("_sum"):
-                        per_step.setdefault(k, []).append(v / max(1, step_totals.get("n", 0)))
-                # A chunk whose items all have zero loss and gradient (FDFO pairs with a = 0) still steps, with
-                # zero gradients, exactly as the unfiltered loss would (AdamW's decay and momentum still act).
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                if not torch.isfinite(norm) or not math.isfinite(loss_val):
-                    opt.zero_grad(set_to_none=True)
+                    engine.backward(loss_sum / global_len * (1.0 if real else 0.0), boundary=j == n_passes - 1)
+                    if real:
+                        loss_val += float(loss_sum.detach()) / global_len
+                        step_totals = merge_stats(step_totals, stats)
+                step_stats.append(step_totals)
+                counters["train_passes"] += int(env.sum(len(work))) * cfg_factor
+                loss_val = env.sum(loss_val)
+                norm, stepped = engine.step(math.isfinite(loss_val))
+                if not stepped:
                     counters["skipped_steps_nonfinite"] += 1
                     continue
-                opt.step()
                 # -- EMA ------------------------------------------------------------------------------------
                 if ema is not None:
                     ema.update()
                 losses.append(loss_val)
-                norms.append(float(norm))
+                norms.append(norm)
             record["loss"] = sum(losses) / max(1, len(losses))
             record["grad_norm"] = sum(norms) / max(1, len(norms))
+            # one collective for all loss statistics: per step, merge the ranks; then merge the steps
+            per_rank = env.all_gather_objects(step_stats)
+            merged_steps = [functools.reduce(merge_stats, (r[j] for r in per_rank), {}) for j in range(len(step_stats))]
+            totals = functools.reduce(merge_stats, merged_steps, {})
             n = totals.pop("n", 0)
             for k, v in totals.items():
                 if k.endswith("_sum"):
                     record[f"{algo.name}/{k[:-4]}_mean"] = v / max(1, n)
-                    record[f"{algo.name}/{k[:-4]}_mean_per_step"] = per_step[k]
+                    record[f"{algo.name}/{k[:-4]}_mean_per_step"] = [
+                        st[k] / max(1, st["n"]) for st in merged_steps if k in st
+                    ]
                 elif k.endswith("_max"):
                     record[f"{algo.name}/{k}"] = v
                     if v > 1e-4:  # θ = θ_ref on an epoch's first step: ρ (or the PPO ratio) must be 1
@@ -484,7 +613,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                         )
                 else:
                     record[f"{algo.name}/{k}_frac"] = v / max(1, n)
-            record[f"{algo.name}/active_items_frac"] = n / max(1, len(rollout.items))
+            record[f"{algo.name}/active_items_frac"] = n / max(1, env.sum(len(rollout.items)))
         counters["wall_time"] += time.perf_counter() - t0
         record.update(counters)
         log.write(record, counters["reward_queries"])
@@ -502,9 +631,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 class _progress:
     """tqdm over epochs with reward and held-out accuracy (a plain line per epoch when tqdm is off)."""
 
-    def __init__(self, cfg: TrainConfig, start: int):
+    def __init__(self, cfg: TrainConfig, start: int, main: bool = True):
         self.bar = None
-        if cfg.progress:
+        if cfg.progress and main:
             from tqdm import tqdm
 
             self.bar = tqdm(
@@ -533,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options (applied after the preset)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    # the deepspeed launcher appends --local_rank=N; the rank comes from the LOCAL_RANK environment variable
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_dataclass_args(parser, TrainConfig)
     return parser
 
@@ -548,7 +679,8 @@ def main(argv=None):
             raise FdfoError(f"--resume: {saved} does not exist (is --out the run folder?)")
         base = json.loads(saved.read_text())
     cfg = make_config(ns.preset, ns.config, overrides, base=base)
-    print(json.dumps(cfg.to_dict(), indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(cfg.to_dict(), indent=1))
     if ns.dry_run:
         return
     summary = train(cfg, resume=ns.resume)

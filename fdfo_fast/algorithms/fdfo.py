@@ -38,7 +38,7 @@ class FDFO(Algorithm):
         cond, uncond = ctx.encode(prompts)
         traj = ctx.sample_in_chunks(
             lambda c, u, sd: sample_fdfo_pairs(
-                ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.churn, cfg.impl_or_none
+                ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.churn, cfg.impl_or_none, ctx.runner
             ),
             cond,
             uncond,

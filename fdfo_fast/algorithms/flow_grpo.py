@@ -30,12 +30,13 @@ class SDEPolicyGradient(Algorithm):
         raise NotImplementedError
 
     def _draw(self, ctx, generator):
-        """Prompts (B, in group order) and per-sample seeds."""
+        """This rank's prompts (in group order) and per-sample seeds, drawn globally (rank-count invariant)."""
         cfg = self.cfg
         prompts, _ = ctx.draw_prompts(cfg.prompts_per_epoch, generator)
         prompts = [p for p in prompts for _ in range(cfg.group_size)]
-        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
-        return prompts, seeds
+        n_global = cfg.prompts_per_epoch * cfg.group_size
+        seeds = torch.randint(0, 2**62, (n_global,), generator=generator).tolist()
+        return prompts, seeds[ctx.env.shard(n_global)]
 
     def rollout(self, ctx, epoch: int, generator: torch.Generator) -> Rollout:
         cfg = self.cfg
@@ -43,7 +44,7 @@ class SDEPolicyGradient(Algorithm):
         cond, uncond = ctx.encode(prompts)
         traj = ctx.sample_in_chunks(
             lambda c, u, sd: sample_sde(
-                ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.noise_level, cfg.impl_or_none
+                ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.noise_level, cfg.impl_or_none, ctx.runner
             ),
             cond,
             uncond,
@@ -52,11 +53,14 @@ class SDEPolicyGradient(Algorithm):
         )
         images = ctx.decode(traj.x0)
         rewards = ctx.score(images, prompts)
-        adv = self._advantages(prompts, rewards["reward"])
+        adv = ctx.global_advantages(self._advantages, prompts, rewards["reward"])
         T, B = traj.states.shape[:2]
-        # Train on a random subset of each trajectory's steps (Flow-GRPO's timestep fraction), redrawn per epoch.
+        # Train on a random subset of each trajectory's steps (Flow-GRPO's timestep fraction), redrawn per epoch
+        # for every sample of the global batch (so the subsets do not depend on the number of ranks).
         k_train = max(1, round(cfg.train_timestep_fraction * T))
-        steps = torch.stack([torch.randperm(T, generator=generator)[:k_train] for _ in range(B)])  # [B, k]
+        n_global = cfg.prompts_per_epoch * cfg.group_size
+        steps = torch.stack([torch.randperm(T, generator=generator)[:k_train] for _ in range(n_global)])
+        steps = steps[ctx.env.shard(n_global)]  # [B, k]
         items = torch.stack([torch.arange(B).repeat_interleave(k_train), steps.flatten()], dim=1)
         return Rollout(
             prompts=prompts,

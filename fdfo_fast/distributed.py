@@ -1,0 +1,111 @@
+"""Process-group plumbing for multi-process training (torchrun, the deepspeed launcher) and its 1-process no-op.
+
+Rank layout of an epoch (world-size invariant by construction): every rank draws the same *global* list of prompts
+and seeds from (seed, epoch), takes its contiguous shard (pairs / groups never straddle ranks), samples and scores
+it, and all-gathers the rewards so statistics that span ranks (DDPO's per-prompt tracker, logged means) are
+global. Optimiser steps shuffle the global item list with the same generator on every rank, so a 2-rank run
+computes the same updates as a 1-rank run of the same global batch (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fdfo_fast.errors import FdfoError
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives (identity on one process) --------------------------------------------------------------
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_gather_objects(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def cat_from_all(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's tensor along dim 0 (equal shapes; CPU or the process-group's device)."""
+        if not self.enabled:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def sum(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t)
+
+    def max(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def all_true(self, flag: bool) -> bool:
+        return self.max(0.0 if flag else 1.0) == 0.0
+
+    def all_reduce_grads_(self, params) -> None:
+        """Sum gradients over ranks (plain multi-process runs; DeepSpeed reduces its own)."""
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+    def shard_uneven(self, n: int) -> slice:
+        """This rank's contiguous block of n units when n need not divide evenly (evaluation)."""
+        per = -(-n // self.world_size)
+        return slice(min(n, self.rank * per), min(n, (self.rank + 1) * per))
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous block of n global units (n must divide evenly)."""
+        if n % self.world_size:
+            raise FdfoError(f"{n} prompts per epoch do not split evenly over {self.world_size} ranks")
+        per = n // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def init_distributed(device: torch.device) -> DistEnv:
+    """Join the process group the launcher describes (RANK / WORLD_SIZE / LOCAL_RANK), or run as one process.
+
+    gloo on the CPU, nccl on CUDA (with the rank's local GPU). Gradients and reductions of CPU tensors always go
+    through gloo; the toy trainer's collectives are CPU tensors.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise FdfoError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun or deepspeed")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+    return DistEnv(rank, world, local)
