@@ -55,6 +55,13 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "sd3 / flux: recompute transformer activations in the backward")
     reward_models: str = _f("", "network rewards, e.g. 'pickscore=PATH' (see fdfo_fast.rewards.hf_models)")
     eval_prompts: str = _f("heldout", "'heldout' (the world's held-out split) or a text file with one prompt per line")
+    # -- human labels (--reward human:1, FDFO only) ------------------------------------------------------------------
+    human_fraction: float = _f(1.0, "fraction of each epoch's pairs shown to the human (the rest: --human-auto-label)")
+    human_auto_label: str = _f("", "reward terms whose preference labels the pairs not shown, e.g. 'alignment:1'")
+    human_host: str = _f("127.0.0.1", "address of the labelling page (anything but loopback requires a URL token)")
+    human_port: int = _f(8765, "port of the labelling page (0 = any free port)")
+    human_token: str = _f("", "token the page URL must carry ('' = none on loopback, random elsewhere)")
+    human_timeout: float = _f(0.0, "seconds to wait for an epoch's labels before stopping with an error (0 = forever)")
     # -- sampling ----------------------------------------------------------------------------------------------
     num_steps: int = _f(10, "sampling steps while training")
     shift: float = _f(1.0, "SD3 time shift of the σ schedule")
@@ -65,6 +72,7 @@ class TrainConfig:
     churn: float = _f(0.02, "FDFO: churn strength γ of the paired sampler (paper 0.0025)")
     trust_eps: float = _f(0.03, "FDFO: SPO trust-region ε (optimum at ρ = 1 ± ε)")
     velocity_penalty: float = _f(0.0, "FDFO: λ of the velocity penalty toward the frozen base model")
+    steps_per_sample: int = _f(0, "FDFO: train on k random steps of each sample's T per epoch (0 = all, the paper)")
     # -- Flow-GRPO / DDPO (method.md §2, §3) -------------------------------------------------------------------
     prompts_per_epoch: int = _f(8, "Flow-GRPO: groups per epoch; DDPO: distinct prompt draws per epoch")
     group_size: int = _f(8, "Flow-GRPO: images per prompt (G); DDPO: images per drawn prompt")
@@ -90,6 +98,10 @@ class TrainConfig:
     eval_per_category: int = _f(32, "held-out items per GenEval category")
     eval_num_steps: int = _f(20, "Euler ODE steps for evaluation")
     save_every: int = _f(10, "checkpoint every N epochs (and at the end)")
+    diversity_prompts: int = _f(8, "diversity: held-out prompts sampled several times at each evaluation (0 = off)")
+    diversity_samples: int = _f(4, "diversity: samples per prompt (mean pairwise RMS distance between them)")
+    keep_best: bool = _f(True, "write best.pt (and best_lora/) whenever the held-out score improves")
+    early_stop_patience: int = _f(0, "stop after N evaluations without a held-out improvement (0 = never)")
     tensorboard: bool = _f(True, "write TensorBoard scalars when tensorboard is installed")
     progress: bool = _f(True, "show a progress bar")
 
@@ -129,6 +141,21 @@ class TrainConfig:
             bad("cuda_graph", "must be auto, on or off")
         if self.ds_config and not Path(self.ds_config).is_file():
             bad("ds_config", "must be an existing DeepSpeed JSON file")
+        human = any(p.split(":")[0].strip() == "human" for p in self.reward.split(","))
+        if human and self.algorithm != "fdfo":
+            bad("reward", "uses 'human', which labels FDFO's pairs: it needs --algorithm fdfo")
+        if not 0 < self.human_fraction <= 1:
+            bad("human_fraction", "must be in (0, 1]")
+        if human and self.human_fraction < 1 and not self.human_auto_label:
+            bad("human_auto_label", "is required when --human-fraction < 1 (it labels the pairs not shown)")
+        if not 0 <= self.human_port < 65536:
+            bad("human_port", "must be a port number (0 = any free port)")
+        if self.human_timeout < 0:
+            bad("human_timeout", "must be >= 0")
+        if self.diversity_prompts and self.diversity_samples < 2:
+            bad("diversity_samples", "must be >= 2 (distances between samples of one prompt)")
+        if self.steps_per_sample and self.algorithm != "fdfo":
+            bad("steps_per_sample", "applies to fdfo (Flow-GRPO / DDPO use --train-timestep-fraction)")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             bad("dtype", "must be bf16, fp16 or fp32")
         if self.eval_prompts != "heldout" and not Path(self.eval_prompts).is_file():
@@ -157,6 +184,9 @@ class TrainConfig:
         for name in (
             "threads",
             "eval_every",
+            "steps_per_sample",
+            "diversity_prompts",
+            "early_stop_patience",
             "stat_min_count",
             "velocity_penalty",
             "kl_beta",

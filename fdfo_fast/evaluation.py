@@ -70,3 +70,39 @@ def evaluate(
     scores = reward(images, texts)
     categories = ["prompts" if isinstance(p, str) else p.category for p, _ in items]
     return EvalResult(images, texts, categories, [s for _, s in items], scores)
+
+
+@torch.no_grad()
+def sample_diversity(
+    model,
+    prompts: list[str],
+    samples: int,
+    seed: int,
+    num_steps: int = 20,
+    shift: float = 1.0,
+    cfg_scale: float = 1.0,
+    impl: str | None = None,
+    size: int = 64,
+) -> float:
+    """Mean over prompts of the mean pairwise RMS distance between `samples` images of the same prompt.
+
+    Images in [-1, 1] (real models' decodes area-downsampled to `size` px first, so the number does not grow with
+    resolution). RL post-training tends to collapse the samples of a prompt; this tracks how fast.
+    """
+    import torch.nn.functional as F
+
+    from fdfo_fast.sampling import derive_seed
+
+    texts = [p for p in prompts for _ in range(samples)]
+    seeds = [derive_seed(seed, 3, j, i) for j in range(len(prompts)) for i in range(samples)]
+    cond = model.encode_prompts(texts)
+    uncond = model.encode_prompts([""] * len(texts)) if cfg_scale != 1.0 else None
+    x0 = sample_euler(model, cond, uncond, seeds, model.latent_shape, sigma_schedule(num_steps, shift), cfg_scale,
+                      impl=impl).x0  # fmt: skip
+    images = model.decode(x0).float().clamp(-1, 1)
+    if images.shape[-1] > size:
+        images = F.interpolate(images, size=(size, size), mode="area")
+    flat = images.flatten(1).view(len(prompts), samples, -1)
+    d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, n, n] RMS distances
+    iu = torch.triu_indices(samples, samples, 1)
+    return float(d[:, iu[0], iu[1]].mean())

@@ -24,6 +24,7 @@ from fdfo_fast.checkpoint import (
     load_state_dict_strict,
     load_toy_model,
     read_checkpoint,
+    save_toy_model,
 )
 from fdfo_fast.cli_args import add_dataclass_args, overrides_from_args
 from fdfo_fast.config import PRESETS, TrainConfig, make_config, save_resolved
@@ -32,8 +33,8 @@ from fdfo_fast.dispatch import choose_impl
 from fdfo_fast.distributed import DistEnv, init_distributed
 from fdfo_fast.engine import make_engine
 from fdfo_fast.errors import FdfoError, cli_entry
-from fdfo_fast.evaluation import EvalResult, evaluate
-from fdfo_fast.rewards import CompositeReward
+from fdfo_fast.evaluation import EvalResult, evaluate, sample_diversity
+from fdfo_fast.rewards import REWARD_TERMS, CompositeReward, parse_weights
 from fdfo_fast.sampling import Trajectory, derive_seed, sigma_schedule
 from fdfo_fast.viz import save_grid
 from fdfo_fast.world.grammar import CATEGORIES, eval_prompts, parse_prompt, prompt_sets
@@ -93,8 +94,8 @@ class RunContext:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return self.model.decode(x0)
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self.reward(images, prompts)
+    def score(self, images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> dict:
+        return self.reward(images, prompts, seeds=seeds)
 
     def sample_in_chunks(self, sampler, cond: dict, uncond: dict | None, seeds: list[int], chunk: int) -> Trajectory:
         """Run `sampler(cond, uncond, seeds)` on slices of at most `chunk` prompts and join the trajectories."""
@@ -243,12 +244,31 @@ def apply_finetune_mode(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.
 
 
 def make_reward(cfg: TrainConfig, device: torch.device) -> CompositeReward:
-    """The configured reward terms; network rewards (--reward-models) are loaded here."""
+    """The configured reward terms; network rewards (--reward-models) are loaded and the labelling page for the
+    `human` term is started here."""
     models = []
     if cfg.reward_models:
         from fdfo_fast.rewards.hf_models import load_reward_models
 
         models = load_reward_models(cfg.reward_models, device=device)
+    if "human" in parse_weights(cfg.reward, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}}):
+        from fdfo_fast.human import HumanPreferenceReward
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FdfoError("--reward human: label one process's pairs; run without torchrun / deepspeed")
+        auto = CompositeReward(cfg.human_auto_label, models=models) if cfg.human_auto_label else None
+        models.append(
+            HumanPreferenceReward(
+                Path(cfg.out) / "labels",
+                cfg.human_fraction,
+                auto,
+                cfg.human_host,
+                cfg.human_port,
+                cfg.human_token,
+                cfg.human_timeout,
+                cfg.seed,
+            )  # fmt: skip
+        )
     return CompositeReward(cfg.reward, models=models)
 
 
@@ -402,9 +422,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     set_attention_backend(model, cfg.attention)
     ctx, algo, params = make_context(cfg, model, device, env)
     world = cfg.model == "toy"  # the shapes world's GenEval-style accuracy applies to the toy model only
+    # Evaluation scores with the training terms, never the human one (nobody labels held-out images); the toy
+    # world adds its GenEval-style accuracy.
+    eval_weights = {k: v for k, v in ctx.reward.weights.items() if k != "human"}
+    if world:
+        eval_weights.setdefault("geneval", 0.0)
+    eval_models = [m for m in ctx.reward.models if "human" not in m.names]
     eval_reward = ctx.reward
-    if world and "geneval" not in ctx.reward.weights:
-        eval_reward = CompositeReward({**ctx.reward.weights, "geneval": 0.0}, models=ctx.reward.models)
+    if eval_weights != ctx.reward.weights:
+        eval_reward = CompositeReward(eval_weights or {"quality": 0.0}, models=eval_models)
     if cfg.eval_prompts != "heldout":
         eval_items = [(p, derive_seed(cfg.seed, 1, j)) for j, p in enumerate(read_prompt_file(cfg.eval_prompts))]
     elif world:
@@ -429,6 +455,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "skipped_steps_nonfinite": 0,
     }
     start_epoch, keep_lines, last_eval = 0, None, {}
+    best = {"score": -math.inf, "epoch": -1, "since": 0}  # held-out score for best.pt and early stopping
+    n_div = min(cfg.diversity_prompts, len(eval_items))
+    diversity_prompts = [
+        p if isinstance(p, str) else p.text()
+        for p, _ in (eval_items[j * len(eval_items) // max(1, n_div)] for j in range(n_div))
+    ]
 
     # -- resume ---------------------------------------------------------------------------------------------
     if resume:
@@ -455,6 +487,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         counters.update(st["counters"])
         torch.set_rng_state(st["torch_rng"])
         start_epoch, keep_lines, last_eval = st["epoch"], st["metrics_lines"], st.get("last_eval", {})
+        best.update(st.get("best", {}))
         if cfg.epochs < start_epoch:
             raise FdfoError(f"--resume: the run in {out} is at epoch {start_epoch}; --epochs {cfg.epochs} is earlier")
     if env.is_main:
@@ -489,6 +522,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                     "torch_rng": torch.get_rng_state(),
                     "metrics_lines": log.lines,
                     "last_eval": last_eval,
+                    "best": dict(best),
                 },
                 ckpt_path,
             )
@@ -501,6 +535,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         env.barrier()
 
     def run_eval(epoch: int) -> dict:
+        """Held-out evaluation (+ diversity); keeps best.pt when the held-out score improves (early stopping)."""
         if ema is not None:
             ema.swap()
         model.eval()
@@ -509,11 +544,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             res = evaluate(
                 model, mine, eval_reward, cfg.eval_num_steps, cfg.shift, cfg.cfg_scale, impl=cfg.impl_or_none
             )
+            diversity = None
+            if cfg.diversity_prompts:
+                diversity = sample_diversity(
+                    model, diversity_prompts, cfg.diversity_samples, cfg.seed, cfg.eval_num_steps, cfg.shift,
+                    cfg.cfg_scale, impl=cfg.impl_or_none,
+                )  # fmt: skip
+        res = gather_eval(res, env)
+        summary = {f"eval/{k}": v for k, v in res.summary().items()}
+        if diversity is not None:
+            summary["eval/diversity"] = diversity
+        score = summary.get("eval/geneval", summary.get("eval/reward"))
+        improved = score is not None and score > best["score"]
+        if improved:
+            best.update(score=score, epoch=epoch, since=0)
+            if cfg.keep_best:
+                with engine.gathered():
+                    save_best(model, epoch, score)
+        elif epoch > 0:
+            best["since"] += 1
         model.train()
         if ema is not None:
             ema.swap()
-        res = gather_eval(res, env)
-        summary = {f"eval/{k}": v for k, v in res.summary().items()}
         if env.is_main:
             save_grid(
                 res.images,
@@ -523,10 +575,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 scale=4 if world else 1,
             )
         log.write(
-            {"kind": "eval", "epoch": epoch, **{k: v for k, v in counters.items()}, **summary},
+            {"kind": "eval", "epoch": epoch, **{k: v for k, v in counters.items()}, **summary,
+             "best_epoch": best["epoch"]},
             counters["reward_queries"],
-        )
+        )  # fmt: skip
         return summary
+
+    def save_best(model, epoch: int, score: float):
+        """best.pt: the evaluated weights (the EMA when on) of the best held-out score so far; a LoRA run also
+        writes best_lora/. A toy model's best.pt is a plain model checkpoint (load_toy_model, fdfo-demo)."""
+        state = model_state(model)
+        if not env.is_main:
+            return
+        meta = {"epoch": epoch, "score": score, "metric": "geneval" if world else "reward", "run": str(out)}
+        if world:
+            save_toy_model(model, out / "best.pt", meta)
+        else:
+            atomic_save({"format": "fdfo_fast.best", "model": state, "model_config": model.describe(), **meta},
+                        out / "best.pt")  # fmt: skip
+        if getattr(model, "lora", False):
+            export_lora_atomic(model, out / "best_lora")
 
     bar = _progress(cfg, start_epoch, env.is_main)
     model.train()
@@ -536,6 +604,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         due = epoch == 0 or (cfg.eval_every and epoch % cfg.eval_every == 0)
         if due and not (resume and epoch == start_epoch):
             last_eval = run_eval(epoch)
+        if cfg.early_stop_patience and best["since"] >= cfg.early_stop_patience:
+            log.write({"kind": "early_stop", "epoch": epoch, "best_epoch": best["epoch"], "best": best["score"]},
+                      counters["reward_queries"])  # fmt: skip
+            checkpoint(epoch)
+            break
         if epoch > start_epoch and epoch % cfg.save_every == 0:
             checkpoint(epoch)
         t0 = time.perf_counter()
@@ -543,6 +616,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, epoch))
 
         # -- sample & score ---------------------------------------------------------------------------------
+        ctx.reward.begin_epoch(epoch)  # the human term labels this epoch's pairs
         model.eval()
         with engine.gathered():
             rollout = algo.rollout(ctx, epoch, gen)
@@ -620,11 +694,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         bar.update(record, last_eval)
 
     # -- final evaluation & checkpoint ------------------------------------------------------------------------
-    if start_epoch < cfg.epochs or not last_eval:
-        last_eval = run_eval(cfg.epochs)
-    checkpoint(cfg.epochs)
+    else:  # (skipped after an early stop: that epoch's evaluation and checkpoint are the last)
+        if start_epoch < cfg.epochs or not last_eval:
+            last_eval = run_eval(cfg.epochs)
+        checkpoint(cfg.epochs)
     bar.close(last_eval)
     log.close()
+    ctx.reward.close()
     return last_eval
 
 

@@ -37,3 +37,13 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int, correct: torch.
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, ncol, scale, borders).save(path)
     return path
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """One [3, H, W] image in [-1, 1] as a lossless PNG at its own resolution (written to a temp file, then moved)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(to_uint8_hwc(image[None])[0]).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -190,8 +190,8 @@ def test_non_finite_rewards_skip_the_epoch_and_never_reach_the_checkpoint(tmp_pa
 
     real = CompositeReward.__call__
 
-    def poisoned(self, images, prompts):
-        out = real(self, images, prompts)
+    def poisoned(self, images, prompts, **kw):
+        out = real(self, images, prompts, **kw)
         if len(prompts) == 2 * TINY["pairs_per_epoch"]:  # training batches only, not evaluation
             out["reward"] = torch.full_like(out["reward"], float("nan"))
         return out

@@ -47,10 +47,20 @@ class FDFO(Algorithm):
         )
         images = ctx.decode(traj.x0)
         pair_prompts = [p for p in prompts for _ in (0, 1)]
-        rewards = ctx.score(images, pair_prompts)
+        rewards = ctx.score(images, pair_prompts, seeds=[s for s in seeds for _ in (0, 1)])
         a, d = fd_direction(traj.x0, rewards["reward"])
         T, B = traj.states.shape[:2]
         items = torch.cartesian_prod(torch.arange(B), torch.arange(T))  # all steps, uniform weight (§1.3)
+        k = cfg.steps_per_sample
+        if 0 < k < T:
+            # Beyond the paper: train on a uniform random k-subset of each sample's T steps, re-drawn every epoch.
+            # The loop averages the loss over the items it trains on, so this is an unbiased estimate of the
+            # all-steps loss at k/T of the forward+backward passes. Drawn for the whole global batch (rank-count
+            # invariant), then sharded.
+            n_global = 2 * cfg.pairs_per_epoch
+            picks = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in range(n_global)])
+            picks = picks[ctx.env.shard(n_global)]  # [B, k]
+            items = torch.stack([torch.arange(B).repeat_interleave(k), picks.flatten()], dim=1)
         # Samples with a = 0 have ℓ ≡ 0 and zero gradient unless the velocity penalty is on: their passes are
         # skipped (the loop still divides by the full chunk size, so the update is unchanged).
         active = a != 0 if cfg.velocity_penalty == 0 else None

@@ -66,7 +66,18 @@ class CompositeReward(Reward):
         self.specs = list(dict.fromkeys(specs))  # models sharing a processor share one prepared tensor
         self.wants_uint8 = any(p.wants_uint8 for p in self.parts)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def begin_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            if hasattr(part, "begin_epoch"):
+                part.begin_epoch(epoch)
+
+    def close(self) -> None:
+        for part in self.parts:
+            if hasattr(part, "close"):
+                part.close()
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> dict:
+        """Score a batch; `seeds` (the samples' seeds) reach the parts that record them (the human term)."""
         self.check_batch(images, prompts)
         pixels, uint8 = [], None
         if self.specs or self.wants_uint8:
@@ -79,6 +90,8 @@ class CompositeReward(Reward):
                 out.update(part(images, prompts, pixels=pixels[self.specs.index(part.input_spec)]))
             elif part.wants_uint8:
                 out.update(part(images, prompts, uint8_nhwc=uint8))
+            elif getattr(part, "wants_seeds", False):
+                out.update(part(images, prompts, seeds=seeds))
             else:
                 out.update(part(images, prompts))
         out["reward"] = sum(w * out[n] for n, w in self.weights.items())

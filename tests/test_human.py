@@ -1,0 +1,255 @@
+"""Human-in-the-loop FDFO: the label server's API through a real HTTP client, the label file's crash safety, the
+trainer consuming labels given in headless Chromium, restarts that continue an epoch, and mixed mode."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdfo_fast.config import make_config
+from fdfo_fast.errors import FdfoError
+from fdfo_fast.human import LabelServer, LabelStore, LabelTask
+from fdfo_fast.viz import save_image
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+HAS_BROWSER = bool(shutil.which("chromium") and shutil.which("chromedriver"))
+try:
+    import selenium  # noqa: F401
+except ImportError:
+    HAS_BROWSER = False
+# CI installs Debian's chromium + chromium-driver and sets FDFO_REQUIRE_BROWSER=1: there the browser test must run.
+need_browser = pytest.mark.skipif(
+    not HAS_BROWSER and os.environ.get("FDFO_REQUIRE_BROWSER") != "1",
+    reason="headless Chromium (apt-get install chromium chromium-driver) and selenium are not installed",
+)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url, body=None, raw: bytes | None = None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _json(url, body=None, raw=None):
+    status, data = _request(url, body, raw)
+    return status, json.loads(data)
+
+
+@pytest.fixture
+def server(tmp_path):
+    store = LabelStore(tmp_path / "labels.jsonl")
+    task = LabelTask(store, tmp_path)
+    pairs = []
+    for p in range(3):
+        paths = {}
+        for name in "AB":
+            paths[name] = str(
+                save_image(torch.rand(3, 8, 8) * 2 - 1, tmp_path / "epoch_00004" / f"pair_{p}_{name}.png")
+            )
+        pairs.append({"pair": p, "prompt": f"prompt {p}", "seed": 10 + p, "images": paths, "left": "B", "right": "A"})
+    srv = LabelServer(task, "127.0.0.1", 0)
+    task.publish(4, pairs)
+    yield srv, task, store, f"http://127.0.0.1:{srv.port}"
+    srv.close()
+    store.close()
+
+
+def test_api_serves_the_epoch_and_takes_labels(server):
+    srv, task, store, base = server
+    status, page = _request(base + "/")
+    assert status == 200 and b"Which image is better?" in page
+    status, state = _json(base + "/api/state")
+    assert state["epoch"] == 4 and state["total"] == 3 and state["labeled"] == 0
+    status, png = _request(base + state["pairs"][0]["left"])
+    assert status == 200 and png[:4] == b"\x89PNG"
+    assert _json(base + "/api/label", {"epoch": 4, "pair": 0, "choice": "left"})[0] == 200
+    assert _json(base + "/api/label", {"epoch": 4, "pair": 1, "choice": "none"})[0] == 200
+    _, state = _json(base + "/api/state")
+    assert [p["choice"] for p in state["pairs"]] == ["left", "none", None] and state["labeled"] == 2
+    rec = store.effective(4)[0]
+    assert rec["preferred"] == "B" and rec["seed"] == 10 and rec["prompt"] == "prompt 0"  # left showed branch B
+    # undo removes the most recent label of the epoch
+    assert _json(base + "/api/undo", {"epoch": 4}) == (200, {"ok": True, "message": "pair 1 undone"})
+    assert set(store.effective(4)) == {0}
+    lines = (Path(store.path)).read_text().splitlines()
+    assert [json.loads(x)["kind"] for x in lines] == ["label", "label", "undo"]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"not json", 400, "not JSON"),
+        (b"[1, 2]", 400, "'epoch' must be an integer"),
+        (b'{"epoch": "4", "pair": 0, "choice": "left"}', 400, "'epoch' must be an integer"),
+        (b'{"epoch": 4, "pair": true, "choice": "left"}', 400, "'pair' must be an integer"),
+        (b'{"epoch": 4, "pair": 0, "choice": "LEFT"}', 400, "'choice' must be one of"),
+        (b'{"epoch": 3, "pair": 0, "choice": "left"}', 409, "is not the epoch being labelled"),
+        (b'{"epoch": 4, "pair": 9, "choice": "left"}', 404, "pair 9 is not shown"),
+        (b"{" + b" " * 5000 + b"}", 413, "body must be"),
+    ],
+)
+def test_malformed_posts_get_a_clear_4xx_and_never_touch_the_file(server, body, status, message):
+    srv, task, store, base = server
+    got, reply = _json(base + "/api/label", raw=body)
+    assert got == status and message in reply["error"]
+    assert not Path(store.path).exists() or Path(store.path).read_text() == ""
+
+
+def test_other_errors(server):
+    srv, task, store, base = server
+    assert _json(base + "/api/undo", {"epoch": 4})[0] == 409  # nothing to undo
+    assert _json(base + "/api/nope", {"epoch": 4})[0] == 404
+    assert _request(base + "/images/../labels.jsonl")[0] == 404  # no escaping the image folder
+    assert _request(base + "/images/epoch_00004/missing.png")[0] == 404
+
+
+def test_token_is_required_when_set(tmp_path):
+    store = LabelStore(tmp_path / "l.jsonl")
+    srv = LabelServer(LabelTask(store, tmp_path), "127.0.0.1", 0, token="s3cret")
+    base = f"http://127.0.0.1:{srv.port}"
+    try:
+        assert _json(base + "/api/state")[0] == 403
+        assert _json(base + "/api/state?token=wrong")[0] == 403
+        assert _json(base + "/api/state?token=s3cret")[0] == 200
+        assert srv.url.endswith("?token=s3cret")
+    finally:
+        srv.close()
+        store.close()
+
+
+def test_a_line_cut_short_by_a_crash_is_dropped_on_reopen(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    store = LabelStore(path)
+    store.append({"kind": "label", "epoch": 0, "pair": 1, "choice": "left", "time": 1.0})
+    store.close()
+    with open(path, "ab") as f:
+        f.write(b'{"kind": "label", "epoch": 0, "pa')  # killed mid-write
+    again = LabelStore(path)
+    assert set(again.effective(0)) == {1}
+    again.append({"kind": "label", "epoch": 0, "pair": 2, "choice": "right", "time": 2.0})
+    again.close()
+    assert [json.loads(x)["pair"] for x in path.read_text().splitlines()] == [1, 2]  # every line parses
+
+
+def test_human_config_errors():
+    with pytest.raises(FdfoError, match="needs --algorithm fdfo"):
+        make_config("toy-flow-grpo", overrides=dict(reward="human:1"))
+    with pytest.raises(FdfoError, match="--human-auto-label is required"):
+        make_config("toy-fdfo", overrides=dict(reward="human:1", human_fraction=0.5))
+
+
+def _train_cmd(out, port, *extra):
+    return [sys.executable, "-m", "fdfo_fast.train", "--preset", "toy-fdfo", "--reward", "human:1",
+            "--human-port", str(port), "--out", str(out), "--num-steps", "3", "--eval-every", "0",
+            "--eval-per-category", "1", "--eval-num-steps", "2", "--progress", "false", "--tensorboard", "false",
+            "--threads", "1", *extra]  # fmt: skip
+
+
+def _wait_state(base, pred, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            status, state = _json(base + "/api/state")
+            if status == 200 and pred(state):
+                return state
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("label server never reached the expected state")
+
+
+def test_restarted_trainer_continues_the_epoch_where_the_labels_stop(tmp_path):
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out, port, "--pairs-per-epoch", "3", "--epochs", "1"), env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    state = _wait_state(base, lambda s: s["epoch"] == 0 and s["total"] == 3)
+    for p in state["pairs"][:2]:
+        assert _json(base + "/api/label", {"epoch": 0, "pair": p["pair"], "choice": "left"})[0] == 200
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc = subprocess.Popen(_train_cmd(out, port, "--pairs-per-epoch", "3", "--epochs", "1"), env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    state = _wait_state(base, lambda s: s["epoch"] == 0 and s["total"] == 3)
+    assert state["labeled"] == 2  # the same pairs regenerated (same seeds): their labels count
+    last = next(p for p in state["pairs"] if p["choice"] is None)
+    assert _json(base + "/api/label", {"epoch": 0, "pair": last["pair"], "choice": "right"})[0] == 200
+    assert proc.wait(timeout=180) == 0, proc.stderr.read()[-3000:]
+    labels = [json.loads(x) for x in (out / "labels" / "labels.jsonl").read_text().splitlines()]
+    assert sorted(r["pair"] for r in labels if r["kind"] == "label") == [0, 1, 2]  # nothing asked twice
+    record = next(json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x)
+    assert record["fdfo/pairs_with_reward_gap"] == 1.0  # all three pairs had a preference
+
+
+def test_mixed_mode_shows_a_subset_and_auto_labels_the_rest(tmp_path):
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = _train_cmd(tmp_path / "run", port, "--pairs-per-epoch", "8", "--epochs", "1", "--human-fraction", "0.25",
+                     "--human-auto-label", "alignment:1")  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = _wait_state(base, lambda s: s["epoch"] == 0)
+    assert state["total"] == 2  # 25 % of 8 pairs go to the human
+    for p in state["pairs"]:
+        assert _json(base + "/api/label", {"epoch": 0, "pair": p["pair"], "choice": "none"})[0] == 200
+    assert proc.wait(timeout=180) == 0, proc.stderr.read()[-3000:]
+    record = next(
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in x
+    )
+    # the human said "no preference" on 2 pairs; the other 6 carry the scorer's preference where it had one
+    assert record["fdfo/pairs_with_reward_gap"] <= 6 / 8
+
+
+@need_browser
+def test_headless_chromium_labels_an_epoch_and_the_trainer_consumes_it(tmp_path):
+    from fdfo_fast.human_oracle import PageOracle
+    from fdfo_fast.train import train
+
+    port = _port()
+    cfg = make_config(
+        "toy-fdfo",
+        overrides=dict(out=str(tmp_path / "run"), reward="human:1", human_port=port, pairs_per_epoch=4, epochs=2,
+                       num_steps=3, eval_every=0, eval_per_category=1, eval_num_steps=2, progress=False,
+                       tensorboard=False, human_timeout=120),
+    )  # fmt: skip
+    oracle = PageOracle(f"http://127.0.0.1:{port}/")
+    oracle.start()
+    try:
+        train(cfg)
+    finally:
+        oracle.stop()
+        oracle.join(timeout=30)
+    assert oracle.error is None, oracle.error
+    labels = [json.loads(x) for x in (tmp_path / "run" / "labels" / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 8 and {(r["epoch"], r["pair"]) for r in labels} == {(e, p) for e in (0, 1) for p in range(4)}
+    assert sorted((e, p, c) for e, p, c in oracle.clicks) == sorted(
+        (r["epoch"], r["pair"], r["choice"]) for r in labels
+    )
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    for epoch, rec in enumerate(records):
+        decided = [r for r in labels if r["epoch"] == epoch and r["choice"] in ("left", "right")]
+        assert rec["fdfo/pairs_with_reward_gap"] == len(decided) / 4  # exactly the clicked preferences trained
+        assert rec["reward/human"] == 0.0  # +1 / −1 per decided pair
+    assert threading.active_count() < 50
