@@ -6,6 +6,11 @@ a markdown table, and for each method the reward queries needed to reach `--targ
 
     python benchmarks/convergence.py                                  # 3 methods x 3 seeds, preset settings
     python benchmarks/convergence.py --methods fdfo --seeds 100 --set lr=5e-5 --out runs/tune_fdfo_lr5e-5
+
+A method may carry a variant name after "@", configured with --set-method, e.g. the beyond-the-paper options:
+
+    python benchmarks/convergence.py --methods fdfo,fdfo@k3,fdfo@T5 \
+        --set-method fdfo@k3:steps_per_sample=3 --set-method fdfo@T5:num_steps=5 --out runs/options
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ FIELDS = (
     "geneval",
     "alignment",
     "reward",
+    "diversity",
 )
 
 
@@ -48,7 +54,7 @@ def run_one(method: str, seed: int, args, out: Path) -> Path:
         "-m",
         "fdfo_fast.train",
         "--preset",
-        PRESET[method],
+        PRESET[method.split("@")[0]],
         "--seed",
         str(seed),
         "--out",
@@ -99,15 +105,16 @@ def load_rows(method: str, seed: int, metrics: Path) -> list[dict]:
                 "geneval": r["eval/geneval"],
                 "alignment": r["eval/alignment"],
                 "reward": r["eval/reward"],
+                "diversity": r.get("eval/diversity"),
             }
         )
     return rows
 
 
-def queries_to_target(rows: list[dict], target: float) -> int | None:
+def queries_to_target(rows: list[dict], target: float, key: str = "reward_queries") -> int | None:
     for r in rows:
         if r["geneval"] >= target:
-            return r["reward_queries"]
+            return r[key]
     return None
 
 
@@ -117,7 +124,7 @@ def plot(rows: list[dict], methods: list[str], target: float, path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110, sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), dpi=110)
     for ax, (xkey, xlabel) in zip(
         axes,
         (
@@ -144,6 +151,17 @@ def plot(rows: list[dict], methods: list[str], target: float, path: Path) -> Non
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out GenEval-style accuracy")
     axes[0].legend(fontsize=8)
+    ax = axes[3]  # diversity against accuracy: who loses diversity faster at equal reward
+    for ci, m in enumerate(methods):
+        mr = [r for r in rows if r["method"] == m and r.get("diversity") is not None]
+        epochs = sorted({r["epoch"] for r in mr})
+        acc = [statistics.mean(r["geneval"] for r in mr if r["epoch"] == e) for e in epochs]
+        div = [statistics.mean(r["diversity"] for r in mr if r["epoch"] == e) for e in epochs]
+        if epochs:
+            ax.plot(acc, div, "o-", color=f"C{ci}", label=m)
+    ax.set_xlabel("held-out accuracy")
+    ax.set_ylabel("diversity (mean pairwise RMS distance, same prompt)")
+    ax.grid(alpha=0.3)
     fig.suptitle("Shapes world: held-out accuracy vs budget (band = min..max over seeds)")
     fig.tight_layout()
     fig.savefig(path)
@@ -153,8 +171,8 @@ def plot(rows: list[dict], methods: list[str], target: float, path: Path) -> Non
 def table(rows: list[dict], methods: list[str], target: float) -> str:
     lines = [
         f"| method | seeds | queries to {target:.0%} (per seed) | median | base acc | final acc (mean ± sd) "
-        "| final alignment | train passes | wall s / epoch |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| final alignment | train passes | median passes to target | diversity base → final | wall s / epoch |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
         mr = [r for r in rows if r["method"] == m]
@@ -168,11 +186,20 @@ def table(rows: list[dict], methods: list[str], target: float) -> str:
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         base = statistics.mean(per_seed[s][0]["geneval"] for s in seeds)
         wall = statistics.mean(f["wall_time"] / max(1, f["epoch"]) for f in finals)
+        passes = [queries_to_target(per_seed[s], target, "train_passes") for s in seeds]
+        got = [p for p in passes if p is not None]
+        med_passes = f"{int(statistics.median(got))}" if len(got) * 2 > len(passes) else "not reached"
+        divs = [(per_seed[s][0]["diversity"], per_seed[s][-1]["diversity"]) for s in seeds]
+        div = (
+            f"{statistics.mean(d[0] for d in divs):.3f} → {statistics.mean(d[1] for d in divs):.3f}"
+            if all(d[0] is not None and d[1] is not None for d in divs)
+            else "—"
+        )
         lines.append(
             f"| {m} | {len(seeds)} | {', '.join('—' if h is None else str(h) for h in hits)} | "
             f"{'not reached' if med is None else int(med)} | {base:.3f} | {statistics.mean(accs):.3f} ± {sd:.3f} | "
             f"{statistics.mean(f['alignment'] for f in finals):.3f} | "
-            f"{int(statistics.mean(f['train_passes'] for f in finals))} | {wall:.2f} |"
+            f"{int(statistics.mean(f['train_passes'] for f in finals))} | {med_passes} | {div} | {wall:.2f} |"
         )
     return "\n".join(lines)
 
@@ -192,7 +219,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
-        if m not in PRESET:
+        if m.split("@")[0] not in PRESET:
             raise SystemExit(f"error: unknown method {m!r}; known: {', '.join(PRESET)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
