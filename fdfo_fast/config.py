@@ -235,18 +235,26 @@ class TrainConfig:
 PICKSCORE = "pickscore=yuvalkirstain/PickScore_v1;processor=laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 VLM_QUESTION = 'question=Does this image match the caption "{prompt}"? Answer Yes or No.'
 
+# Shared parts of the presets below.
+_TOY_FDFO = dict(algorithm="fdfo", epochs=150, lr=3e-5, churn=0.05, pairs_per_epoch=32, num_steps=10)
+# Real models: 512², shift 3, LoRA r 32 / α 64 on the attention projections, gradient checkpointing.
+_REAL = dict(resolution=512, shift=3.0, finetune="lora", lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True)
+# The paper's FDFO schedule (method.md §1.4): churn 0.0025, 432 pairs per epoch in 4 AdamW steps at lr 3e-5.
+_PAPER_FDFO = dict(
+    _REAL, algorithm="fdfo", churn=0.0025, pairs_per_epoch=432, opt_steps_per_epoch=4, lr=3e-5, epochs=100,
+    eval_every=10, save_every=5,
+)  # fmt: skip
+
 # Named presets: overrides on top of the dataclass defaults.
 PRESETS: dict[str, dict] = {
     # Toy presets: 64 reward queries per epoch for every method, 10 sampling steps, 150 epochs (9,600 queries);
     # learning rates and FDFO's churn were tuned with the same budget of 3 runs per method (benchmarks/RESULTS.md).
     # FDFO: 32 pairs per epoch, every step of every sample trained, 4 optimiser steps; churn 0.05 (> the paper's
     # 0.0025: the alignment reward is discontinuous and larger churn gives more pairs with R_A != R_B).
-    "toy-fdfo": dict(algorithm="fdfo", epochs=150, lr=3e-5, churn=0.05, pairs_per_epoch=32, num_steps=10),
+    "toy-fdfo": dict(_TOY_FDFO),
     # The same with 3 of the 10 steps of each sample trained per epoch: in the options study (RESULTS.md, 3 seeds)
     # it reached the 60 % target with the same reward queries and a third of the forward+backward passes.
-    "toy-fdfo-fast": dict(
-        algorithm="fdfo", epochs=150, lr=3e-5, churn=0.05, pairs_per_epoch=32, num_steps=10, steps_per_sample=3
-    ),
+    "toy-fdfo-fast": dict(_TOY_FDFO, steps_per_sample=3),
     # Flow-GRPO: 8 prompts x G = 8 SDE samples, 60 % of each trajectory's steps trained, KL off (as for PickScore).
     "toy-flow-grpo": dict(
         algorithm="flow_grpo",
@@ -260,89 +268,57 @@ PRESETS: dict[str, dict] = {
     # DDPO-IS: 16 prompt draws x 4 SDE samples, per-prompt running statistics, every step trained, no KL.
     "toy-ddpo": dict(algorithm="ddpo", epochs=150, lr=3e-5, prompts_per_epoch=16, group_size=4, num_steps=10),
     # -- real models (need a GPU and the weights; method.md §1.4 and §2) --------------------------------------------
-    # FDFO on SD3.5-Medium as in the paper: 512², 40 steps at shift 3, bf16 with fp32 latent updates, churn 0.0025,
-    # 432 pairs per epoch split into 4 AdamW steps (lr 3e-5), LoRA r 32 / α 64 on the attention projections,
-    # CFG 1, reward PickScore + 0.1·VLM (the VLM term is P(yes) ∈ [0, 1], the paper's 100·sigmoid(Δlogit): weight 10).
+    # FDFO on SD3.5-Medium as in the paper: 40 steps, bf16 with fp32 latent updates, CFG 1, reward
+    # PickScore + 0.1·VLM (the VLM term is P(yes) ∈ [0, 1], the paper's 100·sigmoid(Δlogit): weight 10).
     "sd35m-fdfo": dict(
+        _PAPER_FDFO,
         model="sd3",
         model_path="stabilityai/stable-diffusion-3.5-medium",
-        algorithm="fdfo",
-        resolution=512,
         num_steps=40,
-        shift=3.0,
-        churn=0.0025,
-        pairs_per_epoch=432,
-        opt_steps_per_epoch=4,
-        lr=3e-5,
-        finetune="lora",
-        lora_rank=32,
-        lora_alpha=64.0,
         cfg_scale=1.0,
         reward="pickscore:1,vlm_yes:10",
         reward_models=PICKSCORE + ",vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=8;" + VLM_QUESTION,
         sample_batch=16,
         micro_batch=8,
-        gradient_checkpointing=True,
-        epochs=100,
-        eval_every=10,
         eval_num_steps=40,
-        save_every=5,
     ),
     # Flow-GRPO on SD3.5-Medium (its reference PickScore config): 10 SDE steps for training, 40 ODE steps for
     # evaluation, G = 16, CFG 4.5, LoRA r 32 / α 64, lr 3e-4, clip 1e-4, KL β 0.01.
     "sd35m-flow-grpo": dict(
+        _REAL,
         model="sd3",
         model_path="stabilityai/stable-diffusion-3.5-medium",
         algorithm="flow_grpo",
-        resolution=512,
         num_steps=10,
-        shift=3.0,
         prompts_per_epoch=24,
         group_size=16,
         noise_level=0.7,
         clip_range=1e-4,
         kl_beta=0.01,
         lr=3e-4,
-        finetune="lora",
-        lora_rank=32,
-        lora_alpha=64.0,
         cfg_scale=4.5,
         reward="pickscore:1",
         reward_models=PICKSCORE,
         sample_batch=16,
         micro_batch=8,
-        gradient_checkpointing=True,
         epochs=1000,
         eval_every=50,
         eval_num_steps=40,
         save_every=10,
     ),
-    # FDFO on FLUX.1-dev: the same recipe; guidance-distilled (flux_guidance 3.5, no CFG), 28 steps at shift 3.
+    # FDFO on FLUX.1-dev: the same recipe; guidance-distilled (flux_guidance 3.5, no CFG), 28 steps.
     "flux-fdfo": dict(
+        _PAPER_FDFO,
         model="flux",
         model_path="black-forest-labs/FLUX.1-dev",
-        algorithm="fdfo",
-        resolution=512,
         num_steps=28,
-        shift=3.0,
-        churn=0.0025,
-        pairs_per_epoch=432,
-        opt_steps_per_epoch=4,
-        lr=3e-5,
-        finetune="lora",
-        lora_rank=32,
-        lora_alpha=64.0,
         flux_guidance=3.5,
         max_sequence_length=512,
         reward="pickscore:1",
         reward_models=PICKSCORE,
         sample_batch=8,
         micro_batch=4,
-        gradient_checkpointing=True,
-        epochs=100,
-        eval_every=10,
         eval_num_steps=28,
-        save_every=5,
     ),
 }
 
