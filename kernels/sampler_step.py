@@ -8,7 +8,15 @@ the trajectory buffer, in-kernel Philox noise from per-sample seeds, and the sta
            and the step's log-prob mean_elements log N(x_s; μ, (g√(t − s))²) reduced in the same pass.
 Every mode is x_s = c_x·x + c_v·v + c_ε·ε with per-step scalars formed on the host in double precision.
 The state is fp32; velocities may be bf16/fp16/fp32. Noise for sample b, stream j (0 = start churn, k + 1 = step
-k), element i is Triton's randn(seed_b, j·n + i); `kernels.philox.philox_randn` replays it exactly in NumPy.
+k), element i is Triton's randn(seed_b, j·n + i); `kernels.philox.philox_randn` replays it in NumPy (to a few
+ulps on a GPU, whose Box–Muller uses sqrt.approx and libdevice's logf/cosf; exactly under the interpreter).
+
+Rounding contract: the kernel is compiled with `enable_fp_fusion=False`, so on a GPU, as in the interpreter, every
+multiply and add rounds on its own (no FMA contraction). The CFG combine is then bit-identical to the torch
+expression `v_u + w·(v_c − v_u)` (`sampling.guided_velocity`, what training recomputes) on any hardware: the stored
+velocity and the training velocity agree exactly, so FDFO's first-step ρ is exactly 1. (With contraction, sm_90
+turns it into one `fma.rn.f32` and ~1/4 of fp32 elements differ from torch by one ulp.) The op is memory-bound,
+so the unfused arithmetic costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -73,7 +81,10 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # `stream` must not be specialised: the JIT turns an int argument equal to 1 into a compile-time constant (the
+    # first churn/SDE step has stream 1), and `stream.to(tl.int64)` then fails to compile on a GPU. The
+    # interpreter never specialises, so tests/kernels/test_gpu_compile.py compiles every variant for sm_90.
+    @triton.jit(do_not_specialize=["stream"])
     def _sampler_step_fwd_kernel(
         X,
         VC,
@@ -173,6 +184,7 @@ def sampler_step_fwd(x, v_c, v_u, seeds, stream, coefs, cfg_scale, mode, x_out=N
         STORE_V=v_out is not None,
         EXPORT_NOISE=export_noise and has_noise,
         LOG_PROB=log_prob,
+        enable_fp_fusion=False,  # the rounding contract in the module docstring
     )
     lp = None
     if log_prob:
