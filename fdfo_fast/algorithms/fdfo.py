@@ -106,6 +106,7 @@ class FDFO(Algorithm):
         )
         dev = (rho.detach() - 1).abs()
         stats = {
+            "loss_abs_sum": float(loss.detach().abs().sum()),  # the scale of the (cancelling) loss sum's terms
             "rho_dev_sum": float(dev.sum()),
             "rho_beyond_eps": float((dev > self.cfg.trust_eps).sum()),
             "n": len(items),

@@ -114,6 +114,7 @@ class SDEPolicyGradient(Algorithm):
             stats["kl_sum"] = float(kl.detach().sum())
         if first_step:
             stats["ratio_dev_first_max"] = float((ratio.detach() - 1).abs().max())
+        stats["loss_abs_sum"] = float(loss.detach().abs().sum())  # the scale of the (cancelling) loss sum's terms
         return loss.sum(), stats
 
 
