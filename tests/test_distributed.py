@@ -3,6 +3,7 @@ run's per-step losses, resume continues exactly, a SIGKILLed run resumes from it
 optimiser / attention / DeepSpeed-config options fail clearly when they cannot run."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -19,7 +20,10 @@ from fdfo_fast.errors import FdfoError
 from fdfo_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+# Launchers as modules of this interpreter: their console scripts need not sit beside sys.executable (wheels
+# installed with `pip --target DIR` put them in DIR/bin).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 TRAIN = str(ROOT / "fdfo_fast" / "train.py")
 DS_CPU = str(ROOT / "tests" / "data" / "ds_z3_cpu.json")
 SMALL = [
@@ -46,13 +50,13 @@ def _single(out, *args):
 
 
 def _torchrun(out, *args, nproc=2):
-    return _run([str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={_port()}", TRAIN, *SMALL,
+    return _run([*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={_port()}", TRAIN, *SMALL,
                  "--out", str(out), *args])  # fmt: skip
 
 
 def _deepspeed(out, *args, nproc=2):
     """The design card's entry point: `deepspeed fdfo_fast/train.py --ds_config ...` (CPU accelerator here)."""
-    return _run([str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()), TRAIN, *SMALL,
+    return _run([*DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_port()), TRAIN, *SMALL,
                  "--out", str(out), "--ds_config", DS_CPU, *args])  # fmt: skip
 
 
@@ -183,6 +187,24 @@ def test_bad_distributed_options_are_clear(tmp_path):
         load_ds_config(str(bad), make_config("toy-fdfo"))
 
 
+@pytest.mark.parametrize("config", ["ds_z3.json", "ds_z2.json"])
+def test_design_card_command_trains_with_the_shipped_bf16_configs(config, tmp_path):
+    """`deepspeed fdfo_fast/train.py --ds_config ds_z3.json --preset toy-fdfo` as the README writes it: DeepSpeed's
+    bf16 mode casts the module while the samplers keep fp32 states, and the run must still train."""
+    out = tmp_path / "run"
+    _run([*DEEPSPEED, "--num_gpus", "1", "--master_port", str(_port()), "fdfo_fast/train.py",
+          "--ds_config", config, "--preset", "toy-fdfo", *SMALL, "--out", str(out), "--pairs-per-epoch", "4",
+          "--epochs", "1", "--save-every", "1"])  # fmt: skip
+    (record,) = _train_records(out)
+    assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
+    assert record["fdfo/rho_dev_mean_per_step"][0] == 0.0  # bf16 sampling and bf16 training forward agree
+    if config == "ds_z2.json":  # ZeRO-2 keeps whole bf16 module weights in its shard (ZeRO-3 keeps placeholders)
+        (states,) = (out / "deepspeed" / "epoch_000001").glob("*model_states.pt")
+        module = torch.load(states, weights_only=False)["module"]
+        dtypes = {v.dtype for v in module.values() if torch.is_tensor(v) and v.is_floating_point() and v.numel()}
+        assert dtypes == {torch.bfloat16}, dtypes
+
+
 def test_shipped_deepspeed_configs_load():
     from fdfo_fast.engine import load_ds_config
 
@@ -196,7 +218,7 @@ def test_shipped_deepspeed_configs_load():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by the GPU validation issue)")
 def test_zero3_single_gpu_toy_run(tmp_path):
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(_port()), TRAIN, *SMALL,
+    cmd = [*DEEPSPEED, "--num_gpus", "1", "--master_port", str(_port()), TRAIN, *SMALL,
            "--out", str(tmp_path / "run"), "--ds_config", str(ROOT / "ds_z3.json"), "--preset", "toy-fdfo",
            "--pairs-per-epoch", "8", "--epochs", "2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)

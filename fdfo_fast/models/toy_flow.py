@@ -201,7 +201,12 @@ class ToyFlowModel(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         # x: [B, C, S, S]; sigma: [B] or scalar in [0, 1]; cond from encode_prompts with batch B
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        emb = self.time_mlp(timestep_embedding(sigma, self.cfg.emb_dim)) + self.text_proj(cond["pooled"])
+        # Run in the weights' dtype: DeepSpeed's bf16/fp16 modes (ds_z3.json) cast the module, while the samplers
+        # keep the state in fp32; the velocity comes back in that dtype (the fused ops accept bf16/fp16).
+        dtype = self.conv_in.weight.dtype
+        x = x.to(dtype)
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        emb = self.time_mlp(timestep_embedding(sigma, self.cfg.emb_dim).to(dtype)) + self.text_proj(cond["pooled"])
         emb = F.silu(emb)
         h = self.conv_in(x)
         skips, i = [], 0
