@@ -48,17 +48,34 @@ def test_convergence_study_tiny(tmp_path):
     assert "fdfo: reached 0% in 1/1 seeds; median 0 reward queries" in proc.stdout
 
 
-def test_throughput_quick_runs_and_ends_with_json():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--reps", "1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    import json
+SECTIONS = ["copy", "sampler_step", "fd_loss", "toy_sampling", "reward_preprocess", "sd35m_sampling", "sd35m_train"]
 
+
+def _throughput(tmp_path, name, *args, fail=None):
+    """benchmarks/throughput.py --quick --reps 1 --jsonl FILE ARGS -> (process, last stdout JSON, JSONL records)."""
+    import json
+    import os
+
+    jsonl = tmp_path / f"{name}.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "FDFO_BENCH_FAIL"}
+    env["OMP_NUM_THREADS"] = "1"  # a shared 2-core runner: OpenMP spin-waits make tiny ops ~100x slower under load
+    if fail:
+        env["FDFO_BENCH_FAIL"] = fail
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--reps", "1", "--jsonl", str(jsonl)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    # one JSONL line per row and per section, in the order they happened, matching the final summary
+    assert len(records) == len(last["rows"]) + len(SECTIONS)
+    assert [r["op"] for r in records if r["kind"] == "row"] == [r["op"] for r in last["rows"]]
+    secs = [{k: v for k, v in r.items() if k != "kind"} for r in records if r["kind"] == "section"]
+    assert secs == last["sections"] and [s["name"] for s in secs] == SECTIONS
+    return proc, last, records
+
+
+def test_throughput_quick_runs_and_ends_with_json(tmp_path):
+    proc, last, records = _throughput(tmp_path, "all")
     ops = {r["op"] for r in last["rows"]}
     assert {"sampler_step[sde]", "fd_loss fwd+bwd", "toy FDFO paired sampling (ref, eager)"} <= ops
     # the reward-input section times the extension (built by the preprocess tests or here), reference and PIL
@@ -68,5 +85,38 @@ def test_throughput_quick_runs_and_ends_with_json():
         "reward inputs CLIP224+384+u8 (PIL per image)",
     } <= ops
     assert last["copy_gbps"] > 0
+    status = {s["name"]: s for s in last["sections"]}
+    assert all(s["status"] in ("ok", "skipped") for s in status.values()), last["sections"]
+    assert all(s["reason"] for s in status.values() if s["status"] == "skipped"), last["sections"]
+    assert all(s["seconds"] >= 0 for s in status.values())
+    # --quick runs the scaled-down SD3.5-M model through the project's adapter, samplers, LoRA and FDFO loss
+    label = "SD3.5M-tiny"
+    assert f"{label} FDFO pair sampling (eager)" in ops
+    train = next(r for r in last["rows"] if r["op"] == f"{label} FDFO train step (LoRA r32, ckpt)")
+    rollout = next(r for r in last["rows"] if r["op"].startswith(f"{label} FDFO rollout chunk (LoRA"))
+    for r in (train, rollout):
+        assert r["time_s"] > 0 and r["tflop"] > 0 and r["mfu_measured"] > 0 and r["peak_tflops_measured"] > 0
+    assert "3*F_fwd" in train["note"] and train["trainable_params"] > 0
+    assert "sum_attn 4*N_q*N_kv*D" in proc.stdout  # the FLOP formula is printed
     if last["device"] == "cpu":
         assert "timing the PyTorch reference paths only" in proc.stdout
+        assert all(s["status"] == "ok" for s in status.values()), last["sections"]
+        assert "CUDA graphs need CUDA" in status["sd35m_sampling"]["reason"]
+        assert train["peak_gib"] is None
+    else:
+        assert f"{label} FDFO pair sampling (CUDA graph)" in ops and train["peak_gib"] > 0
+
+    # a section that raises is recorded as failed (one line on stdout) and the next section still runs
+    proc, last, _ = _throughput(tmp_path, "fail", "--sections", "sampler_step,fd_loss", fail="sampler_step")
+    status = {s["name"]: s for s in last["sections"]}
+    assert status["sampler_step"]["status"] == "failed"
+    assert "forced failure" in status["sampler_step"]["reason"]
+    assert "section sampler_step failed: RuntimeError: forced failure" in proc.stdout
+    assert status["fd_loss"]["status"] == "ok" and status["fd_loss"]["rows"] == 1
+    assert [r["op"] for r in last["rows"]] == ["fd_loss fwd+bwd"]
+    assert all(status[n]["status"] == "skipped" and status[n]["reason"] == "not in --sections"
+               for n in SECTIONS if n not in ("sampler_step", "fd_loss"))  # fmt: skip
+    # --deadline 0: every section would start after the deadline
+    _, last, records = _throughput(tmp_path, "deadline", "--deadline", "0")
+    assert last["rows"] == [] and len(records) == len(SECTIONS)
+    assert all(s["status"] == "skipped" and "deadline" in s["reason"] for s in last["sections"]), last["sections"]
