@@ -16,6 +16,14 @@ VEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 U32 = 2.0**-24  # fp32 unit roundoff
 
 
+def gpu_noise_error(eps):
+    """|ε_GPU − ε_twin| bound: on a GPU the kernel's Box–Muller runs libdevice's logf and cosf (≤ 2 ulp each, CUDA
+    programming guide) and sqrt.approx (≤ 2 ulp, PTX ISA) where the NumPy twin rounds correctly; the cos argument is
+    formed identically. So |Δε| ≤ 8u·|ε| (the radius' relative error) + 6u·r with r = √(−2 log u₁) ≤ 8 (the
+    cosine's absolute error): ≤ 8u·|ε| + 48u. Under the interpreter the twin replays the kernel's arithmetic: 0."""
+    return 8 * U32 * eps.abs() + 48 * U32 if DEVICE == "cuda" else torch.zeros_like(eps)
+
+
 def state_bound(x, v, noise, coefs):
     """Elementwise bound on |x_s(kernel) − x_s(reference)|: both evaluate x_s = c_x·x + c_v·v + c_ε·ε in fp32,
     in different algebraic forms (the reference forms e.g. (x + (r − t)·v)/(1 + γr) + k·ε), with ≤ 4 rounded
@@ -24,7 +32,8 @@ def state_bound(x, v, noise, coefs):
     FMA contraction and for any reduction order (there is none here)."""
     c_x, c_v, c_n, _ = coefs
     terms = (c_x * x).abs() + (c_v * v.float()).abs() + ((c_n * noise).abs() if noise is not None else 0)
-    return 8 * U32 * terms + 1e-38
+    gpu_noise = abs(c_n) * gpu_noise_error(noise) if noise is not None else 0
+    return 8 * U32 * terms + gpu_noise + 1e-38
 
 
 def _seeds(b):
@@ -82,7 +91,9 @@ def test_step_matches_reference_with_the_same_noise(shape, vdtype, mode, cfg):
         eps = noise.flatten(1)
         terms = (eps**2 / 2 + abs(math.log(std)) + 1).mean(1)
         cancel = 8 * U32 * x.flatten(1).abs().max(1).values * eps.abs().max(1).values / std
-        assert ((lpt - lpr).abs() <= n * U32 * terms + cancel).all(), ((lpt - lpr).abs(), n * U32 * terms + cancel)
+        gpu_noise = (eps.abs() * gpu_noise_error(eps)).mean(1)  # Δ(ε²/2) ≤ |ε|·|Δε| on a GPU
+        bound = n * U32 * terms + cancel + gpu_noise
+        assert ((lpt - lpr).abs() <= bound).all(), ((lpt - lpr).abs(), bound)
     else:
         assert lpt is None and lpr is None
 
@@ -105,11 +116,10 @@ def test_in_kernel_noise_is_standard_normal_and_independent():
     corr = torch.corrcoef(all_eps)
     off = corr[~torch.eye(len(corr), dtype=torch.bool)]
     assert off.abs().max().item() < 0.15  # 768 draws: |r| < 0.15 for independent streams
-    # The NumPy twin regenerates it: exactly under the interpreter; on a GPU Box–Muller runs sqrt.approx (≤ 2 ulp,
-    # PTX ISA) and libdevice's logf/cosf (≤ 2 ulp each, CUDA programming guide), so |Δε| ≤ ~8 ulp(|ε|) + 2 ulp(1)
-    # ≈ 4e-6 for |ε| < 8 (the draws here); 1e-5 covers it with margin.
+    # The NumPy twin regenerates it: exactly under the interpreter, within gpu_noise_error on a GPU.
     twin = philox_noise(seeds.cpu(), 2, shape).flatten(1)
-    assert (twin - noises[1]).abs().max().item() < 1e-5
+    excess = ((twin - noises[1]).abs() - gpu_noise_error(twin)).max().item()
+    assert excess <= 0, excess
 
 
 def test_philox_twin_uses_64_bit_offsets():
