@@ -12,21 +12,30 @@ Fails (exit 1, naming the wheel and the requirement) unless:
     or else is listed in WAIVED below with the reason it is not needed.
 Needs only `packaging`.
 """
+
 import argparse
 import email.parser
 import pathlib
 import sys
 import zipfile
 
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 PY = "3.12.3"
-ENV = {"python_version": "3.12", "python_full_version": PY, "sys_platform": "linux", "platform_system": "Linux",
-       "platform_machine": "x86_64", "os_name": "posix", "implementation_name": "cpython",
-       "platform_python_implementation": "CPython", "implementation_version": PY, "extra": ""}
+ENV = {
+    "python_version": "3.12",
+    "python_full_version": PY,
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "implementation_version": PY,
+    "extra": "",
+}
 # Requirements known to be unneeded on the device, as (wheel's distribution, requirement) -> why.
 WAIVED = {("diffusers", "importlib-metadata"): "diffusers imports it only on Python < 3.8 (its import_utils.py)"}
 
@@ -38,8 +47,11 @@ def metadata(whl):
 
 
 def tag_ok(tag):
-    return (tag.interpreter in ("py3", "cp312") and tag.abi in ("none", "abi3", "cp312")
-            and (tag.platform == "any" or (tag.platform.startswith("manylinux") and tag.platform.endswith("x86_64"))))
+    return (
+        tag.interpreter in ("py3", "cp312")
+        and tag.abi in ("none", "abi3", "cp312")
+        and (tag.platform == "any" or (tag.platform.startswith("manylinux") and tag.platform.endswith("x86_64")))
+    )
 
 
 def main():
@@ -88,7 +100,7 @@ def main():
                     print(f"note: {whl}: '{line}' met by the device's {n} (version not recorded, unchecked)")
             else:
                 errors.append(f"{whl}: requires '{line}', neither carried nor on the device; add a pinned wheel")
-    for n, (ver, whl) in sorted(carried.items()):
+    for n, (_ver, whl) in sorted(carried.items()):
         if n in device:
             print(f"note: {whl} shadows the device's {n}{'==' + device[n] if device[n] else ''}")
     sys.stdout.flush()

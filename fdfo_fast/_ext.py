@@ -27,11 +27,25 @@ _error: str | None = None
 
 
 def _want_cuda() -> bool:
+    """Build the CUDA part only with a usable toolkit. torch's CUDA_HOME guess (the parent of `nvcc` on the PATH,
+    else /usr/local/cuda) can name a folder without headers, e.g. when `nvcc` is a wrapper script; then the whole
+    build would fail, so build the CPU path and say why (set CUDA_HOME to the toolkit folder before starting)."""
     if torch.version.cuda is None or not torch.cuda.is_available():
         return False
     from torch.utils import cpp_extension
 
-    return cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        return False
+    missing = [f for f in ("include/cuda_runtime.h", "bin/nvcc") if not (Path(home) / f).is_file()]
+    if missing:
+        _log.warning(
+            "C++ extension: CUDA_HOME=%s lacks %s; building the CPU path only (set CUDA_HOME to the CUDA toolkit)",
+            home,
+            ", ".join(missing),
+        )
+        return False
+    return True
 
 
 def source_hash(with_cuda: bool) -> str:

@@ -1,70 +1,25 @@
 """Short toy runs give the same per-epoch results with the PyTorch references and the fused Triton ops.
 
 The two paths differ only by fp32 rounding (the fused sampler step's state update and log-prob, the fused loss's
-reductions). The logged loss is a cancelling sum (Flow-GRPO's −Σ A·r with group-normalised advantages, FDFO's
-−Σ a·ρ with a = ±ΔR/2 per pair), and FDFO's direction d = δ/‖δ‖² is a finite difference of two nearly equal
-trajectories, which amplifies rounding by ‖x‖/‖δ‖ before it reaches the gradient. A relative tolerance on such a
-run is meaningless: rel 1e-4 failed on an AMD EPYC with an absolute difference of 4e-7. So the tolerance is the
-reference's own sensitivity to fp32 rounding, measured as the kernel tests do (style rule 7: err ≤ 2·reference's
-own error): the reference run is repeated with every sampler state perturbed by one rounding unit (x ← x·(1 ± u),
-u = 2⁻²⁴, random signs: the error model of one fp32 operation per step), and each logged quantity of the Triton
-run must stay within 2× the largest deviation those perturbed reference runs show, plus N·u·(magnitude of its
-terms) for the rounding of the logged N-term mean itself (for the loss, mean|ℓ_i|, logged as
-`<algo>/loss_abs_mean`).
+reductions); the tolerance is the reference's own measured sensitivity to rounding (tests/rounding_spread.py).
 """
 
-import json
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 from conftest import DEVICE
 
-import fdfo_fast.kernels.sampler_step as step_mod
-from fdfo_fast.config import make_config
-from fdfo_fast.train import train
-
-U32 = 2.0**-24
-PERTURBED_RUNS = 2
-
-
-def _train_records(out):
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x) for x in lines if '"kind": "train"' in x]
-
-
-def _run(preset, out, impl, common, monkeypatch, perturb_seed=None):
-    """One training run; with `perturb_seed`, every sampler state is moved by one fp32 rounding unit."""
-    with monkeypatch.context() as m:
-        if perturb_seed is not None:
-            real_step = step_mod.sampler_step
-            gen = torch.Generator().manual_seed(perturb_seed)
-
-            def perturbed_step(*args, **kwargs):
-                x_new, lp = real_step(*args, **kwargs)
-                sign = torch.randint(0, 2, x_new.shape, generator=gen).to(x_new.device) * 2.0 - 1.0
-                x_new.add_(x_new.abs() * U32 * sign)  # in place: x_new may be the caller's x_out buffer
-                return x_new, lp
-
-            m.setattr(step_mod, "sampler_step", perturbed_step)
-        train(make_config(preset, overrides=dict(out=str(out), impl=impl, **common)))
-    return _train_records(out)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared run-comparison helpers
+from rounding_spread import assert_within_rounding_spread, perturbed_reference_runs, run_training  # noqa: E402
 
 
 def _assert_paths_agree(preset, algo, common, n_items, keys, tmp_path, monkeypatch):
-    ref = _run(preset, tmp_path / "ref", "ref", common, monkeypatch)
-    tri = _run(preset, tmp_path / "triton", "triton", common, monkeypatch)
+    ref = run_training(preset, tmp_path / "ref", dict(common, impl="ref"), monkeypatch)
+    tri = run_training(preset, tmp_path / "triton", dict(common, impl="triton"), monkeypatch)
     assert [r["impl"] for r in tri] == ["triton"] * len(ref) and ref[0]["impl"] == "ref"
-    perturbed = [
-        _run(preset, tmp_path / f"perturbed{s}", "ref", common, monkeypatch, perturb_seed=s)
-        for s in range(PERTURBED_RUNS)
-    ]
-    for e, (r, t) in enumerate(zip(ref, tri, strict=True)):
-        for key in keys:
-            spread = max(abs(p[e][key] - r[key]) for p in perturbed)
-            # the logged value is itself an fp32 mean of ≤ n_items terms: ≤ n·u·(its terms' magnitude) apart
-            scale = r[f"{algo}/loss_abs_mean"] if key == "loss" else abs(r[key])
-            bound = 2 * spread + n_items * U32 * scale
-            assert abs(t[key] - r[key]) <= bound, (key, r["epoch"], t[key], r[key], spread)
+    perturbed = perturbed_reference_runs(preset, tmp_path, dict(common, impl="ref"), monkeypatch)
+    assert_within_rounding_spread(ref, tri, perturbed, algo, n_items, keys)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
