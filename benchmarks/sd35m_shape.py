@@ -291,10 +291,11 @@ def reset_peak(device: str) -> None:
 
 
 def _sigmas(steps: int):
-    from fdfo_fast.config import make_config
+    """SD3.5-Medium's scheduler grid (its config: FlowMatchEulerDiscreteScheduler, shift 3.0, no dynamic shifting),
+    which `sampling.sigma_schedule` reproduces without a pipeline."""
     from fdfo_fast.sampling import sigma_schedule
 
-    return sigma_schedule(steps, make_config(PRESET).shift)
+    return sigma_schedule(steps, 3.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

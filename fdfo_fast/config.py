@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fdfo_fast.coco_prompts import NAMED_SETS as NAMED_PROMPT_SETS
+from fdfo_fast.coco_prompts import is_named_set
 from fdfo_fast.errors import FdfoError
 
 ALGORITHMS = ("fdfo", "flow_grpo", "ddpo")
@@ -28,7 +30,12 @@ class TrainConfig:
     seed: int = _f(0, "all randomness derives from (seed, rank, epoch)")
     epochs: int = _f(60, "training epochs")
     base_checkpoint: str = _f("", "base model checkpoint ('' = the shipped toy base model)")
-    prompts: str = _f("train", "'train' (the world's training split) or a text file with one prompt per line")
+    prompts: str = _f(
+        "auto",
+        "auto ('train' for the toy model, 'geneval-coco:train' for sd3 / flux) | 'train' (the shapes world's training "
+        "split) | 'geneval-coco:train' / 'geneval-coco:test' (GenEval-style COCO prompts) | a prompt file (one per "
+        'line, or .jsonl with a "prompt" field)',
+    )
     reward: str = _f("alignment:1", "weighted reward terms, e.g. 'alignment:1,quality:0.1'")
     threads: int = _f(0, "torch CPU threads (0 = torch default)")
     impl: str = _f("auto", "fused ops: auto (Triton on CUDA, reference elsewhere) | ref | triton")
@@ -49,12 +56,19 @@ class TrainConfig:
     lora_rank: int = _f(32, "--finetune lora: rank r")
     lora_alpha: float = _f(64.0, "--finetune lora: alpha")
     lora_targets: str = _f(
-        "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out",
-        "--finetune lora: comma-separated module names (the attention projections)",
+        "auto",
+        "--finetune lora: comma-separated peft target_modules (module-name suffixes, e.g. attn.to_q,attn.to_k); "
+        "auto = the model's recipe (Flow-GRPO): sd3 the joint attention's attn.* projections (not SD3.5's attn2), "
+        "flux those plus the double blocks' ff / ff_context MLPs",
     )
     gradient_checkpointing: bool = _f(False, "sd3 / flux: recompute transformer activations in the backward")
     reward_models: str = _f("", "network rewards, e.g. 'pickscore=PATH' (see fdfo_fast.rewards.hf_models)")
-    eval_prompts: str = _f("heldout", "'heldout' (the world's held-out split) or a text file with one prompt per line")
+    reward_dtype: str = _f("fp32", "network rewards' weights: fp32 | bf16 | fp16 (an entry's ';dtype=' overrides it)")
+    eval_prompts: str = _f(
+        "auto",
+        "auto ('heldout' for the toy model, 'geneval-coco:test' for sd3 / flux) | 'heldout' (the shapes world's "
+        "held-out split) | 'geneval-coco:test' / 'geneval-coco:train' | a prompt file (as --prompts)",
+    )
     # -- human labels (--reward human:1, FDFO only) ------------------------------------------------------------------
     human_fraction: float = _f(1.0, "fraction of each epoch's pairs shown to the human (the rest: --human-auto-label)")
     human_auto_label: str = _f("", "reward terms whose preference labels the pairs not shown, e.g. 'alignment:1'")
@@ -64,7 +78,9 @@ class TrainConfig:
     human_timeout: float = _f(0.0, "seconds to wait for an epoch's labels before stopping with an error (0 = forever)")
     # -- sampling ----------------------------------------------------------------------------------------------
     num_steps: int = _f(10, "sampling steps while training")
-    shift: float = _f(1.0, "SD3 time shift of the σ schedule")
+    shift: float = _f(
+        0.0, "time shift of the σ grid; 0 = the model's own (the scheduler config for sd3 / flux, 1.0 for toy)"
+    )
     cfg_scale: float = _f(1.0, "classifier-free guidance scale (training and evaluation)")
     sample_batch: int = _f(256, "samples per model call while sampling")
     # -- FDFO (method.md §1) -----------------------------------------------------------------------------------
@@ -80,9 +96,23 @@ class TrainConfig:
     clip_range: float = _f(1e-4, "PPO ratio clip c")
     adv_clip: float = _f(5.0, "advantages are clipped to ±adv_clip")
     kl_beta: float = _f(0.0, "Flow-GRPO: β of the KL to the frozen base model")
-    train_timestep_fraction: float = _f(1.0, "Flow-GRPO/DDPO: fraction of each trajectory's steps trained on")
+    train_timestep_fraction: float = _f(
+        1.0, "Flow-GRPO/DDPO: train on k = ⌊f·T⌋ of each trajectory's T steps (the references' int(T·f))"
+    )
+    timestep_selection: str = _f(
+        "random",
+        "Flow-GRPO/DDPO: which k steps: random (a fresh subset per sample and epoch, as DDPO) | first (steps "
+        "0 … k − 1, as Flow-GRPO's reference)",
+    )
+    grpo_std: str = _f(
+        "group",
+        "Flow-GRPO advantage scale: group ((R − group mean)/(group std + 1e-4)) | global (the reference: mean per "
+        "prompt text, std of the whole batch + 1e-4)",
+    )
     stat_buffer: int = _f(16, "DDPO: per-prompt reward buffer size")
-    stat_min_count: int = _f(8, "DDPO: below this many rewards a prompt uses the batch's statistics")
+    stat_min_count: int = _f(
+        16, "DDPO: below this many rewards a prompt uses the batch's statistics (ddpo-pytorch: 16)"
+    )
     # -- optimisation ------------------------------------------------------------------------------------------
     opt_steps_per_epoch: int = _f(4, "optimiser steps per epoch (the epoch's items are shuffled and split)")
     micro_batch: int = _f(256, "items per forward/backward (gradient accumulation inside a step)")
@@ -92,6 +122,7 @@ class TrainConfig:
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
     ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off); evaluation uses the EMA when on")
+    ema_every: int = _f(1, "update the EMA every N optimiser steps (Flow-GRPO's PickScore recipe: 8)")
     finetune: str = _f("full", "full | lora (sd3 / flux; the toy model is always fully fine-tuned)")
     # -- evaluation, logging, checkpoints ----------------------------------------------------------------------
     eval_every: int = _f(10, "held-out evaluation every N epochs (always at epoch 0 and at the end; 0 = only those)")
@@ -104,6 +135,14 @@ class TrainConfig:
     early_stop_patience: int = _f(0, "stop after N evaluations without a held-out improvement (0 = never)")
     tensorboard: bool = _f(True, "write TensorBoard scalars when tensorboard is installed")
     progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self):
+        # 'auto' prompt sets follow the model: the shapes world's splits, or GenEval-style COCO prompts for sd3 / flux
+        toy = self.model == "toy"
+        if self.prompts == "auto":
+            object.__setattr__(self, "prompts", "train" if toy else "geneval-coco:train")
+        if self.eval_prompts == "auto":
+            object.__setattr__(self, "eval_prompts", "heldout" if toy else "geneval-coco:test")
 
     def validate(self) -> TrainConfig:
         """Raise FdfoError naming the first bad option."""
@@ -158,8 +197,34 @@ class TrainConfig:
             bad("steps_per_sample", "applies to fdfo (Flow-GRPO / DDPO use --train-timestep-fraction)")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             bad("dtype", "must be bf16, fp16 or fp32")
-        if self.eval_prompts != "heldout" and not Path(self.eval_prompts).is_file():
-            bad("eval_prompts", "must be 'heldout' or an existing prompt file")
+        if self.reward_dtype not in ("fp32", "bf16", "fp16"):
+            bad("reward_dtype", "must be fp32, bf16 or fp16")
+        # The toy model knows only the shapes world's prompts; sd3 / flux must never train or evaluate on them.
+        for name, toy_split, real in (("prompts", "train", "train"), ("eval_prompts", "heldout", "test")):
+            spec = getattr(self, name)
+            if spec == toy_split:
+                if self.model != "toy":
+                    bad(name, f"is the toy shapes world's split: --model {self.model} needs real prompts "
+                              f"('geneval-coco:{real}' or a prompt file)")  # fmt: skip
+            elif is_named_set(spec):
+                if spec not in NAMED_PROMPT_SETS:
+                    bad(name, f"names an unknown prompt set (known: {', '.join(NAMED_PROMPT_SETS)})")
+                if self.model == "toy":
+                    bad(name, f"is a prompt set for sd3 / flux: the toy model knows only the shapes world "
+                              f"('{toy_split}' or a file of its prompts)")  # fmt: skip
+            elif not Path(spec).is_file():
+                sets = " / ".join(map(repr, NAMED_PROMPT_SETS))
+                bad(name, f"must be '{toy_split}' (toy model), {sets} (sd3 / flux) or an existing prompt file")
+        if self.model != "toy":  # terms that parse the shapes world's grammar cannot score a real image
+            from fdfo_fast.rewards import TOY_WORLD_TERMS
+
+            for name in ("reward", "human_auto_label"):
+                terms = [p.partition(":")[0].strip() for p in getattr(self, name).split(",")]
+                toy_terms = [t for t in terms if t in TOY_WORLD_TERMS]
+                if toy_terms:
+                    bad(name, f"uses reward term {toy_terms[0]!r}, which scores the toy shapes world: "
+                              f"--model {self.model} needs model rewards, e.g. 'pickscore:1' with "
+                              "--reward-models pickscore=...")  # fmt: skip
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
             bad("lora_targets", "must name at least one module")
         for name in (
@@ -178,6 +243,7 @@ class TrainConfig:
             "resolution",
             "max_sequence_length",
             "lora_rank",
+            "ema_every",
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -193,10 +259,11 @@ class TrainConfig:
             "grad_clip",
             "churn",
             "weight_decay",
+            "shift",
         ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
-        for name in ("lr", "trust_eps", "clip_range", "adv_clip", "shift", "noise_level", "lora_alpha"):
+        for name in ("lr", "trust_eps", "clip_range", "adv_clip", "noise_level", "lora_alpha"):
             if not getattr(self, name) > 0:
                 bad(name, "must be a positive number")
         if self.algorithm == "fdfo" and self.churn == 0:
@@ -211,13 +278,23 @@ class TrainConfig:
             bad("stat_min_count", f"must be <= --stat-buffer ({self.stat_buffer}) or per-prompt statistics never apply")
         if not 0 < self.train_timestep_fraction <= 1:
             bad("train_timestep_fraction", "must be in (0, 1]")
+        if self.algorithm != "fdfo" and int(self.train_timestep_fraction * self.num_steps) < 1:
+            bad("train_timestep_fraction", f"trains int(f·T) steps: none of --num-steps {self.num_steps}")
+        if self.timestep_selection not in ("random", "first"):
+            bad("timestep_selection", "must be random or first")
+        if self.timestep_selection != "random" and self.algorithm == "fdfo":
+            bad("timestep_selection", "applies to flow_grpo / ddpo (fdfo uses --steps-per-sample)")
+        if self.grpo_std not in ("group", "global"):
+            bad("grpo_std", "must be group or global")
+        if self.grpo_std != "group" and self.algorithm != "flow_grpo":
+            bad("grpo_std", f"only applies to flow_grpo (not {self.algorithm})")
+        if self.ema_every != 1 and self.ema_decay == 0:
+            bad("ema_every", "needs an EMA: set --ema-decay > 0")
         for name in ("beta1", "beta2", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "must be in [0, 1)")
         if self.cfg_scale < 1:
             bad("cfg_scale", "must be >= 1")
-        if self.prompts != "train" and not Path(self.prompts).is_file():
-            bad("prompts", "must be 'train' or an existing prompt file")
         if self.base_checkpoint and not Path(self.base_checkpoint).is_file():
             bad("base_checkpoint", "must be an existing checkpoint file")
         return self
@@ -237,8 +314,9 @@ VLM_QUESTION = 'question=Does this image match the caption "{prompt}"? Answer Ye
 
 # Shared parts of the presets below.
 _TOY_FDFO = dict(algorithm="fdfo", epochs=150, lr=3e-5, churn=0.05, pairs_per_epoch=32, num_steps=10)
-# Real models: 512², shift 3, LoRA r 32 / α 64 on the attention projections, gradient checkpointing.
-_REAL = dict(resolution=512, shift=3.0, finetune="lora", lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True)
+# Real models: 512², LoRA r 32 / α 64 on the attention projections, gradient checkpointing. The σ grid is the model's
+# own scheduler's (shift 0 = its config: 3.0 for SD3.5-Medium; FLUX's dynamic shifting), as in the reference code.
+_REAL = dict(resolution=512, finetune="lora", lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True)
 # The paper's FDFO schedule (method.md §1.4): churn 0.0025, 432 pairs per epoch in 4 AdamW steps at lr 3e-5.
 _PAPER_FDFO = dict(
     _REAL, algorithm="fdfo", churn=0.0025, pairs_per_epoch=432, opt_steps_per_epoch=4, lr=3e-5, epochs=100,
@@ -255,7 +333,11 @@ PRESETS: dict[str, dict] = {
     # The same with 3 of the 10 steps of each sample trained per epoch: in the options study (RESULTS.md, 3 seeds)
     # it reached the 60 % target with the same reward queries and a third of the forward+backward passes.
     "toy-fdfo-fast": dict(_TOY_FDFO, steps_per_sample=3),
-    # Flow-GRPO: 8 prompts x G = 8 SDE samples, 60 % of each trajectory's steps trained, KL off (as for PickScore).
+    # Flow-GRPO: 8 prompts x G = 8 SDE samples, KL off (as for PickScore), and the reference code's choices: the
+    # first ⌊0.99·10⌋ = 9 steps of each trajectory trained, advantages = (R − prompt mean)/(batch std + 1e-4), the
+    # unconditional pass detached under CFG. (Before issue 15 it trained a random 60 % of the steps with per-group
+    # std; benchmarks/RESULTS.md's Flow-GRPO rows were measured that way.) No EMA, as in every toy preset: the held-out
+    # evaluation scores the trained weights themselves for all three methods.
     "toy-flow-grpo": dict(
         algorithm="flow_grpo",
         epochs=150,
@@ -263,41 +345,65 @@ PRESETS: dict[str, dict] = {
         prompts_per_epoch=8,
         group_size=8,
         num_steps=10,
-        train_timestep_fraction=0.6,
+        train_timestep_fraction=0.99,
+        timestep_selection="first",
+        grpo_std="global",
     ),
-    # DDPO-IS: 16 prompt draws x 4 SDE samples, per-prompt running statistics, every step trained, no KL.
+    # DDPO-IS: 16 prompt draws x 4 SDE samples, per-prompt running statistics (own statistics from 16 rewards, the
+    # defaults = ddpo-pytorch's config/base.py buffer_size 16 / min_count 16), every step trained, no KL.
     "toy-ddpo": dict(algorithm="ddpo", epochs=150, lr=3e-5, prompts_per_epoch=16, group_size=4, num_steps=10),
     # -- real models (need a GPU and the weights; method.md §1.4 and §2) --------------------------------------------
     # FDFO on SD3.5-Medium as in the paper: 40 steps, bf16 with fp32 latent updates, CFG 1, reward
-    # PickScore + 0.1·VLM (the VLM term is P(yes) ∈ [0, 1], the paper's 100·sigmoid(Δlogit): weight 10).
+    # PickScore + 0.1·VLM, the VLM term in the paper's form 100·sigmoid(logit Yes − logit No) ∈ [0, 100];
+    # GenEval-style COCO prompts (fdfo_fast.coco_prompts).
     "sd35m-fdfo": dict(
         _PAPER_FDFO,
         model="sd3",
         model_path="stabilityai/stable-diffusion-3.5-medium",
         num_steps=40,
         cfg_scale=1.0,
-        reward="pickscore:1,vlm_yes:10",
-        reward_models=PICKSCORE + ",vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=8;" + VLM_QUESTION,
+        reward="pickscore:1,vlm_yes:0.1",
+        prompts="geneval-coco:train",
+        eval_prompts="geneval-coco:test",
+        # the 7B VLM in bf16 (~15 GB per rank instead of ~30 GB in fp32); PickScore stays fp32
+        reward_models=PICKSCORE + ",vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=8;dtype=bf16;" + VLM_QUESTION,
         sample_batch=16,
         micro_batch=8,
         eval_num_steps=40,
+        max_sequence_length=128,  # T5 prompt length 128 (method.md §1.4; Flow-GRPO's train_sd3.py also uses 128)
     ),
-    # Flow-GRPO on SD3.5-Medium (its reference PickScore config): 10 SDE steps for training, 40 ODE steps for
-    # evaluation, G = 16, CFG 4.5, LoRA r 32 / α 64, lr 3e-4, clip 1e-4, KL β 0.01.
+    # Flow-GRPO on SD3.5-Medium as its reference PickScore recipe (yifan123/flow_grpo config/grpo.py `pickscore_sd3`
+    # on config/base.py; scripts/train_sd3.py): 10 SDE steps (noise 0.7) for training, 40 ODE steps for evaluation;
+    # 48 prompts x G = 24 per epoch (32 GPUs x 9 samples x 4 batches / 24) in 2 optimiser steps (4 batches,
+    # gradient accumulation 2, 1 inner epoch); the first int(10·0.99) = 9 steps trained; advantages with the batch's
+    # std (global_std); CFG 4.5 with the unconditional pass detached; LoRA r 32 / α 64, lr 3e-4, clip 1e-4, KL β
+    # 0.01; EMA 0.9 updated every 8 optimiser steps, evaluated; T5 prompts of 128 tokens. Deliberate differences:
+    # bf16 weights (the reference runs fp16 mixed precision; bf16 as in the FDFO presets); the reference's EMA
+    # also warms its decay up as min((1 + n)/(10 + n), 0.9) and, being stepped once per training batch, moves twice
+    # at each 8th step (flow_grpo/ema.py): here a plain 0.9 every 8th step; evaluation/checkpoint cadence is ours.
     "sd35m-flow-grpo": dict(
         _REAL,
         model="sd3",
         model_path="stabilityai/stable-diffusion-3.5-medium",
         algorithm="flow_grpo",
         num_steps=10,
-        prompts_per_epoch=24,
-        group_size=16,
+        prompts_per_epoch=48,
+        group_size=24,
+        opt_steps_per_epoch=2,
+        train_timestep_fraction=0.99,
+        timestep_selection="first",
+        grpo_std="global",
+        ema_decay=0.9,
+        ema_every=8,
+        max_sequence_length=128,
         noise_level=0.7,
         clip_range=1e-4,
         kl_beta=0.01,
         lr=3e-4,
         cfg_scale=4.5,
         reward="pickscore:1",
+        prompts="geneval-coco:train",
+        eval_prompts="geneval-coco:test",
         reward_models=PICKSCORE,
         sample_batch=16,
         micro_batch=8,
@@ -315,6 +421,8 @@ PRESETS: dict[str, dict] = {
         flux_guidance=3.5,
         max_sequence_length=512,
         reward="pickscore:1",
+        prompts="geneval-coco:train",
+        eval_prompts="geneval-coco:test",
         reward_models=PICKSCORE,
         sample_batch=8,
         micro_batch=4,

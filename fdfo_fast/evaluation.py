@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fdfo_fast.rewards import CompositeReward
-from fdfo_fast.sampling import sample_euler, sigma_schedule
+from fdfo_fast.sampling import model_sigma_schedule, sample_euler
 from fdfo_fast.world.grammar import CATEGORIES, PromptSpec
 
 
@@ -45,7 +45,7 @@ def evaluate(
     items: list[tuple[PromptSpec | str, int]],
     reward: CompositeReward | None = None,
     num_steps: int = 20,
-    shift: float = 1.0,
+    shift: float = 0.0,
     cfg_scale: float = 1.0,
     batch_size: int = 128,
     impl: str | None = None,
@@ -56,7 +56,7 @@ def evaluate(
     """
     reward = reward or CompositeReward("alignment:1")
     shape = model.latent_shape
-    sigmas = sigma_schedule(num_steps, shift)
+    sigmas = model_sigma_schedule(model, num_steps, shift)
     texts = [p if isinstance(p, str) else p.text() for p, _ in items]
     images = []
     for i in range(0, len(items), batch_size):
@@ -79,7 +79,7 @@ def sample_diversity(
     samples: int,
     seed: int,
     num_steps: int = 20,
-    shift: float = 1.0,
+    shift: float = 0.0,
     cfg_scale: float = 1.0,
     impl: str | None = None,
     size: int = 64,
@@ -97,8 +97,8 @@ def sample_diversity(
     seeds = [derive_seed(seed, 3, j, i) for j in range(len(prompts)) for i in range(samples)]
     cond = model.encode_prompts(texts)
     uncond = model.encode_prompts([""] * len(texts)) if cfg_scale != 1.0 else None
-    x0 = sample_euler(model, cond, uncond, seeds, model.latent_shape, sigma_schedule(num_steps, shift), cfg_scale,
-                      impl=impl).x0  # fmt: skip
+    sigmas = model_sigma_schedule(model, num_steps, shift)
+    x0 = sample_euler(model, cond, uncond, seeds, model.latent_shape, sigmas, cfg_scale, impl=impl).x0
     images = model.decode(x0).float().clamp(-1, 1)
     if images.shape[-1] > size:
         images = F.interpolate(images, size=(size, size), mode="area")

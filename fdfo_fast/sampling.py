@@ -20,14 +20,40 @@ SAMPLER_KINDS = ("euler", "churn", "sde")
 # ---------------------------------------------------------------------------------------------------------------
 # Schedule and seeds
 # ---------------------------------------------------------------------------------------------------------------
+NUM_TRAIN_TIMESTEPS = 1000  # the flow-matching schedulers' discretisation (diffusers' num_train_timesteps)
+
+
 def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
-    """σ_0 = 1 > σ_1 > … > σ_T = 0 with SD3's time shift σ' = shift·σ / (1 + (shift − 1)·σ); fp32 [T + 1]."""
+    """The σ grid σ_0 = 1 > … > σ_{T−1} > σ_T = 0 (fp32, [T + 1]) of diffusers' FlowMatchEulerDiscreteScheduler
+    (shift=`shift`, 1000 train timesteps, no dynamic shifting) after `set_timesteps(T)`, which is what the SD3
+    pipeline, the FDFO reference code and Flow-GRPO sample with (method.md §1.1). Reproduced here without diffusers
+    so the toy world uses the same construction (tests/test_sampling.py compares it with diffusers):
+
+      shift'(u) = shift·u/(1 + (shift − 1)·u); σ_min = shift'(1/1000), formed in fp32 as the constructor does;
+      u_k = linspace(1, σ_min, T) in double (the scheduler's timesteps / 1000, not yet shifted); σ_k = shift'(u_k)
+      in double, rounded to fp32; then a final 0.
+
+    The last nonzero σ is therefore shift'(σ_min) ≈ 0.0089 at shift 3 (0.001 at shift 1), not σ = 1/T: the last
+    step of an SDE sampler adds almost no noise. Real models take the grid from their own scheduler config
+    (`DiffusersFlowModel.sigma_schedule`), which also covers FLUX's resolution-dependent dynamic shifting.
+    """
     if num_steps < 1:
         raise FdfoError(f"num_steps must be >= 1, got {num_steps}")
     if not shift > 0:
         raise FdfoError(f"time shift must be > 0, got {shift}")
-    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return (shift * u / (1 + (shift - 1) * u)).float()
+    u_min = torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float32)  # the constructor's last σ, fp32
+    sigma_min = float(shift * u_min / (1 + (shift - 1) * u_min))
+    u = np.linspace(1.0, sigma_min, num_steps)  # double, like the scheduler's np.linspace of timesteps / 1000
+    sigmas = torch.from_numpy(shift * u / (1 + (shift - 1) * u)).float()
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+def model_sigma_schedule(model, num_steps: int, shift: float = 0.0) -> torch.Tensor:
+    """The grid a model samples with: its own scheduler's (diffusers models; `shift` > 0 overrides the scheduler
+    config's shift), or `sigma_schedule` for the toy model (`shift` 0 means 1.0 there)."""
+    if hasattr(model, "sigma_schedule"):
+        return model.sigma_schedule(num_steps, shift or None)
+    return sigma_schedule(num_steps, shift or 1.0)
 
 
 def derive_seed(*parts: int) -> int:
@@ -240,7 +266,10 @@ def run_sampler(
         x = states[k if record else 0]
         v_c, v_u = model_velocities(model, x, torch.full((B,), t, device=x.device), cond, uncond, cfg_scale)
         if record and vels is None:
-            vels = v_c.new_empty((T, *x1.shape))
+            # The stored velocity is what training recomputes. Without CFG that is the model's output itself (kept in
+            # its dtype); with CFG it is the fp32 combine v_u + w·(v_c − v_u), so it is kept in fp32: rounding it to
+            # a bf16 model's dtype would make the first step's ρ (or PPO ratio) 1 ± 5e-4 instead of exactly 1.
+            vels = v_c.new_empty((T, *x1.shape), dtype=torch.float32 if v_u is not None else v_c.dtype)
         mode = "euler" if kind == "euler" or (kind == "churn" and k == T - 1) else kind  # FDFO: last step γ = 0
         x_next, lp = sampler_step(
             x,

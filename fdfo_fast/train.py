@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fdfo_fast import coco_prompts
 from fdfo_fast.algorithms import make_algorithm
 from fdfo_fast.algorithms.base import active_items
 from fdfo_fast.checkpoint import (
@@ -35,7 +36,7 @@ from fdfo_fast.engine import make_engine
 from fdfo_fast.errors import FdfoError, cli_entry
 from fdfo_fast.evaluation import EvalResult, evaluate, sample_diversity
 from fdfo_fast.rewards import REWARD_TERMS, CompositeReward, parse_weights
-from fdfo_fast.sampling import Trajectory, derive_seed, sigma_schedule
+from fdfo_fast.sampling import Trajectory, derive_seed, model_sigma_schedule
 from fdfo_fast.viz import save_grid
 from fdfo_fast.world.grammar import CATEGORIES, eval_prompts, parse_prompt, prompt_sets
 
@@ -91,8 +92,15 @@ class RunContext:
         uncond = self.model.encode_prompts([""] * len(prompts)) if self.cfg.cfg_scale != 1.0 else None
         return cond, uncond
 
+    @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(x0)
+        """Images of the epoch's samples, decoded `sample_batch` at a time as they were sampled: one VAE call over
+        every sample of an epoch is the largest activation spike of a real-model run (432 pairs at 1024² on
+        SD3.5). Model rewards then score in their own fixed-size micro-batches."""
+        chunk = max(1, self.cfg.sample_batch)
+        if len(x0) <= chunk:
+            return self.model.decode(x0)
+        return torch.cat([self.model.decode(x0[j : j + chunk]) for j in range(0, len(x0), chunk)])
 
     def score(self, images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> dict:
         return self.reward(images, prompts, seeds=seeds)
@@ -128,12 +136,30 @@ class RunContext:
 
 
 def read_prompt_file(spec: str) -> tuple[str, ...]:
-    """One prompt per line ('#' starts a comment, blank lines skipped); FdfoError naming the file on any problem."""
+    """One prompt per line ('#' starts a comment, blank lines skipped), or for a `.jsonl` file one JSON object per
+    line with a string "prompt" field (GenEval's evaluation_metadata.jsonl); FdfoError naming the file on any
+    problem."""
     path = Path(spec)
     try:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as err:
         raise FdfoError(f"prompt file {spec} cannot be read ({err})") from None
+    if path.suffix.lower() == ".jsonl":
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FdfoError(f"prompt file {spec}, line {n}: not JSON ({err})") from None
+            text = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise FdfoError(f'prompt file {spec}, line {n}: needs a non-empty string "prompt" field')
+            prompts.append(text.strip())
+        if not prompts:
+            raise FdfoError(f'prompt file {spec} holds no prompts (one JSON object with a "prompt" per line)')
+        return tuple(prompts)
     prompts = tuple(ln for ln in lines if ln and not ln.startswith("#"))
     if not prompts:
         raise FdfoError(f"prompt file {spec} holds no prompts (one per line, '#' starts a comment)")
@@ -141,10 +167,13 @@ def read_prompt_file(spec: str) -> tuple[str, ...]:
 
 
 def load_prompt_pool(spec: str, world_grammar: bool = True) -> dict[str, tuple[str, ...]]:
-    """'train' -> the world's training split by category; otherwise a file of one prompt per line (checked against
-    the shapes world's grammar when the run scores with the world's programmatic rewards)."""
+    """'train' -> the world's training split by category; a named set ('geneval-coco:train', fdfo_fast.coco_prompts)
+    -> its prompts by category; otherwise a prompt file (`read_prompt_file`; checked against the shapes world's
+    grammar when the run scores with the world's programmatic rewards)."""
     if spec == "train":
         return {c: tuple(p.text() for p in prompt_sets()["train"][c]) for c in CATEGORIES}
+    if coco_prompts.is_named_set(spec):
+        return coco_prompts.prompt_pool(spec)
     prompts = read_prompt_file(spec)
     for n, p in enumerate(prompts if world_grammar else (), 1):
         try:
@@ -154,15 +183,33 @@ def load_prompt_pool(spec: str, world_grammar: bool = True) -> dict[str, tuple[s
     return {"file": prompts}
 
 
-class EMA:
-    """Exponential moving average of the trainable parameters; swapped in for evaluation."""
+def load_eval_items(spec: str, per_category: int, seed: int) -> list[tuple[object, int]]:
+    """The fixed evaluation items (prompt, seed): 'heldout' -> the world's held-out split (categorised PromptSpecs,
+    `per_category` each); a named set ('geneval-coco:test') -> `per_category` prompts of each of its categories; a
+    prompt file -> each of its prompts once."""
+    if spec == "heldout":
+        return eval_prompts(per_category)
+    if coco_prompts.is_named_set(spec):
+        return coco_prompts.eval_items(spec, per_category)
+    return [(p, derive_seed(seed, 1, j)) for j, p in enumerate(read_prompt_file(spec))]
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
+
+class EMA:
+    """Exponential moving average of the trainable parameters; swapped in for evaluation.
+
+    `update` is called after every optimiser step taken; the average moves on every `every`-th of them
+    (steps n = every, 2·every, …; `steps` counts them and is checkpointed)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+        self.params, self.decay, self.every = params, decay, every
         self.shadow = [p.detach().clone() for p in params]
+        self.steps = 0
 
     @torch.no_grad()
     def update(self):
+        self.steps += 1
+        if self.steps % self.every:
+            return
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p, 1 - self.decay)
 
@@ -250,7 +297,7 @@ def make_reward(cfg: TrainConfig, device: torch.device) -> CompositeReward:
     if cfg.reward_models:
         from fdfo_fast.rewards.hf_models import load_reward_models
 
-        models = load_reward_models(cfg.reward_models, device=device)
+        models = load_reward_models(cfg.reward_models, device=device, dtype=cfg.reward_dtype)
     if "human" in parse_weights(cfg.reward, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}}):
         from fdfo_fast.human import HumanPreferenceReward
 
@@ -287,7 +334,7 @@ def make_context(cfg: TrainConfig, model: torch.nn.Module, device: torch.device 
         make_reward(cfg, torch.device(device)),
         load_prompt_pool(cfg.prompts, world_grammar=cfg.model == "toy"),
         tuple(model.latent_shape),
-        sigma_schedule(cfg.num_steps, cfg.shift),
+        model_sigma_schedule(model, cfg.num_steps, cfg.shift),
         env or DistEnv(),
     )
     return ctx, algo, params
@@ -306,7 +353,8 @@ def load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
 
 
 def export_lora_atomic(model, directory: Path) -> None:
-    """Write the diffusers-format LoRA next to the checkpoint; a crash never leaves a half-written folder."""
+    """Write the LoRA next to the checkpoint (one folder, both the diffusers and the PEFT format: export_lora); it is
+    written whole under DIR.tmp and renamed into place, so a crash never leaves a half-written or mixed folder."""
     import shutil
 
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
@@ -431,13 +479,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     eval_reward = ctx.reward
     if eval_weights != ctx.reward.weights:
         eval_reward = CompositeReward(eval_weights or {"quality": 0.0}, models=eval_models)
-    if cfg.eval_prompts != "heldout":
-        eval_items = [(p, derive_seed(cfg.seed, 1, j)) for j, p in enumerate(read_prompt_file(cfg.eval_prompts))]
-    elif world:
-        eval_items = eval_prompts(cfg.eval_per_category)
-    else:  # the held-out split's prompts as plain text
-        eval_items = [(p.text(), s) for p, s in eval_prompts(cfg.eval_per_category)]
-    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    eval_items = load_eval_items(cfg.eval_prompts, cfg.eval_per_category, cfg.seed)
+    ema = EMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
     engine = make_engine(model, params, cfg, env)
     if graphs_wanted(cfg.cuda_graph, device, cfg.impl_or_none, engine.zero_stage):
         ctx.runner = CudaGraphSampler()
@@ -483,6 +526,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if ema is not None:
             for s, v in zip(ema.shadow, st["ema"]):
                 s.copy_(v)
+            ema.steps = st.get("ema_steps", 0)
         algo.load_state_dict(st["algorithm"])
         counters.update(st["counters"])
         torch.set_rng_state(st["torch_rng"])
@@ -517,6 +561,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                     "model_config": model.describe(),
                     "engine": engine.state_dict(),
                     "ema": None if ema is None else [s.clone() for s in ema.shadow],
+                    "ema_steps": 0 if ema is None else ema.steps,
                     "algorithm": algo.state_dict(),
                     "counters": dict(counters),
                     "torch_rng": torch.get_rng_state(),
@@ -541,8 +586,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         model.eval()
         mine = eval_items[env.shard_uneven(len(eval_items))]
         with engine.gathered():
-            res = evaluate(
-                model, mine, eval_reward, cfg.eval_num_steps, cfg.shift, cfg.cfg_scale, impl=cfg.impl_or_none
+            res = evaluate(  # sampled and decoded sample_batch at a time, like the rollouts
+                model,
+                mine,
+                eval_reward,
+                cfg.eval_num_steps,
+                cfg.shift,
+                cfg.cfg_scale,
+                cfg.sample_batch,
+                impl=cfg.impl_or_none,
             )
             diversity = None
             if cfg.diversity_prompts:

@@ -7,7 +7,7 @@ import torch
 
 from fdfo_fast.algorithms.ddpo import DDPO, PerPromptStatTracker
 from fdfo_fast.algorithms.fdfo import FDFO, fd_direction
-from fdfo_fast.algorithms.flow_grpo import FlowGRPO, clipped_policy_loss, group_advantages
+from fdfo_fast.algorithms.flow_grpo import FlowGRPO, clipped_policy_loss, group_advantages, prompt_advantages
 from fdfo_fast.config import make_config
 from fdfo_fast.kernels.fd_loss import fd_loss_ref
 from fdfo_fast.models.toy_flow import ToyFlowConfig, ToyFlowModel
@@ -208,3 +208,111 @@ def test_algorithms_are_chosen_by_config():
     for name, cls in (("fdfo", FDFO), ("flow_grpo", FlowGRPO), ("ddpo", DDPO)):
         _, algo, _ = _context(name)
         assert isinstance(algo, cls)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flow-GRPO / DDPO reference-code behaviour (issue 15)
+# --------------------------------------------------------------------------------------------------------------
+def _reference_grpo_loss(model, rollout, items, cfg, detach_uncond, old_log_prob=None):
+    """Transcription of yifan123/flow_grpo: scripts/train_sd3.py `compute_log_prob` (one batched call on
+    [uncond, cond], `noise_pred_uncond.detach()` when training with CFG, v = v_u + w·(v_c − v_u)),
+    flow_grpo/diffusers_patch/sd3_sde_with_logprob.py `sde_step_with_logprob` and the GRPO clipped loss; in the
+    model's dtype (fp32, or fp64 for the rounding-free value). Returns (Σ loss, log-probs)."""
+    dt_ = next(model.parameters()).dtype
+    cast = lambda d: {k: v.to(dt_) if v.is_floating_point() else v for k, v in d.items()}  # noqa: E731
+    i, k = items[:, 0], items[:, 1]
+    traj = rollout.traj
+    x, prev = traj.states[k, i].to(dt_), traj.next_state(k, i).to(dt_)
+    sigmas = traj.sigmas.to(dt_)
+    t = sigmas[k]
+    cond, uncond = (cast(c) for c in rollout.select_cond(i))
+    out = model(torch.cat([x, x]), torch.cat([t, t]), {n: torch.cat([uncond[n], cond[n]]) for n in cond})
+    v_u, v_c = out.chunk(2)
+    if detach_uncond:
+        v_u = v_u.detach()
+    v = v_u + cfg.cfg_scale * (v_c - v_u)
+    sigma, sigma_prev, sigma_max = t.view(-1, 1, 1, 1), sigmas[k + 1].view(-1, 1, 1, 1), sigmas[1]
+    dt = sigma_prev - sigma
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * cfg.noise_level
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = std_dev_t * torch.sqrt(-1 * dt)
+    lp = -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    lp = lp.mean(dim=(1, 2, 3))
+    old = traj.log_probs[k, i].to(dt_) if old_log_prob is None else old_log_prob
+    adv = rollout.advantages[i].to(dt_).clamp(-cfg.adv_clip, cfg.adv_clip)
+    ratio = torch.exp(lp - old)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+    return loss.sum(), lp
+
+
+def _flat_grad(loss, params):
+    return torch.cat([g.flatten().double() for g in torch.autograd.grad(loss, params)])
+
+
+@pytest.mark.parametrize("algorithm, detached", [("flow_grpo", True), ("ddpo", False)])
+def test_cfg_training_gradient_matches_the_reference_code(algorithm, detached):
+    """Flow-GRPO's reference detaches the unconditional prediction (train_sd3.py); ddpo-pytorch's scripts/train.py
+    does not. The gradient of the loss wrt the model at CFG 4.5 must equal the transcription's: err vs the fp64
+    transcription ≤ 2 · the fp32 transcription's own err (rounding, style rule 7), and it must differ from the other
+    choice's gradient by far more than that."""
+    import copy
+
+    ctx, algo, params = _context(algorithm, cfg_scale=4.5, kl_beta=0.0)
+    assert algo.detach_uncond is detached
+    rollout = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
+    items = rollout.items
+    names = {id(p): n for n, p in ctx.model.named_parameters()}
+    model64 = copy.deepcopy(ctx.model).double()
+    params64 = [dict(model64.named_parameters())[names[id(p)]] for p in params]
+    g_ours = _flat_grad(algo.loss(ctx, rollout, items, first_step=True)[0], params)
+    g32 = _flat_grad(_reference_grpo_loss(ctx.model, rollout, items, ctx.cfg, detached)[0], params)
+    truth = {}
+    for det in (True, False):
+        with torch.no_grad():  # at θ = θ_old the ratio is exactly 1: old = the fp64 log-prob itself
+            _, lp64 = _reference_grpo_loss(model64, rollout, items, ctx.cfg, det)
+        truth[det] = _flat_grad(_reference_grpo_loss(model64, rollout, items, ctx.cfg, det, lp64)[0], params64)
+    ref_err = (g32 - truth[detached]).norm()
+    # measured: err(ours) / err(fp32 transcription) = 1.00 (seeds 0-2, both algorithms; the two fp32 paths share
+    # the rounding of the stored trajectory); the other choice is 1.5e4-5e4 x err away
+    assert ref_err > 0 and (g_ours - truth[detached]).norm() <= 2 * ref_err
+    assert (g_ours - truth[not detached]).norm() > 1000 * ref_err
+    cos = torch.nn.functional.cosine_similarity(truth[True], truth[False], dim=0)
+    assert cos < 0.9  # measured 0.66 (0.60-0.69 over seeds): detaching v_u changes the update direction
+
+
+def test_global_std_advantages_are_the_reference_stat_tracker():
+    """flow_grpo/stat_tracking.py with global_std=True, on the example of its own main(): per unique prompt
+    A = (R − mean of that prompt's rewards)/(np.std(all rewards) + 1e-4), np.std with ddof 0."""
+    prompts, rewards = ["a", "b", "a", "c", "b", "a"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    std = math.sqrt(sum((r - 3.5) ** 2 for r in rewards) / 6) + 1e-4  # population std of 1…6: √(35/12)
+    mean = {"a": (1 + 3 + 6) / 3, "b": (2 + 5) / 2, "c": 4.0}
+    expected = [(r - mean[p]) / std for p, r in zip(prompts, rewards)]
+    adv = prompt_advantages(prompts, torch.tensor(rewards), clip=5.0)
+    assert adv.dtype == torch.float32  # computed in fp64 (as the reference's numpy), rounded once to fp32
+    assert adv.tolist() == pytest.approx(expected, rel=2**-23, abs=0)  # one fp32 rounding: ≤ 2⁻²⁴ relative
+    assert prompt_advantages(prompts, torch.tensor(rewards), clip=0.5).abs().max().item() == 0.5
+    # the algorithm: grpo_std global pools a prompt drawn twice (two groups of the batch) into one mean
+    algo = FlowGRPO(make_config(overrides=dict(algorithm="flow_grpo", group_size=2, grpo_std="global")))
+    adv = algo._advantages(["x", "x", "y", "y", "x", "x"], torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert adv.tolist() == prompt_advantages(["x"] * 2 + ["y"] * 2 + ["x"] * 2, torch.arange(6.0), 5.0).tolist()
+    assert adv[0].item() == pytest.approx((0 - 2.5) / (math.sqrt(35 / 12) + 1e-4), rel=2**-23, abs=0)
+    group = FlowGRPO(make_config(overrides=dict(algorithm="flow_grpo", group_size=2)))  # the default: per group
+    r = torch.arange(6.0)
+    assert group._advantages(["x"] * 6, r).tolist() == group_advantages(r, 2, 5.0).tolist()
+
+
+@pytest.mark.parametrize("algorithm", ["flow_grpo", "ddpo"])
+def test_timestep_selection_first_and_random(algorithm):
+    """k = int(T·f) as both references (flow_grpo scripts/train_sd3.py, ddpo-pytorch scripts/train.py): 'first'
+    trains steps 0 … k − 1 of every sample (Flow-GRPO), 'random' a per-sample random k-subset (DDPO)."""
+    T = 4
+    first_ctx, first, _ = _context(algorithm, train_timestep_fraction=0.99, timestep_selection="first")
+    items = first.rollout(first_ctx, 0, torch.Generator().manual_seed(0)).items
+    B = first_ctx.cfg.prompts_per_epoch * first_ctx.cfg.group_size
+    k = 3  # int(4 · 0.99): the last step is dropped (round() would keep all 4)
+    assert items.tolist() == [[i, j] for i in range(B) for j in range(k)]
+    rand_ctx, rand, _ = _context(algorithm, train_timestep_fraction=0.5)
+    items = rand.rollout(rand_ctx, 0, torch.Generator().manual_seed(0)).items
+    per_sample = [sorted(items[items[:, 0] == i, 1].tolist()) for i in range(B)]
+    assert all(len(s) == 2 == len(set(s)) and set(s) <= set(range(T)) for s in per_sample)
+    assert len({tuple(s) for s in per_sample}) > 1  # random subsets, not always the same steps

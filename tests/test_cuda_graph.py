@@ -82,7 +82,7 @@ TINY_RUN = dict(
 # preset -> (algorithm name, its overrides (tests/kernels/test_trainer_impl.py's), items per epoch = terms of the
 # logged loss mean: samples x steps)
 GRAPH_RUNS = {
-    "toy-fdfo": ("fdfo", dict(pairs_per_epoch=4, opt_steps_per_epoch=2, lr=1e-4, velocity_penalty=0.1), 2 * 4 * 3),
+    "toy-fdfo": ("fdfo", dict(pairs_per_epoch=4, opt_steps_per_epoch=2, velocity_penalty=0.1), 2 * 4 * 3),
     "toy-flow-grpo": ("flow_grpo", dict(prompts_per_epoch=2, group_size=4), 2 * 4 * 3),
 }
 DEV_KEY = {"fdfo": "fdfo/rho_dev_mean", "flow_grpo": "flow_grpo/ratio_dev_mean"}

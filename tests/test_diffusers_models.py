@@ -1,6 +1,8 @@
 """SD3 / FLUX adapters on tiny random-weight pipelines built offline and loaded through the real loading code:
-velocities and sampling agree with diffusers' own pipelines, FDFO / Flow-GRPO train LoRA factors only, the exported
-LoRA loads into a diffusers pipeline, and bad paths / types / missing extras give one clear error."""
+velocities and sampling agree with diffusers' own pipelines, FDFO / Flow-GRPO train LoRA factors only on the modules
+the recipes' target lists select (as peft applies them), the exported LoRA loads at full strength with both
+diffusers' `load_lora_weights` and peft's `PeftModel.from_pretrained`, and bad paths / types / missing extras give one
+clear error."""
 
 import json
 import os
@@ -13,13 +15,14 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_diffusers import build_tiny_flux, build_tiny_sd3  # noqa: E402
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+from tiny_diffusers import build_tiny_flux, build_tiny_sd3, build_tiny_sd35  # noqa: E402
 
 import fdfo_fast.train as train_mod  # noqa: E402
 from fdfo_fast.config import make_config  # noqa: E402
 from fdfo_fast.errors import FdfoError  # noqa: E402
 from fdfo_fast.models.diffusers_flow import FluxFlowModel, SD3FlowModel, pack_latents, unpack_latents  # noqa: E402
-from fdfo_fast.sampling import sample_euler, sigma_schedule, start_noise  # noqa: E402
+from fdfo_fast.sampling import sample_euler, sigma_schedule  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,11 @@ def sd3_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
     return str(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))
+
+
+@pytest.fixture(scope="module")
+def sd35_dir(tmp_path_factory):
+    return str(build_tiny_sd35(tmp_path_factory.mktemp("tiny_sd35")))
 
 
 def _load(cls, path, **kw):
@@ -44,54 +52,7 @@ def test_pack_unpack_match_flux_pipeline():
     assert torch.equal(unpack_latents(pack_latents(x), (4, 6, 10)), x)
 
 
-def test_sd3_sampling_matches_the_diffusers_pipeline(sd3_dir):
-    """Our Euler sampler + CFG through the adapter = StableDiffusion3Pipeline with the same σ's and start latents."""
-    model = _load(SD3FlowModel, sd3_dir)
-    prompts, seeds, steps, w = ["a red cube", "two cats"], [3, 4], 4, 2.0
-    x1 = start_noise(seeds, model.latent_shape)
-    ours = sample_euler(
-        model,
-        model.encode_prompts(prompts),
-        model.encode_prompts([""] * 2),
-        seeds,
-        model.latent_shape,
-        sigma_schedule(steps, shift=3.0),
-        cfg_scale=w,
-    ).x0
-    # the pipeline's scheduler applies shift 3 to the σ's it is given: pass the unshifted linspace
-    theirs = model.pipe(
-        prompts,
-        num_inference_steps=steps,
-        sigmas=torch.linspace(1, 0, steps + 1)[:-1].tolist(),
-        guidance_scale=w,
-        latents=x1,
-        height=32,
-        width=32,
-        max_sequence_length=16,
-        output_type="latent",
-    ).images
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-    images = model.decode(ours)
-    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
-
-
-def test_flux_sampling_matches_the_diffusers_pipeline(flux_dir):
-    model = _load(FluxFlowModel, flux_dir, guidance=3.5)
-    prompts, seeds, steps = ["a red cube", "two cats"], [5, 6], 3
-    x1 = start_noise(seeds, model.latent_shape)
-    ours = sample_euler(model, model.encode_prompts(prompts), None, seeds, model.latent_shape, sigma_schedule(steps)).x0
-    theirs = model.pipe(
-        prompts,
-        num_inference_steps=steps,
-        sigmas=torch.linspace(1, 0, steps + 1)[:-1].tolist(),
-        guidance_scale=3.5,
-        latents=pack_latents(x1),
-        height=32,
-        width=32,
-        max_sequence_length=16,
-        output_type="latent",
-    ).images
-    torch.testing.assert_close(pack_latents(ours), theirs, atol=1e-4, rtol=1e-4)
+# Sampling against StableDiffusion3Pipeline / FluxPipeline with their default grids: tests/test_generate.py.
 
 
 def test_prompt_embeddings_are_cached(sd3_dir, monkeypatch):
@@ -116,7 +77,7 @@ def _train_cfg(tmp_path, model, path, algorithm, **kw):
         max_sequence_length=16,
         finetune="lora",
         lora_rank=4,
-        lora_alpha=4.0,
+        lora_alpha=8.0,  # r != α: an export that lost α would load at r/α strength
         num_steps=3,
         epochs=2,
         eval_every=0,
@@ -151,6 +112,105 @@ def _train_and_keep_model(cfg, monkeypatch):
     return held["model"], summary
 
 
+# The recipes' LoRA target_modules, copied from Flow-GRPO (yifan123/flow_grpo scripts/train_sd3.py, r 32 / α 64, and
+# scripts/train_flux.py, r 64 / α 128); the FDFO reference code trains SD3.5 with the same attention list.
+RECIPE_TARGETS = {
+    "sd3": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+            "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"],
+    "flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+             "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+}  # fmt: skip
+
+
+def _adapted(transformer):
+    """(names of the modules holding a LoRA, number of LoRA parameters)."""
+    names = sorted(n for n, m in transformer.named_modules() if hasattr(m, "lora_A"))
+    return names, sum(p.numel() for n, p in transformer.named_parameters() if "lora_" in n)
+
+
+def _fresh(cls, path):
+    """The adapter over a pipeline diffusers loads anew from the base folder (no LoRA)."""
+    import diffusers
+
+    pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(path, local_files_only=True)
+    pipe.transformer.eval()
+    return cls(pipe, 32, 16)
+
+
+def _outputs(model, x, cond):
+    """One velocity and a 3-step Euler sample decoded to an image."""
+    with torch.no_grad():
+        v = model(x, torch.tensor([0.6]), cond)
+        return v, model.decode(sample_euler(model, cond, None, [7], model.latent_shape, sigma_schedule(3)).x0)
+
+
+def _check_exported_lora(model, cls, path, folder, kind, tmp_path, require_effect):
+    """`folder` loads into a fresh pipeline from the base folder at full strength with (a) diffusers'
+    `pipe.load_lora_weights(folder)` and (b) peft's `PeftModel.from_pretrained(transformer, folder)`: the same
+    weights, scaling and ops as `model`, so velocity and image are equal, not merely close. Its PEFT files are what
+    peft's own `save_pretrained` writes for the same adapter. Without α in the metadata (the export before the
+    fix) diffusers loads α = r, exactly `model` with its LoRA scaled by r/α, which differs from `model`."""
+    from peft import PeftModel, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    r, alpha = model.transformer.peft_config["default"].r, model.transformer.peft_config["default"].lora_alpha
+    assert r != alpha  # otherwise the α check below shows nothing
+    x = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond = model.encode_prompts(["a cat"])
+    v_trained, img_trained = _outputs(model, x, cond)
+    v_base, img_base = _outputs(_fresh(cls, path), x, cond)
+    assert not require_effect or not torch.equal(v_base, v_trained)  # the LoRA changes the output
+
+    diffusers_loaded = _fresh(cls, path)
+    diffusers_loaded.pipe.load_lora_weights(str(folder))
+    v, img = _outputs(diffusers_loaded, x, cond)
+    assert torch.equal(v, v_trained) and torch.equal(img, img_trained)
+
+    peft_loaded = _fresh(cls, path)
+    PeftModel.from_pretrained(peft_loaded.transformer, str(folder))  # injects into the transformer in place
+    v, img = _outputs(peft_loaded, x, cond)
+    assert torch.equal(v, v_trained) and torch.equal(img, img_trained)
+
+    # peft's own folder for the same adapter (recipe targets, r, α) holding the same factors
+    ref = get_peft_model(
+        _fresh(cls, path).transformer,
+        LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=RECIPE_TARGETS[kind]),
+    )
+    own = dict(model.transformer.named_parameters())
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(own[n.removeprefix("base_model.model.")])
+    ref.save_pretrained(str(tmp_path / "peft_reference"))
+    reference = tmp_path / "peft_reference"
+    ours, theirs = load_file(folder / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    config = lambda d: json.loads((d / "adapter_config.json").read_text())
+    unordered = lambda c: {**c, "target_modules": sorted(c["target_modules"])}  # a set in peft: any order
+    assert unordered(config(folder)) == unordered(config(reference))
+
+    # before the fix: the same factors saved without the adapter metadata
+    saved = load_file(folder / "pytorch_lora_weights.safetensors")
+    layers = {k.removeprefix("transformer."): v for k, v in saved.items()}
+    type(model.pipe).save_lora_weights(str(tmp_path / "no_metadata"), transformer_lora_layers=layers)
+    half = _fresh(cls, path)
+    half.pipe.load_lora_weights(str(tmp_path / "no_metadata"))
+    v_half, img_half = _outputs(half, x, cond)
+    layers_of = [m for m in model.transformer.modules() if isinstance(m, LoraLayer)]
+    for m in layers_of:
+        m.set_scale("default", r / alpha)
+    v_scaled, img_scaled = _outputs(model, x, cond)
+    for m in layers_of:
+        m.set_scale("default", 1.0)
+    assert torch.equal(v_half, v_scaled) and torch.equal(img_half, img_scaled)
+    assert not require_effect or not torch.equal(v_half, v_trained)
+    diff = lambda a, b: f"{(a - b).abs().max():.3g}"
+    print(f"{folder.name}: |v_lora - v_base| {diff(v_trained, v_base)}, at half strength |v| {diff(v_half, v_trained)}"
+          f" |image| {diff(img_half, img_trained)}")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "kind, algorithm, extra",
     [("sd3", "fdfo", {"velocity_penalty": 0.1}), ("sd3", "flow_grpo", {"kl_beta": 0.01, "cfg_scale": 2.0}),
@@ -180,21 +240,47 @@ def test_lora_training_changes_only_lora_and_exports(kind, algorithm, extra, sd3
     assert [r["epoch"] for r in records if r["kind"] == "train"] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
 
-    # the exported LoRA loads into a plain diffusers pipeline and changes its output
-    import diffusers
+    # the default targets are the recipe's list as peft applies it, and RUN/lora loads at full strength both ways
+    ref = _load(cls, path).transformer
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8.0, target_modules=RECIPE_TARGETS[kind]), ref)
+    assert _adapted(model.transformer) == _adapted(ref)
+    _check_exported_lora(model.eval(), cls, path, run / "lora", kind, tmp_path, require_effect=True)
 
-    pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(path, local_files_only=True)
-    pipe.transformer.eval()
-    x = torch.randn(1, *model.latent_shape)
-    cond = model.encode_prompts(["a cat"])
-    with torch.no_grad():
-        fresh = cls(pipe, 32, 16)
-        v_base = fresh(x, torch.tensor([0.6]), cond)
-        pipe.load_lora_weights(str(run / "lora"))
-        v_lora = fresh(x, torch.tensor([0.6]), cond)
-        v_trained = model.eval()(x, torch.tensor([0.6]), cond)
-    assert not torch.allclose(v_base, v_lora)
-    torch.testing.assert_close(v_lora, v_trained, atol=1e-5, rtol=1e-4)
+    # best_lora/ (the best held-out epoch) gets the same export: it loads to exactly the weights best.pt holds
+    best = _load(cls, path)
+    best.setup_finetune("lora", 4, 8.0)
+    best.load_trainable_state_dict(torch.load(run / "best.pt", weights_only=True)["model"], "best.pt")
+    _check_exported_lora(best, cls, path, run / "best_lora", kind, tmp_path, require_effect=False)
+
+
+@pytest.mark.parametrize("kind", ["sd35", "flux"])
+def test_lora_targets_are_the_recipes_as_peft_applies_them(kind, sd35_dir, flux_dir):
+    """Default targets = peft given the recipe's list: on SD3.5's dual-attention (MMDiT-X) blocks the second
+    self-attention `attn2` stays frozen (the bare names of the previous default adapt it). An explicit list is
+    matched as peft matches target_modules (suffixes; names that match nothing are dropped)."""
+    path, cls, recipe = (sd35_dir, SD3FlowModel, "sd3") if kind == "sd35" else (flux_dir, FluxFlowModel, "flux")
+
+    def peft_reference(targets):
+        transformer = _load(cls, path).transformer
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8.0, target_modules=list(targets)), transformer)
+        return _adapted(transformer)
+
+    def ours(targets=None):
+        model = _load(cls, path)
+        model.setup_finetune("lora", 4, 8.0, targets)
+        return _adapted(model.transformer)
+
+    recipe_set = peft_reference(RECIPE_TARGETS[recipe])
+    assert ours() == ours(("auto",)) == recipe_set  # None / --lora-targets auto: the model's recipe
+    bare = peft_reference([t.removeprefix("attn.") for t in RECIPE_TARGETS[recipe]])
+    if kind == "sd35":
+        attn2 = [n for n, _ in _load(cls, path).transformer.named_modules() if ".attn2." in n]
+        assert attn2 and not any(".attn2." in n for n in recipe_set[0])
+        assert [n for n in bare[0] if ".attn2." in n] == ["transformer_blocks.0.attn2." + p for p in
+                                                          ("to_k", "to_out.0", "to_q", "to_v")]  # fmt: skip
+    print(f"{kind}: recipe {len(recipe_set[0])} modules / {recipe_set[1]} params, bare {len(bare[0])} / {bare[1]}")
+    explicit = ("to_q", "ff.net.2", "no_such_proj")  # peft adapts what matches and ignores the rest
+    assert ours(explicit) == peft_reference(explicit)
 
 
 def test_resume_continues_an_sd3_lora_run(sd3_dir, tmp_path):
@@ -240,6 +326,8 @@ def test_bad_models_give_one_clear_error(sd3_dir, flux_dir, tmp_path, monkeypatc
     model = _load(SD3FlowModel, sd3_dir)
     with pytest.raises(FdfoError, match="match no module"):
         model.setup_finetune("lora", 4, 4.0, ("no_such_proj",))
+    with pytest.raises(FdfoError, match="--lora-targets norm1: Target module AdaLayerNormZero"):  # not a Linear
+        _load(SD3FlowModel, sd3_dir).setup_finetune("lora", 4, 4.0, ("norm1",))
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if the extra were not installed
     with pytest.raises(FdfoError, match=r"pip install 'fdfo_fast\[diffusers\]'"):
         SD3FlowModel.from_pretrained(sd3_dir)

@@ -2,6 +2,7 @@
 temporary folder and loaded back through `from_pretrained` / `load_reward_models`, then checked against the same
 computation done by hand with the Hugging Face processor and model."""
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ PROMPTS = ["a red circle", "a blue square", "a red circle", "a blue circle", "a 
 TINY = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
 VLM_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER", "ASSISTANT", ":", "yes", "Yes", "no", "Does", "this"]
 VLM_WORDS += ["image", "show", '"', '"?', "Answer", "or", ".", "a", "red", "blue", "circle", "square", "Is", "it"]
+VLM504_WORDS = [*VLM_WORDS, "No", "match", "the", "caption"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
@@ -108,14 +110,12 @@ def head_files(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    """A tiny LLaVA (CLIP vision tower + Llama) with a WordLevel tokenizer and a chat template, saved with its
-    processor. 32 px images, 8 px patches: 16 image tokens."""
+def _save_tiny_llava(path, words, image_processor, image_size, patch_size):
+    """A tiny LLaVA (CLIP vision tower + Llama) with a WordLevel tokenizer over `words` and a chat template, saved
+    with its processor."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    torch.manual_seed(2)
-    vocab = {w: i for i, w in enumerate(VLM_WORDS)}
+    vocab = {w: i for i, w in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = transformers.PreTrainedTokenizerFast(
@@ -127,28 +127,42 @@ def vlm_dir(tmp_path_factory):
         extra_special_tokens={"image_token": "<image>"},
     )
     processor = transformers.LlavaProcessor(
-        image_processor=_tiny_image_processor(),
+        image_processor=image_processor,
         tokenizer=tok,
-        patch_size=8,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    text = transformers.LlamaConfig(
-        vocab_size=len(VLM_WORDS), num_key_value_heads=2, max_position_embeddings=128, **TINY
-    )
+    text = transformers.LlamaConfig(vocab_size=len(words), num_key_value_heads=2, max_position_embeddings=128, **TINY)
     text.update(dict(pad_token_id=0, bos_token_id=2, eos_token_id=3))
     cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(image_size=32, patch_size=8, **TINY),
+        vision_config=transformers.CLIPVisionConfig(image_size=image_size, patch_size=patch_size, **TINY),
         text_config=text,
         image_token_index=vocab["<image>"],
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    path = tmp_path_factory.mktemp("vlm")
     transformers.LlavaForConditionalGeneration(cfg).save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    """The tiny LLaVA for the p_yes form: 32 px images, 8 px patches (16 image tokens); "No" is not a token."""
+    torch.manual_seed(2)
+    return _save_tiny_llava(tmp_path_factory.mktemp("vlm"), VLM_WORDS, _tiny_image_processor(), 32, 8)
+
+
+@pytest.fixture(scope="module")
+def vlm504_dir(tmp_path_factory):
+    """A tiny LLaVA for the paper's form: its vision tower takes 504 px images (56 px patches: 81 image tokens), its
+    processor resizes to 504² without a crop (as Qwen2.5-VL's), and "Yes", "No" and the paper's question are words
+    of its vocabulary."""
+    torch.manual_seed(3)
+    processor = transformers.CLIPImageProcessor(size={"height": 504, "width": 504}, do_center_crop=False)
+    return _save_tiny_llava(tmp_path_factory.mktemp("vlm504"), VLM504_WORDS, processor, 504, 56)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +172,7 @@ def clip_rewards(clip_dir):
 
 @pytest.fixture(scope="module")
 def vlm(vlm_dir):
-    return VLMYesNoReward.from_pretrained(vlm_dir, micro_batch=2)
+    return VLMYesNoReward.from_pretrained(vlm_dir, micro_batch=2, form="p_yes")
 
 
 def _pooled(out):
@@ -323,7 +337,7 @@ def test_vlm_yes_is_the_next_token_probability_of_yes(vlm_dir, vlm):
     assert torch.equal(out["vlm_yes"], vlm(images, VLM_PROMPTS)["vlm_yes"])
     # micro_batch=2 pads rows of different lengths on the left; the by-hand rows are unpadded.
     torch.testing.assert_close(out["vlm_yes"], _vlm_by_hand(vlm_dir, images, VLM_PROMPTS), atol=1e-5, rtol=0)
-    whole = VLMYesNoReward.from_pretrained(vlm_dir, micro_batch=5)(images, VLM_PROMPTS)["vlm_yes"]
+    whole = VLMYesNoReward.from_pretrained(vlm_dir, micro_batch=5, form="p_yes")(images, VLM_PROMPTS)["vlm_yes"]
     torch.testing.assert_close(out["vlm_yes"], whole, atol=1e-5, rtol=0)
     u8 = vlm(torch.zeros(5, 3, 1, 1), VLM_PROMPTS, uint8_nhwc=to_uint8_nhwc(images))["vlm_yes"]
     assert torch.equal(u8, out["vlm_yes"])  # the composite's uint8 images are what is scored
@@ -333,11 +347,12 @@ def test_vlm_answer_tokens_and_question(vlm_dir, vlm):
     vocab = vlm.processor.tokenizer.get_vocab()
     # "yes"/" yes" share an id, "Yes" has its own, "No" is unknown and dropped.
     assert vlm.yes_ids == [vocab["yes"], vocab["Yes"]] and vlm.no_ids == [vocab["no"]]
-    assert vlm.texts(["a red circle"]) == [
-        'USER: <image> Does this image show "a red circle"? Answer yes or no. ASSISTANT:'
+    assert vlm.texts(["a red circle"]) == [  # the FDFO paper's question (method.md §1.4)
+        'USER: <image> Does this image match the caption "a red circle"? Answer Yes or No. ASSISTANT:'
     ]
     images = _images(2)
-    asked = VLMYesNoReward.from_pretrained(vlm_dir, question="Is it {prompt}?")(images, VLM_PROMPTS[:2])["vlm_yes"]
+    asked = VLMYesNoReward.from_pretrained(vlm_dir, question="Is it {prompt}?", form="p_yes")
+    asked = asked(images, VLM_PROMPTS[:2])["vlm_yes"]
     expected = _vlm_by_hand(vlm_dir, images, VLM_PROMPTS[:2], "Is it {prompt}?")
     torch.testing.assert_close(asked, expected, atol=1e-5, rtol=0)
     assert (asked - vlm(images, VLM_PROMPTS[:2])["vlm_yes"]).abs().min() > 1e-6
@@ -348,10 +363,113 @@ def test_vlm_answer_tokens_and_question(vlm_dir, vlm):
 def test_vlm_without_chat_template_uses_the_image_token(vlm_dir):
     processor = transformers.AutoProcessor.from_pretrained(vlm_dir)
     processor.chat_template = None
-    reward = VLMYesNoReward(VLMYesNoReward.from_pretrained(vlm_dir).model, processor)
-    assert reward.texts(["red"]) == ['<image>\nDoes this image show "red"? Answer yes or no.']
+    reward = VLMYesNoReward(VLMYesNoReward.from_pretrained(vlm_dir, form="p_yes").model, processor, form="p_yes")
+    assert reward.texts(["red"]) == ['<image>\nDoes this image match the caption "red"? Answer Yes or No.']
     p = reward(_images(2), VLM_PROMPTS[:2])["vlm_yes"]
     assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
+
+
+def _published_vlm_by_hand(vlm_dir, images, prompts):
+    """The FDFO paper's VLM reward (method.md §1.4), one unpadded image at a time: the float image in [0, 1] resized
+    bilinearly with torch to 504² before the processor, whose own resize and rescale are off; the paper's question
+    through the chat template; 100·sigmoid(logit("Yes") − logit("No")) of the next-token logits."""
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(vlm_dir).eval()
+    processor = transformers.AutoProcessor.from_pretrained(vlm_dir)
+    vocab = processor.tokenizer.get_vocab()
+    out = []
+    for image, prompt in zip(images, prompts):
+        unit = ((image + 1) / 2).clamp(0, 1)
+        resized = torch.nn.functional.interpolate(unit[None], size=(504, 504), mode="bilinear", align_corners=False)
+        question = f'Does this image match the caption "{prompt}"? Answer Yes or No.'
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=[resized[0]], text=[text], do_resize=False, do_rescale=False, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+        out.append(100 * torch.sigmoid(logits[vocab["Yes"]] - logits[vocab["No"]]))
+    return torch.stack(out)
+
+
+def test_vlm_yes_default_is_the_papers_logit_difference(vlm504_dir):
+    reward = VLMYesNoReward.from_pretrained(vlm504_dir, micro_batch=2)
+    vocab = reward.processor.tokenizer.get_vocab()
+    assert reward.form == "logit_diff" and not reward.wants_uint8  # it reads the float images
+    assert reward.yes_ids == [vocab["Yes"]] and reward.no_ids == [vocab["No"]]  # single tokens, no other spellings
+    images = _images()
+    out = reward(images, VLM_PROMPTS)["vlm_yes"]
+    assert out.shape == (5,) and out.dtype == torch.float32 and ((out > 0) & (out < 100)).all()
+    # micro_batch=2 pads rows on the left, the by-hand rows are unpadded: the attention sums differ in order only
+    # (measured 7.6e-6, 2 float32 ulps of values near 48; bound: 8 ulps of the [64, 100] binade, 8·2⁻¹⁷).
+    torch.testing.assert_close(out, _published_vlm_by_hand(vlm504_dir, images, VLM_PROMPTS), atol=8 * 2**-17, rtol=0)
+    assert (out - out.mean()).abs().max() > 1e-3  # the image matters
+    # uint8 images score as the same values in [-1, 1] would (the composite may hand either)
+    u8 = ((images + 1) * 127.5).round().to(torch.uint8)
+    torch.testing.assert_close(
+        reward(u8, VLM_PROMPTS)["vlm_yes"], _published_vlm_by_hand(vlm504_dir, u8.float() / 127.5 - 1, VLM_PROMPTS),
+        atol=8 * 2**-17, rtol=0,
+    )  # fmt: skip
+
+
+def test_vlm_logit_diff_needs_single_yes_and_no_tokens(vlm_dir):
+    with pytest.raises(FdfoError, match=r"vlm_yes: 'No' is not a single known token .*form=p_yes"):
+        VLMYesNoReward.from_pretrained(vlm_dir)  # this vocabulary has "no" but not "No"
+    with pytest.raises(FdfoError, match="form must be one of logit_diff, p_yes"):
+        VLMYesNoReward.from_pretrained(vlm_dir, form="prob")
+
+
+def test_reward_dtype_loads_the_weights_in_that_dtype(clip_dir, vlm504_dir):
+    """`;dtype=` per entry overrides the `dtype` argument (the config's --reward-dtype) for that model only."""
+    from fdfo_fast.config import make_config
+    from fdfo_fast.train import make_reward
+
+    weights = lambda m: {p.dtype for p in m.model.parameters()}
+    vlm, hps, pick = load_reward_models(
+        f"vlm_yes={vlm504_dir};dtype=bf16,hps={clip_dir};dtype=bfloat16,pickscore={clip_dir}", dtype="fp32"
+    )
+    assert weights(vlm) == weights(hps) == {torch.bfloat16} and weights(pick) == {torch.float32}
+    assert hps.input_spec.dtype == torch.bfloat16 and vlm.dtype == torch.bfloat16
+    out = vlm(_images(2), VLM_PROMPTS[:2])["vlm_yes"]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    (fp32,) = load_reward_models(f"hps={clip_dir};dtype=fp32", dtype="bf16")
+    assert weights(fp32) == {torch.float32}
+    cfg = make_config(overrides=dict(reward="hps:1", reward_models=f"hps={clip_dir}", reward_dtype="bf16"))
+    (model,) = make_reward(cfg, torch.device("cpu")).models
+    assert weights(model) == {torch.bfloat16}
+    with pytest.raises(FdfoError, match="--reward-dtype must be fp32, bf16 or fp16"):
+        make_config(overrides=dict(reward_dtype="int8"))
+
+
+def test_pickscore_preprocesses_float_images_as_the_torchvision_processor(clip_dir, clip_rewards):
+    """PickScore's default input is the float image without 8-bit rounding (the FDFO reference, method.md §1.4):
+    what transformers' CLIPImageProcessor does to float tensors with do_rescale=False on its torchvision backend.
+    That backend (TorchvisionBackend._preprocess) resizes with torchvision's resize, which for float32 is
+    torch's interpolate(bicubic, align_corners=False, antialias=True), centre-crops at int((h - ch) / 2) and
+    normalises; transcribed here from the processor's own settings (torchvision itself is not installed)."""
+    reward = clip_rewards[PickScoreReward]
+    assert not reward.input_spec.quantize and CLIPScoreReward.from_pretrained(clip_dir).input_spec.quantize
+    processor = transformers.CLIPImageProcessor.from_pretrained(clip_dir)
+    images = _images()  # 40 x 48: the short side becomes 32, the long int(32·48/40) = 38, then a 32 x 32 crop
+    unit = (images + 1) / 2
+    short, (h, w) = processor.size["shortest_edge"], unit.shape[-2:]
+    size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    resized = torch.nn.functional.interpolate(unit, size=size, mode="bicubic", align_corners=False, antialias=True)
+    ch, cw = processor.crop_size["height"], processor.crop_size["width"]
+    top, left = int((size[0] - ch) / 2), int((size[1] - cw) / 2)
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    expected = (resized[..., top : top + ch, left : left + cw] - mean) / std
+    (ref,), _ = preprocess_images(images, [reward.input_spec], impl="ref")
+    (fused,), _ = preprocess_images(images, [reward.input_spec])  # the extension where it builds
+    torch.testing.assert_close(ref, expected, atol=0, rtol=0)
+    # the extension-vs-reference bound of tests/test_preprocess.py for float specs (measured here: 7.7e-6)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reward(images, PROMPTS, impl="ref")["pickscore"], reward.score(expected, PROMPTS)[
+        "pickscore"], atol=1e-5, rtol=0)  # fmt: skip
+    # the 8-bit PIL pipeline gives other pixels (rounding, and PIL clips the bicubic overshoot): uint8=true
+    hf_pil = processor(_pil(images), return_tensors="pt").pixel_values
+    assert (hf_pil - expected).abs().max() > 2 / 255 / min(reward.input_spec.std)
+    pil_path = PickScoreReward.from_pretrained(clip_dir, uint8=True)
+    assert pil_path.input_spec == dataclasses.replace(reward.input_spec, quantize=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,11 +507,15 @@ def test_load_reward_models_parses_terms_and_options(clip_dir, vlm_dir, head_fil
     question = 'Is it, in short, "{prompt}"; answer yes or no'
     spec = (
         f"clip_score={clip_dir};scale=2, pickscore={clip_dir};micro_batch=3,hps={clip_dir},"
-        f"aesthetic={clip_dir};head={head_files / 'head.pth'},vlm_yes={vlm_dir};question={question}"
+        f"aesthetic={clip_dir};head={head_files / 'head.pth'};uint8=false,"
+        f"vlm_yes={vlm_dir};form=p_yes;question={question}"
     )
     models = load_reward_models(spec, dtype="fp32")
     assert [type(m) for m in models] == ALL_CLASSES
     assert models[0].scale == 2.0 and models[1].micro_batch == 3 and models[4].question == question
+    assert models[4].form == "p_yes" and models[4].wants_uint8
+    # 8-bit preprocessing (HF's PIL pipeline) except where asked otherwise; PickScore: float, as the FDFO reference
+    assert [m.input_spec.quantize for m in models[:4]] == [True, False, True, False]
     assert load_reward_models("") == []
 
 
@@ -402,8 +524,13 @@ def test_load_reward_models_parses_terms_and_options(clip_dir, vlm_dir, head_fil
     [
         ("nope=/x", r"unknown reward model term 'nope'; known: clip_score, pickscore, hps, aesthetic, vlm_yes"),
         ("clip_score", "must be term=path_or_hub_id"),
-        ("clip_score={clip};bogus=1", "clip_score: unknown option 'bogus'; known: micro_batch, processor, scale"),
+        (
+            "clip_score={clip};bogus=1",
+            "clip_score: unknown option 'bogus'; known: micro_batch, dtype, processor, uint8, scale",
+        ),
         ("clip_score={clip};micro_batch=two", "micro_batch='two' is not a valid int"),
+        ("hps={clip};dtype=fp64", r"dtype='fp64' is not a valid dtype \(float32 \| fp32 \| float16"),
+        ("pickscore={clip};uint8=maybe", r"uint8='maybe' is not a valid boolean \(true \| false"),
         ("hps={clip},hps={clip}", "'hps' is given twice"),
         ("aesthetic={clip}", "needs head_path"),
     ],
@@ -417,7 +544,8 @@ def test_load_reward_models_errors(clip_dir, spec, msg):
 
 def test_composite_weighs_network_rewards(clip_dir, vlm_dir, head_files):
     models = load_reward_models(
-        f"clip_score={clip_dir};micro_batch=2,aesthetic={clip_dir};head={head_files / 'head.pth'},vlm_yes={vlm_dir}"
+        f"clip_score={clip_dir};micro_batch=2,aesthetic={clip_dir};head={head_files / 'head.pth'},"
+        f"vlm_yes={vlm_dir};form=p_yes"
     )
     composite = CompositeReward("clip_score:1,aesthetic:0.5,vlm_yes:0.25", models=models, preprocess_impl="ref")
     assert len(composite.specs) == 1  # CLIP and aesthetic share one processor, hence one prepared tensor
@@ -432,7 +560,7 @@ def test_composite_weighs_network_rewards(clip_dir, vlm_dir, head_files):
 
 
 def test_bfloat16_models_score_close_to_float32(clip_dir, vlm_dir, head_files):
-    spec = f"clip_score={clip_dir},aesthetic={clip_dir};head={head_files / 'head.pth'},vlm_yes={vlm_dir}"
+    spec = f"clip_score={clip_dir},aesthetic={clip_dir};head={head_files / 'head.pth'},vlm_yes={vlm_dir};form=p_yes"
     images = _images()
     full, half = (load_reward_models(spec, dtype=d) for d in (torch.float32, "bf16"))
     assert half[0].dtype == half[0].input_spec.dtype == half[2].dtype == torch.bfloat16

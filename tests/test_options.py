@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT, load_toy_model
+from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT, load_toy_model, read_checkpoint
 from fdfo_fast.config import make_config
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.evaluation import sample_diversity
@@ -77,3 +77,68 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     (stop,) = _records(out, "early_stop")
     assert stop["epoch"] == stop["best_epoch"] + 2 < 6 and evals[-1]["epoch"] == stop["epoch"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == stop["epoch"]
+
+
+def test_ema_every_n_steps_resumes_and_is_what_evaluation_scores(tmp_path):
+    """--ema-every N moves the average after optimiser steps N, 2N, … only (Flow-GRPO's recipe: 0.9 every 8); the
+    step count survives a resume; the held-out evaluation scores the EMA weights."""
+    common = dict(TINY, eval_every=0, opt_steps_per_epoch=2, lr=1e-3, ema_decay=0.5, diversity_prompts=0)
+    # 2 epochs x 2 steps, every 4: one update, after the last step: shadow = lerp(base, final, 0.5)
+    train(make_config("toy-fdfo", overrides=dict(common, out=str(tmp_path / "a"), epochs=2, ema_every=4)))
+    state = read_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    base_model = load_toy_model(TOY_BASE_CHECKPOINT)
+    base = base_model.state_dict()
+    names = [n for n, _ in base_model.named_parameters() if not n.startswith("text.")]  # the trained ones, in order
+    assert state["ema_steps"] == 4 and len(names) == len(state["ema"])
+    for name, shadow in zip(names, state["ema"], strict=True):
+        s, p = base[name].double(), state["model"][name].double()
+        # torch's lerp at weight 0.5: p − (p − s)·0.5, two fp32 roundings: ≤ 2·2⁻²⁴·max(|s|, |p|)
+        bound = 2 * 2**-24 * torch.maximum(s.abs(), p.abs())
+        assert ((shadow.double() - (s + p) / 2).abs() <= bound).all(), name
+        assert not torch.equal(p, base[name].double()), name  # the live weights moved
+    # resumed after epoch 1 (2 steps): without the saved step count the update at step 4 would not happen
+    train(make_config("toy-fdfo", overrides=dict(common, out=str(tmp_path / "b"), epochs=1, ema_every=4)))
+    train(make_config("toy-fdfo", overrides=dict(common, out=str(tmp_path / "b"), epochs=2, ema_every=4)), resume=True)
+    resumed = read_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert all(torch.equal(x, y) for x, y in zip(resumed["ema"], state["ema"], strict=True))
+    # an EMA that never moves (every 100 steps): the final evaluation scores the base weights, as at epoch 0
+    # (the same run without EMA: eval/alignment 0.139 -> 0.292)
+    train(make_config("toy-fdfo", overrides=dict(common, out=str(tmp_path / "c"), epochs=2, ema_every=100)))
+    first, last = _records(tmp_path / "c", "eval")
+    assert last["epoch"] == 2 and {k: v for k, v in first.items() if k.startswith("eval/")} == {
+        k: v for k, v in last.items() if k.startswith("eval/")
+    }
+
+
+def test_flow_grpo_and_ddpo_options_are_validated():
+    for over, msg in [
+        (dict(algorithm="flow_grpo", grpo_std="batch"), "--grpo-std must be group or global"),
+        (dict(algorithm="ddpo", grpo_std="global"), "--grpo-std only applies to flow_grpo"),
+        (dict(algorithm="flow_grpo", timestep_selection="last"), "--timestep-selection must be random or first"),
+        (dict(algorithm="fdfo", timestep_selection="first"), "--timestep-selection applies to flow_grpo / ddpo"),
+        (dict(algorithm="ddpo", num_steps=4, train_timestep_fraction=0.2), "--train-timestep-fraction trains int"),
+        (dict(ema_every=0, ema_decay=0.9), "--ema-every must be >= 1"),
+        (dict(ema_every=8), "--ema-every needs an EMA"),
+    ]:
+        with pytest.raises(FdfoError, match=msg):
+            make_config(overrides=over)
+
+
+def test_flow_grpo_and_ddpo_presets_follow_their_reference_configs():
+    """Values transcribed from yifan123/flow_grpo config/grpo.py `pickscore_sd3` (on config/base.py; EMA and T5
+    length in scripts/train_sd3.py) and kvablack/ddpo-pytorch config/base.py."""
+    gpus, per_gpu, k = 32, 9, 24  # gpu_number, sample.train_batch_size, sample.num_image_per_prompt
+    batches = int(48 / (gpus * per_gpu / k))  # sample.num_batches_per_epoch = 4
+    accumulation = batches // 2  # train.gradient_accumulation_steps (num_inner_epochs 1): 2 optimiser steps
+    cfg = make_config("sd35m-flow-grpo")
+    assert cfg.group_size == k and cfg.prompts_per_epoch * k == gpus * per_gpu * batches
+    assert cfg.opt_steps_per_epoch == batches // accumulation == 2
+    assert (cfg.num_steps, cfg.eval_num_steps, cfg.cfg_scale, cfg.noise_level) == (10, 40, 4.5, 0.7)
+    assert (cfg.train_timestep_fraction, cfg.timestep_selection, cfg.grpo_std) == (0.99, "first", "global")
+    assert (cfg.lr, cfg.clip_range, cfg.adv_clip, cfg.kl_beta, cfg.weight_decay) == (3e-4, 1e-4, 5.0, 0.01, 1e-4)
+    assert (cfg.ema_decay, cfg.ema_every) == (0.9, 8)  # EMAModuleWrapper(decay=0.9, update_step_interval=8)
+    assert cfg.max_sequence_length == 128 == make_config("sd35m-fdfo").max_sequence_length
+    toy = make_config("toy-flow-grpo")  # the toy preset takes the reference's choices too
+    assert (toy.train_timestep_fraction, toy.timestep_selection, toy.grpo_std) == (0.99, "first", "global")
+    ddpo = make_config("toy-ddpo")  # per_prompt_stat_tracking buffer_size 16, min_count 16
+    assert (ddpo.stat_buffer, ddpo.stat_min_count, ddpo.timestep_selection) == (16, 16, "random")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.rewards import CompositeReward, parse_weights
+from fdfo_fast.rewards import REWARD_TERMS, TOY_WORLD_TERMS, CompositeReward, parse_weights
 from fdfo_fast.rewards.image_stats import JpegReward, PaletteQualityReward
 from fdfo_fast.world.grammar import eval_prompts
 from fdfo_fast.world.render import render_batch
@@ -67,3 +67,27 @@ def test_bad_image_batches():
         r(torch.zeros(1, 3, 16, 16), ["a circle", "a square"])
     with pytest.raises(FdfoError, match="not a shapes-world prompt"):
         r(torch.zeros(1, 3, 16, 16), ["a dog"])
+
+
+def test_toy_world_terms_are_the_terms_that_parse_the_grammar():
+    """The terms refused for sd3 / flux are exactly those that cannot score a prompt outside the shapes world."""
+    images = torch.zeros(1, 3, 16, 16)
+    for name in REWARD_TERMS:
+        try:
+            CompositeReward(f"{name}:1")(images, ["a photo of a dog"])
+            parses = False
+        except FdfoError as err:
+            assert "not a shapes-world prompt" in str(err), name
+            parses = True
+        assert parses == (name in TOY_WORLD_TERMS), name
+
+
+def test_sd35m_fdfo_reward_is_pickscore_plus_a_tenth_of_the_papers_vlm_score():
+    """method.md §1.4: combined = PickScore + 0.1·VLM with VLM = 100·sigmoid(logit Yes − logit No), the vlm_yes
+    term's default form (its entry in the preset sets no form=)."""
+    from fdfo_fast.config import make_config
+
+    cfg = make_config("sd35m-fdfo")
+    assert parse_weights(cfg.reward, {"pickscore": None, "vlm_yes": None}) == {"pickscore": 1.0, "vlm_yes": 0.1}
+    vlm_entry = cfg.reward_models.split(",vlm_yes=")[1]
+    assert "form=" not in vlm_entry

@@ -26,15 +26,29 @@ def _cond(b):
     return {"dummy": torch.zeros(b)}
 
 
-def test_sigma_schedule_endpoints_and_shift():
-    s = sigma_schedule(10, 1.0)
-    assert s[0] == 1 and s[-1] == 0 and torch.all(s[1:] < s[:-1])
-    assert torch.allclose(s, torch.linspace(1, 0, 11))
-    shifted = sigma_schedule(10, 3.0)
-    u = torch.linspace(1, 0, 11, dtype=torch.float64)
-    assert torch.allclose(shifted.double(), 3 * u / (1 + 2 * u), atol=1e-7)
+@pytest.mark.parametrize("shift", [1.0, 3.0, 2.5])
+@pytest.mark.parametrize("steps", [1, 2, 10, 40])
+def test_sigma_schedule_is_the_flow_match_schedulers_grid(shift, steps):
+    """The toy world's grid is what diffusers' FlowMatchEulerDiscreteScheduler gives the SD3 pipeline through
+    retrieve_timesteps(scheduler, T) (method.md §1.1), bit for bit, without diffusers at run time."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    retrieve_timesteps(scheduler, steps, "cpu")
+    assert torch.equal(sigma_schedule(steps, shift), scheduler.sigmas)
+
+
+def test_sigma_schedule_shape_and_errors():
+    s = sigma_schedule(40, 3.0)
+    assert s.dtype == torch.float32 and s.shape == (41,) and s[0] == 1 and s[-1] == 0 and torch.all(s[1:] < s[:-1])
+    # the last nonzero σ is shift'(shift'(1/1000)), ≈ 0.0089 at shift 3 (the issue's measured value), not 1/T
+    u = 3 * 0.001 / (1 + 2 * 0.001)
+    assert s[-2].item() == pytest.approx(3 * u / (1 + 2 * u), rel=1e-6) and 0.0089 < s[-2] < 0.0090
     with pytest.raises(FdfoError):
         sigma_schedule(0)
+    with pytest.raises(FdfoError):
+        sigma_schedule(4, 0.0)
 
 
 def test_euler_on_linear_field_matches_closed_form():

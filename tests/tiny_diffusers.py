@@ -75,8 +75,9 @@ def _vae(latent_channels=4):
     )
 
 
-def build_tiny_sd3(directory, seed: int = 0):
-    """StableDiffusion3Pipeline: 2-layer MMDiT, 2 CLIP text encoders + T5, 2-level VAE (latent 4×16×16 at 32 px)."""
+def build_tiny_sd3(directory, seed: int = 0, dual_attention_layers: tuple[int, ...] = (), qk_norm: str | None = None):
+    """StableDiffusion3Pipeline: 2-layer MMDiT, 2 CLIP text encoders + T5, 2-level VAE (latent 4×16×16 at 32 px).
+    `dual_attention_layers` / `qk_norm` give SD3.5-Medium's MMDiT-X blocks (a second image self-attention `attn2`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
@@ -94,6 +95,8 @@ def build_tiny_sd3(directory, seed: int = 0):
         joint_attention_dim=64,
         pooled_projection_dim=64,
         out_channels=4,
+        dual_attention_layers=dual_attention_layers,
+        qk_norm=qk_norm,
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -108,6 +111,11 @@ def build_tiny_sd3(directory, seed: int = 0):
     )
     pipe.save_pretrained(directory)
     return directory
+
+
+def build_tiny_sd35(directory, seed: int = 0):
+    """The tiny SD3 pipeline in SD3.5-Medium's layout: block 0 a dual-attention (MMDiT-X) block, RMS qk-norm."""
+    return build_tiny_sd3(directory, seed, dual_attention_layers=(0,), qk_norm="rms_norm")
 
 
 def build_tiny_flux(directory, seed: int = 0, guidance_embeds: bool = True):
@@ -132,7 +140,15 @@ def build_tiny_flux(directory, seed: int = 0, guidance_embeds: bool = True):
     )
     pipe = FluxPipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        # FLUX.1-dev's scheduler config: resolution-dependent dynamic shifting (mu from the image token count)
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),  # fmt: skip
         vae=_vae(),
         text_encoder=clip,
         tokenizer=tok,

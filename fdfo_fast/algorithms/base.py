@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fdfo_fast.sampling import guided_velocity
+from fdfo_fast.sampling import guided_velocity, model_velocities
 
 
 @dataclass
@@ -43,13 +43,25 @@ def active_items(rollout: Rollout, items: torch.Tensor) -> torch.Tensor:
     return items if rollout.active is None else items[rollout.active[items[:, 0]]]
 
 
-def policy_velocity(model, rollout: Rollout, items: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """v_θ(x_k, σ_k, c) for a batch of (sample, step) items, CFG-combined through the trained weights."""
+def policy_velocity(
+    model, rollout: Rollout, items: torch.Tensor, cfg_scale: float, detach_uncond: bool = False
+) -> torch.Tensor:
+    """v_θ(x_k, σ_k, c) for a batch of (sample, step) items, CFG-combined through the trained weights.
+
+    With `detach_uncond` (Flow-GRPO) the unconditional half of the one batched call carries no gradient:
+    v = sg(v_u) + w·(v_c − sg(v_u)); the value is the same bit for bit, only the backward differs.
+    """
     i, k = items[:, 0], items[:, 1]
     x = rollout.traj.states[k, i]  # [N, C, H, W]
     sigma = rollout.traj.sigmas.to(x.device)[k]  # [N]
     cond, uncond = rollout.select_cond(i)
-    return guided_velocity(model, x, sigma, cond, uncond, cfg_scale)
+    if not detach_uncond:
+        return guided_velocity(model, x, sigma, cond, uncond, cfg_scale)
+    v_c, v_u = model_velocities(model, x, sigma, cond, uncond, cfg_scale)
+    if v_u is None:
+        return v_c.float()
+    v_u = v_u.detach()
+    return v_u.float() + cfg_scale * (v_c.float() - v_u.float())  # guided_velocity's combine, same op order
 
 
 class Algorithm:

@@ -41,6 +41,8 @@ class PerPromptStatTracker:
 class DDPO(SDEPolicyGradient):
     name = "ddpo"
     needs_reference = False
+    # ddpo-pytorch (scripts/train.py) combines v_u + w·(v_c − v_u) without detaching: both CFG passes are trained.
+    detach_uncond = False
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -15,6 +15,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> tor
     return adv.flatten().clamp(-clip, clip)
 
 
+def prompt_advantages(prompts: list[str], rewards: torch.Tensor, clip: float) -> torch.Tensor:
+    """Flow-GRPO's reference advantages (flow_grpo/stat_tracking.py `PerPromptStatTracker(global_std=True)`, cleared
+    after every epoch in scripts/train_sd3.py): samples are pooled by prompt text (a prompt drawn twice in one batch
+    is one group), A = (R − mean over that prompt's samples)/(std + 1e-4) with std the population std (ddof 0) of the
+    WHOLE batch's rewards; float64 as the reference's numpy; then clipped to ±clip (train_sd3.py: adv_clip_max)."""
+    r = rewards.double()
+    std = r.std(unbiased=False) + 1e-4
+    adv = torch.empty_like(r)
+    for prompt in dict.fromkeys(prompts):
+        idx = torch.tensor([j for j, p in enumerate(prompts) if p == prompt])
+        adv[idx] = (r[idx] - r[idx].mean()) / std
+    return adv.float().clamp(-clip, clip)
+
+
 def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip_range: float):
     """PPO per item: max(−A·r, −A·clip(r, 1 − c, 1 + c)) with r = exp(logπ_θ − logπ_old); returns (loss, r)."""
     ratio = torch.exp(log_prob - old_log_prob)
@@ -25,6 +39,8 @@ def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv:
 
 class SDEPolicyGradient(Algorithm):
     """Shared machinery of Flow-GRPO and DDPO: SDE sampling, per-step log-probs, the clipped objective."""
+
+    detach_uncond = False  # with CFG: no gradient through the unconditional pass (see FlowGRPO)
 
     def _advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -55,12 +71,18 @@ class SDEPolicyGradient(Algorithm):
         rewards = ctx.score(images, prompts)
         adv = ctx.global_advantages(self._advantages, prompts, rewards["reward"])
         T, B = traj.states.shape[:2]
-        # Train on a random subset of each trajectory's steps (Flow-GRPO's timestep fraction), redrawn per epoch
-        # for every sample of the global batch (so the subsets do not depend on the number of ranks).
-        k_train = max(1, round(cfg.train_timestep_fraction * T))
-        n_global = cfg.prompts_per_epoch * cfg.group_size
-        steps = torch.stack([torch.randperm(T, generator=generator)[:k_train] for _ in range(n_global)])
-        steps = steps[ctx.env.shard(n_global)]  # [B, k]
+        # k = ⌊f·T⌋ steps per trajectory, as both references count them: int(num_steps · timestep_fraction)
+        # (flow_grpo scripts/train_sd3.py, ddpo-pytorch scripts/train.py); validate() keeps k >= 1.
+        k_train = int(cfg.train_timestep_fraction * T)
+        if cfg.timestep_selection == "first":
+            # Flow-GRPO: steps 0 … k − 1 of every trajectory (f = 0.99 of 10 steps drops the last one).
+            steps = torch.arange(k_train).expand(B, k_train)
+        else:
+            # DDPO: a random k-subset of each trajectory's steps (a per-sample randperm), redrawn per epoch for
+            # every sample of the global batch (so the subsets do not depend on the number of ranks).
+            n_global = cfg.prompts_per_epoch * cfg.group_size
+            steps = torch.stack([torch.randperm(T, generator=generator)[:k_train] for _ in range(n_global)])
+            steps = steps[ctx.env.shard(n_global)]  # [B, k]
         items = torch.stack([torch.arange(B).repeat_interleave(k_train), steps.flatten()], dim=1)
         return Rollout(
             prompts=prompts,
@@ -89,7 +111,9 @@ class SDEPolicyGradient(Algorithm):
         x, x_next = traj.states[k, i], traj.next_state(k, i)
         t, s, g = t.to(x.device), s.to(x.device), g.to(x.device)  # the schedule lives on the CPU
         std = (g * (t - s).sqrt()).float()  # [N, 1, 1, 1]: g·√(−dt)
-        v = policy_velocity(model if model is not None else ctx.model, rollout, items, cfg.cfg_scale)
+        v = policy_velocity(
+            model if model is not None else ctx.model, rollout, items, cfg.cfg_scale, self.detach_uncond
+        )
         mean = sde_mean(x, v, t, s, g)
         return gaussian_log_prob(x_next, mean, std), mean, g
 
@@ -120,10 +144,15 @@ class SDEPolicyGradient(Algorithm):
 
 class FlowGRPO(SDEPolicyGradient):
     name = "flow_grpo"
+    # The reference's training forward (scripts/train_sd3.py `compute_log_prob`) runs cond and uncond in one batched
+    # call and detaches the unconditional prediction before the CFG combine: only v_c carries gradient.
+    detach_uncond = True
 
     @property
     def needs_reference(self) -> bool:
         return self.cfg.kl_beta > 0
 
     def _advantages(self, prompts, rewards):
+        if self.cfg.grpo_std == "global":
+            return prompt_advantages(prompts, rewards, self.cfg.adv_clip)
         return group_advantages(rewards, self.cfg.group_size, self.cfg.adv_clip)

@@ -2,17 +2,19 @@
 
 The interface (shared with `ToyFlowModel`): `encode_prompts(prompts) -> cond dict` (batch-first tensors),
 `forward(x, sigma, cond) -> v` with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀ (SD3's rectified-flow convention, which
-diffusers' SD3 and FLUX transformers predict), `decode(x₀) -> images in [-1, 1]`, and `latent_shape`.
-Sampling therefore runs the same samplers and fused kernels in latent space ([B, C, H, W]; FLUX's 2×2 packing
-happens inside `forward`).
+diffusers' SD3 and FLUX transformers predict), `decode(x₀) -> images in [-1, 1]`, `latent_shape`, and
+`sigma_schedule(T)`: the σ grid the diffusers pipeline samples with (its own scheduler, set as its __call__ sets
+it). Sampling therefore runs the same samplers and fused kernels in latent space ([B, C, H, W]; FLUX's 2×2 packing
+happens inside `forward`), and `forward` hands the transformer the pipeline's own timesteps.
 
 - Prompt embeddings come from the pipeline's own `encode_prompt` once per distinct prompt and are cached on the CPU
   (the text encoders are frozen; FDFO re-uses a prompt's conditioning across its pair and all steps).
-- LoRA through peft (the attention projections by default, as peers do) or full fine-tuning of the transformer;
-  gradient checkpointing; bf16 weights with the sampler state kept in fp32.
+- LoRA through peft on the reference recipes' target modules (Flow-GRPO's `attn.*` projections; FLUX also its MLPs)
+  or full fine-tuning of the transformer; gradient checkpointing; bf16 weights with the sampler state in fp32.
 - The frozen reference model (velocity penalty / KL) of a LoRA run is the same transformer with its adapters
   disabled, so no second copy of the weights exists.
-- `export_lora(dir)` writes the diffusers LoRA format that `pipe.load_lora_weights(dir)` reads.
+- `export_lora(dir)` writes, with r and α, both the diffusers LoRA format (`pipe.load_lora_weights(dir)`) and a
+  PEFT adapter folder (`PeftModel.from_pretrained(transformer, dir)`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,35 @@ from torch import nn
 from fdfo_fast.errors import FdfoError
 
 _log = logging.getLogger("fdfo_fast")
-# Attention projections of the joint (image + text) blocks, as Flow-GRPO and peers train them.
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# The recipes' LoRA target_modules per model (peft matches each as a module-name suffix), from Flow-GRPO's
+# scripts/train_sd3.py and scripts/train_flux.py. SD3: the joint attention's projections `attn.*` only, so SD3.5's
+# second image self-attention `attn2` (MMDiT-X blocks) stays frozen; FLUX: the same plus both MLPs of the double blocks.
+_ATTN_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)  # fmt: skip
+DEFAULT_LORA_TARGETS = {
+    "sd3": _ATTN_LORA_TARGETS,
+    "flux": _ATTN_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _matching_lora_targets(transformer: nn.Module, targets) -> list[str]:
+    """The targets that match a module the way peft matches target_modules (peft's own check: the full name or a
+    `.`-separated suffix of it); one clear error when none does."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    names = [n for n, _ in transformer.named_modules() if n]
+    configs = {t: LoraConfig(target_modules=[t]) for t in dict.fromkeys(targets)}
+    found = [t for t, c in configs.items() if any(check_target_module_exists(c, n) for n in names)]
+    if not found:
+        raise FdfoError(f"--lora-targets {','.join(targets)} match no module of the transformer")
+    if len(found) < len(configs):
+        unmatched = ",".join(t for t in configs if t not in found)
+        _log.warning("--lora-targets: %s match no module of the transformer", unmatched)
+    return found
 
 
 def _require_diffusers():
@@ -144,6 +172,31 @@ class DiffusersFlowModel(nn.Module):
         keys = self._cache[prompts[0]].keys()
         return {k: torch.stack([self._cache[p][k] for p in prompts]).to(self.device) for k in keys}
 
+    # -- the σ grid ---------------------------------------------------------------------------------------
+    def sigma_schedule(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        """The σ grid (fp32 [T + 1], ending in 0) the diffusers pipeline samples with for `num_steps`: its own
+        scheduler, set exactly as the pipeline's __call__ sets it (`_scheduler_kwargs`), on a copy so the pipeline's
+        state is untouched. `shift` overrides the scheduler config's shift (None: the config's)."""
+        if num_steps < 1:
+            raise FdfoError(f"num_steps must be >= 1, got {num_steps}")
+        import copy
+
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        if shift is not None:
+            if not shift > 0:
+                raise FdfoError(f"time shift must be > 0, got {shift}")
+            scheduler = type(scheduler).from_config(scheduler.config, shift=float(shift))
+        retrieve_timesteps(scheduler, num_steps, "cpu", **self._scheduler_kwargs(scheduler, num_steps))
+        return scheduler.sigmas.float().cpu()
+
+    def _image_seq_len(self) -> int:
+        raise NotImplementedError
+
+    def _scheduler_kwargs(self, scheduler, num_steps: int) -> dict:
+        raise NotImplementedError
+
     # -- decode ------------------------------------------------------------------------------------------
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1] (fp32) through the VAE: z / scaling_factor + shift_factor, decode."""
@@ -159,25 +212,29 @@ class DiffusersFlowModel(nn.Module):
         mode: str,
         lora_rank: int = 32,
         lora_alpha: float = 64.0,
-        lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        lora_targets: tuple[str, ...] | None = None,
         gradient_checkpointing: bool = False,
     ) -> list[nn.Parameter]:
-        """Freeze what is not trained; return the trainable parameters (LoRA factors, or the whole transformer)."""
+        """Freeze what is not trained; return the trainable parameters (LoRA factors, or the whole transformer).
+
+        `lora_targets`: peft target_modules (module-name suffixes); None or ("auto",) = this model's recipe list
+        (DEFAULT_LORA_TARGETS). Targets that match no module are dropped with a warning; none matching is an error."""
         self.requires_grad_(False)
         if mode == "lora":
             try:
                 from peft import LoraConfig
             except ImportError:
                 raise FdfoError("--finetune lora needs peft: pip install 'fdfo_fast[diffusers]'") from None
-            present = {n.rsplit(".", 1)[-1] for n, _ in self.transformer.named_modules()}
-            present |= {".".join(n.split(".")[-2:]) for n, _ in self.transformer.named_modules()}
-            if not any(t in present for t in lora_targets):
-                raise FdfoError(f"--lora-targets {','.join(lora_targets)} match no module of the transformer")
-            targets = [t for t in lora_targets if t in present]
+            if lora_targets is None or tuple(lora_targets) == ("auto",):
+                lora_targets = DEFAULT_LORA_TARGETS.get(self.kind, _ATTN_LORA_TARGETS)
+            targets = _matching_lora_targets(self.transformer, lora_targets)
             config = LoraConfig(
                 r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=targets
             )
-            self.transformer.add_adapter(config)
+            try:
+                self.transformer.add_adapter(config)
+            except ValueError as err:  # e.g. a target that names a module peft cannot adapt (not a Linear)
+                raise FdfoError(f"--lora-targets {','.join(lora_targets)}: {err}") from None
             self.lora = True
             # LoRA factors train in fp32 even when the frozen base is bf16 (optimizer state and updates need it)
             for name, p in self.transformer.named_parameters():
@@ -234,15 +291,40 @@ class DiffusersFlowModel(nn.Module):
         return ref
 
     def export_lora(self, directory: str | Path) -> Path:
-        """Write the LoRA in the diffusers format (`pipe.load_lora_weights(directory)` loads it)."""
+        """Write the LoRA into `directory` in both formats the recipes load, each with its r, α and targets:
+        - diffusers: `pytorch_lora_weights.safetensors` with the adapter metadata (`pipe.load_lora_weights(dir)`;
+          without the metadata diffusers would assume α = r);
+        - PEFT: `adapter_config.json` + `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes them
+          (`PeftModel.from_pretrained(transformer, dir)`, how the FDFO reference code and Flow-GRPO load a LoRA).
+        diffusers picks its own file by name, so the two never mix."""
         if not self.lora:
             raise FdfoError("export_lora: this run fine-tunes the full transformer, there is no LoRA to export")
+        import copy
+
         from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         layers = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
-        type(self.pipe).save_lora_weights(str(directory), transformer_lora_layers=layers)
+        config = self.transformer.peft_config["default"]
+        # the metadata diffusers' own ModelMixin.save_lora_adapter writes: the adapter's LoraConfig as a dict
+        type(self.pipe).save_lora_weights(
+            str(directory), transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict()
+        )
+        # PeftModel.save_pretrained's layout: keys under the PeftModel prefix, the config in inference mode with the
+        # auto-mapping of a non-transformers base model
+        save_file(
+            {f"base_model.model.{k}": v for k, v in layers.items()},
+            str(directory / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        peft_config = copy.deepcopy(config)
+        peft_config.inference_mode = True
+        base = type(self.transformer)
+        peft_config.save_pretrained(
+            str(directory), auto_mapping_dict={"base_model_class": base.__name__, "parent_library": base.__module__}
+        )
         return directory
 
 
@@ -289,11 +371,31 @@ class SD3FlowModel(DiffusersFlowModel):
         )
         return {"embeds": embeds, "pooled": pooled}
 
+    def _scheduler_kwargs(self, scheduler, num_steps: int) -> dict:
+        """StableDiffusion3Pipeline.__call__: no sigmas; `mu` only with dynamic shifting (SD3.5 has none), from the
+        latent token count and the config's base/max shift (the pipeline's fallback max_shift is 1.16)."""
+        if not scheduler.config.get("use_dynamic_shifting", None):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        p = self.transformer.config.patch_size
+        seq_len = (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
+        mu = calculate_shift(
+            seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.16),
+        )
+        return {"mu": mu}
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         return self.transformer(
             hidden_states=x.to(self.dtype),
-            timestep=(sigma * 1000).to(self.dtype),  # the scheduler's timesteps are σ·1000
+            # the scheduler's fp32 timesteps σ·1000, as the pipeline and the reference code pass them (a bf16 copy
+            # would be off by up to 2 timestep units)
+            timestep=sigma.float() * 1000,
             encoder_hidden_states=cond["embeds"].to(self.dtype),
             pooled_projections=cond["pooled"].to(self.dtype),
             return_dict=False,
@@ -344,6 +446,23 @@ class FluxFlowModel(DiffusersFlowModel):
     def describe(self) -> dict:
         return {**super().describe(), "guidance": self.guidance}
 
+    def _scheduler_kwargs(self, scheduler, num_steps: int) -> dict:
+        """FluxPipeline.__call__: sigmas linspace(1, 1/T, T) (none with use_flow_sigmas) and the resolution-dependent
+        `mu` of dynamic shifting from the packed image token count (the pipeline's fallback max_shift is 1.15)."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        seq_len = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+        mu = calculate_shift(
+            seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        return {"sigmas": sigmas, "mu": mu}
+
     def _encode_uncached(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
@@ -363,7 +482,8 @@ class FluxFlowModel(DiffusersFlowModel):
             guidance = torch.full((b,), self.guidance, device=x.device, dtype=torch.float32)
         out = self.transformer(
             hidden_states=pack_latents(x.to(self.dtype)),
-            timestep=sigma.to(self.dtype),  # FLUX takes σ itself (the pipeline passes timestep / 1000)
+            # FluxPipeline passes timestep.to(latents dtype) / 1000 with timestep = σ·1000 (fp32): the same here
+            timestep=(sigma.float() * 1000).to(self.dtype) / 1000,
             guidance=guidance,
             pooled_projections=cond["pooled"].to(self.dtype),
             encoder_hidden_states=cond["embeds"].to(self.dtype),

@@ -13,6 +13,9 @@ from fdfo_fast.rewards.image_stats import JpegReward, PaletteQualityReward
 REWARD_TERMS: dict[str, type[Reward]] = {
     name: cls for cls in (AlignmentReward, JpegReward, PaletteQualityReward) for name in cls.names
 }
+# Terms that parse the prompt with the shapes world's grammar: they cannot score an SD3 / FLUX image (the config
+# refuses them for real models). `quality` (closeness to the world's palette) and the JPEG terms are prompt-free.
+TOY_WORLD_TERMS: frozenset[str] = frozenset(AlignmentReward.names)
 
 
 def parse_weights(spec: str | dict[str, float], known: dict[str, object] | None = None) -> dict[str, float]:
@@ -106,4 +109,5 @@ __all__ = [
     "PaletteQualityReward",
     "Reward",
     "REWARD_TERMS",
+    "TOY_WORLD_TERMS",
 ]

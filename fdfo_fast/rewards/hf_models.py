@@ -1,13 +1,14 @@
-"""Network rewards loaded through transformers: CLIPScore, PickScore, HPSv2, the LAION aesthetic predictor, VLM P(yes).
+"""Network rewards loaded through transformers: CLIPScore, PickScore, HPSv2, the LAION aesthetic predictor, VLM yes/no.
 
 Every class loads with `from_pretrained(path_or_id, device, dtype, micro_batch, **options)`: a local folder loads
 with `local_files_only=True`, anything else is a hub id that transformers resolves (and that fails fast when
 HF_HUB_OFFLINE=1). Every failure is one `FdfoError` naming the term, the source and the reason.
 
 The CLIP-based rewards are `ModelReward`s: they read the pixel tensor the fused preprocessing pass prepares from
-their folder's image processor (`ImageInputSpec.from_hf_processor`) and never run the HF processor themselves.
-`VLMYesNoReward` hands the uint8 images to its VLM's own processor (dynamic resolution, image tokens), so it is a
-plain `Reward` that sets `wants_uint8`, like `JpegReward`.
+their folder's image processor (`ImageInputSpec.from_hf_processor`, 8-bit or float: `uint8=`) and never run the HF
+processor themselves. `VLMYesNoReward` hands the images to its VLM's own processor (image tokens): by default float
+images it resized itself (the paper's form); with `form=p_yes` the uint8 images (`wants_uint8`, like `JpegReward`).
+It is a plain `Reward`.
 
 `load_reward_models("pickscore=yuvalkirstain/PickScore_v1,aesthetic=/m/clip-l14;head=/m/sac.pth")` builds them from
 one config string (syntax in its docstring); `CompositeReward(weights, models=...)` then weighs their terms.
@@ -15,6 +16,7 @@ one config string (syntax in its docstring); `CompositeReward(weights, models=..
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import re
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.rewards.base import ModelReward, Reward, score_in_micro_batches, to_uint8_hwc
+from fdfo_fast.rewards.base import ModelReward, Reward, check_images, score_in_micro_batches, to_uint8_hwc
 from fdfo_fast.rewards.preprocess import ImageInputSpec
 
 _log = logging.getLogger("fdfo_fast")
@@ -64,6 +66,27 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPES:
         raise FdfoError(f"reward model dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def _choice(what: str, choices: dict) -> Callable[[str], object]:
+    """An option converter: the value (case-insensitive) must be a key of `choices`; its __name__ lists them, so a
+    bad value is reported as "not a valid dtype (float32 | fp32 | ...)"."""
+
+    def convert(text: str):
+        if text.lower() not in choices:
+            raise ValueError(text)
+        return choices[text.lower()]
+
+    convert.__name__ = f"{what} ({' | '.join(choices)})"
+    return convert
+
+
+_BOOLEAN = _choice("boolean", {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False})
+# Options every network reward takes: micro-batch size and weight dtype (overriding load_reward_models' dtype).
+_COMMON_OPTIONS: dict[str, tuple[str, Callable]] = {
+    "micro_batch": ("micro_batch", int),
+    "dtype": ("dtype", _choice("dtype", DTYPES)),
+}
 
 
 def _source(path_or_id: str | Path, what: str) -> tuple[str, dict]:
@@ -184,9 +207,13 @@ class ClipSimilarityReward(ModelReward):
 
     names: tuple[str, ...] = ()
     default_processor: str | None = None
+    # uint8=true: the HF processor's 8-bit PIL pipeline (images as PIL would hold them); false: float images, no
+    # 8-bit rounding (the HF processor's torchvision backend on float tensors, do_rescale=False).
+    default_uint8: bool = True
     OPTIONS: dict[str, tuple[str, Callable]] = {
-        "micro_batch": ("micro_batch", int),
+        **_COMMON_OPTIONS,
         "processor": ("processor_path", str),
+        "uint8": ("uint8", _BOOLEAN),
     }
 
     def __init__(self, model, tokenizer, input_spec: ImageInputSpec, micro_batch: int = 16):
@@ -203,13 +230,16 @@ class ClipSimilarityReward(ModelReward):
         dtype: torch.dtype | str = torch.float32,
         micro_batch: int = 16,
         processor_path: str | Path | None = None,
+        uint8: bool | None = None,
         **kw,
     ):
-        """Load a Hugging Face CLIPModel; `processor_path` names where its tokenizer and image processor live."""
+        """Load a Hugging Face CLIPModel; `processor_path` names where its tokenizer and image processor live;
+        `uint8` picks 8-bit or float preprocessing (None = the class's `default_uint8`)."""
         dtype = _as_dtype(dtype)
         model, tokenizer, spec = load_clip(
             path_or_id, cls.names[0], device, dtype, processor_path, cls.default_processor
         )
+        spec = dataclasses.replace(spec, quantize=cls.default_uint8 if uint8 is None else uint8)
         return cls(model, tokenizer, spec, micro_batch=micro_batch, **kw)
 
     def cosine(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -249,11 +279,13 @@ class PickScoreReward(ClipSimilarityReward):
     """`pickscore` = exp(logit_scale)·cos(image, text): PickScore's logit (Kirstain et al. 2023), about 20-23.
 
     PickScore_v1 ships without tokenizer or image processor; its authors load them from the CLIP-H it was
-    fine-tuned from, which is the fallback here when the model folder has none (or pass processor=...).
+    fine-tuned from, which is the fallback here when the model folder has none (or pass processor=...). The FDFO
+    reference scores the decoded float images without 8-bit rounding (method.md §1.4): `uint8=false` by default.
     """
 
     names = ("pickscore",)
     default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    default_uint8 = False
 
     def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
         return self.model.logit_scale.exp().float() * cos
@@ -332,9 +364,10 @@ class AestheticReward(ModelReward):
 
     names = ("aesthetic",)
     OPTIONS = {
-        "micro_batch": ("micro_batch", int),
+        **_COMMON_OPTIONS,
         "head": ("head_path", str),
         "processor": ("processor_path", str),
+        "uint8": ("uint8", _BOOLEAN),
     }
 
     def __init__(self, model, head: AestheticHead, input_spec: ImageInputSpec, micro_batch: int = 16):
@@ -352,12 +385,15 @@ class AestheticReward(ModelReward):
         micro_batch: int = 16,
         head_path: str | Path | None = None,
         processor_path: str | Path | None = None,
+        uint8: bool = True,
     ):
-        """CLIP from `path_or_id`, head from `head_path` (e.g. sac+logos+ava1-l14-linearMSE.pth)."""
+        """CLIP from `path_or_id`, head from `head_path` (e.g. sac+logos+ava1-l14-linearMSE.pth); `uint8` as for
+        the CLIP terms (the LAION predictor scores PIL images: 8-bit by default)."""
         if head_path is None:
             raise FdfoError("aesthetic: needs head_path (the predictor's .pth, e.g. sac+logos+ava1-l14-linearMSE.pth)")
         dtype = _as_dtype(dtype)
         model, _, spec = load_clip(path_or_id, "aesthetic", device, dtype, processor_path, with_tokenizer=False)
+        spec = dataclasses.replace(spec, quantize=uint8)
         return cls(model, load_aesthetic_head(head_path, model.config.projection_dim), spec, micro_batch)
 
     @torch.no_grad()
@@ -385,38 +421,79 @@ def answer_token_ids(tokenizer, spellings: tuple[str, ...]) -> list[int]:
 
 
 class VLMYesNoReward(Reward):
-    """`vlm_yes` = P("yes") of a vision-language model asked `question.format(prompt=...)` about each image.
+    """`vlm_yes`: how strongly a vision-language model answers yes to `question.format(prompt=...)` about each image.
 
-    The answer's logit is logsumexp of the next-token logits over its spellings' ids (`answer_token_ids`), i.e. the
-    log of their summed probabilities; P(yes) = softmax([yes, no])[0] = p(yes-ids) / (p(yes-ids) + p(no-ids)).
+    Two forms (`form=`):
+
+    logit_diff (default, the FDFO paper's, method.md §1.4): 100·sigmoid(logit("Yes") − logit("No")) ∈ [0, 100] from
+        the next-token logits of the single tokens "Yes" and "No". The float image in [0, 1] is resized bilinearly
+        (torch's `interpolate`, align_corners=False, no antialias) to `size`² (504) and handed to the processor with
+        its own resize and rescale off, so no 8-bit rounding happens anywhere.
+    p_yes: P(yes) ∈ [0, 1] = p(yes-ids) / (p(yes-ids) + p(no-ids)), each answer's logit the logsumexp over the
+        first tokens of its spellings (`answer_token_ids`: yes / Yes / " yes" / " Yes"), the uint8 images going
+        through the processor's own resize.
+
     The question goes through the processor's chat template (user turn: image then text, then the generation
     prompt), or, without one, is "<image token>\\n<question>". Prompts are padded on the left so the last position is
     every row's next token (rotary positions make the shift harmless) and only that position's logits are computed.
     """
 
     names = ("vlm_yes",)
-    wants_uint8 = True
-    DEFAULT_QUESTION = 'Does this image show "{prompt}"? Answer yes or no.'
-    OPTIONS = {"micro_batch": ("micro_batch", int), "question": ("question", str)}
+    FORMS = ("logit_diff", "p_yes")
+    DEFAULT_QUESTION = 'Does this image match the caption "{prompt}"? Answer Yes or No.'
+    DEFAULT_SIZE = 504
+    OPTIONS = {
+        **_COMMON_OPTIONS,
+        "question": ("question", str),
+        "form": ("form", _choice("form", {f: f for f in FORMS})),
+        "size": ("size", int),
+    }
 
-    def __init__(self, model, processor, question: str = DEFAULT_QUESTION, micro_batch: int = 16):
+    def __init__(
+        self,
+        model,
+        processor,
+        question: str = DEFAULT_QUESTION,
+        micro_batch: int = 16,
+        form: str = "logit_diff",
+        size: int = DEFAULT_SIZE,
+    ):
         try:
             question.format(prompt="")
         except (KeyError, IndexError, ValueError) as err:
             raise FdfoError(f"vlm_yes: question may only use the field {{prompt}}: {question!r} ({err!r})") from None
+        if form not in self.FORMS:
+            raise FdfoError(f"vlm_yes: form must be one of {', '.join(self.FORMS)}, got {form!r}")
+        if size < 1:
+            raise FdfoError(f"vlm_yes: size must be >= 1, got {size}")
         self.model, self.processor, self.question, self.micro_batch = model, processor, question, micro_batch
+        self.form, self.size = form, size
+        self.wants_uint8 = form == "p_yes"  # logit_diff reads the float images
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
-        self.yes_ids = answer_token_ids(tokenizer, YES_SPELLINGS)
-        self.no_ids = answer_token_ids(tokenizer, NO_SPELLINGS)
+        if form == "logit_diff":
+            self.yes_ids, self.no_ids = [self._single_token(tokenizer, "Yes")], [self._single_token(tokenizer, "No")]
+        else:
+            self.yes_ids = answer_token_ids(tokenizer, YES_SPELLINGS)
+            self.no_ids = answer_token_ids(tokenizer, NO_SPELLINGS)
         if not self.yes_ids or not self.no_ids or set(self.yes_ids) & set(self.no_ids):
             raise FdfoError(f"vlm_yes: tokenizer has no distinct 'yes'/'no' tokens (ids {self.yes_ids}/{self.no_ids})")
         self.chat = getattr(processor, "chat_template", None) is not None
         if not self.chat and not getattr(processor, "image_token", None):
             raise FdfoError("vlm_yes: the processor has neither a chat template nor an image token")
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @staticmethod
+    def _single_token(tokenizer, word: str) -> int:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            raise FdfoError(
+                f"vlm_yes: {word!r} is not a single known token of this tokenizer (ids {ids}); form=logit_diff reads "
+                "the logits of 'Yes' and 'No' (form=p_yes sums the spellings' first tokens)"
+            )
+        return ids[0]
 
     @classmethod
     def from_pretrained(
@@ -426,6 +503,8 @@ class VLMYesNoReward(Reward):
         dtype: torch.dtype | str = torch.float32,
         micro_batch: int = 16,
         question: str = DEFAULT_QUESTION,
+        form: str = "logit_diff",
+        size: int = DEFAULT_SIZE,
     ):
         """AutoProcessor + AutoModelForImageTextToText (Qwen2.5-VL, LLaVA, ...) from a folder or hub id."""
         tf = _transformers()
@@ -444,7 +523,7 @@ class VLMYesNoReward(Reward):
                 f"vlm_yes: {src} ({model_type}) has no usable tokenizer "
                 f"({len(tokenizer) if tokenizer is not None else 0} tokens for a {n_embed}-token model)"
             )
-        return cls(model, processor, question, micro_batch)
+        return cls(model, processor, question, micro_batch, form, size)
 
     def texts(self, prompts: list[str]) -> list[str]:
         out = []
@@ -463,22 +542,40 @@ class VLMYesNoReward(Reward):
         logits = logits.float()
         return torch.stack([logits[:, self.yes_ids].logsumexp(-1), logits[:, self.no_ids].logsumexp(-1)], -1)
 
-    @torch.no_grad()
-    def score(self, uint8_nhwc: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        from PIL import Image
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """logit_diff's model images: [B, 3, H, W] float in [-1, 1] (or uint8) -> float [B, 3, size, size] in [0, 1]."""
+        unit = images.float() / 255 if images.dtype == torch.uint8 else ((images.float() + 1) / 2).clamp(0, 1)
+        size = (self.size, self.size)
+        return nn.functional.interpolate(unit, size=size, mode="bilinear", align_corners=False, antialias=False)
 
-        images = [Image.fromarray(a) for a in uint8_nhwc.cpu().numpy()]
-        inputs = self.processor(images=images, text=self.texts(prompts), padding=True, return_tensors="pt")
+    def next_token_logits(self, images, prompts: list[str], **processor_kw) -> torch.Tensor:
+        inputs = self.processor(
+            images=images, text=self.texts(prompts), padding=True, return_tensors="pt", **processor_kw
+        )
         inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-        logits = self.model(**inputs, **({"logits_to_keep": 1} if self.keep_last else {})).logits[:, -1]  # [b, V]
-        return {"vlm_yes": self.answer_logits(logits).softmax(-1)[:, 0]}
+        return self.model(**inputs, **({"logits_to_keep": 1} if self.keep_last else {})).logits[:, -1]  # [b, V]
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """One micro-batch: logit_diff takes the [b, 3, H, W] images, p_yes the uint8 [b, H, W, 3] ones."""
+        if self.form == "p_yes":
+            from PIL import Image
+
+            pil = [Image.fromarray(a) for a in images.cpu().numpy()]
+            return {"vlm_yes": self.answer_logits(self.next_token_logits(pil, prompts)).softmax(-1)[:, 0]}
+        pixels = list(self.resized(images).cpu())
+        logits = self.next_token_logits(pixels, prompts, do_resize=False, do_rescale=False).float()
+        return {"vlm_yes": 100 * torch.sigmoid(logits[:, self.yes_ids[0]] - logits[:, self.no_ids[0]])}
 
     def __call__(
         self, images: torch.Tensor, prompts: list[str], uint8_nhwc: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         self.check_batch(images, prompts)
-        u8 = uint8_nhwc.cpu() if uint8_nhwc is not None else torch.from_numpy(to_uint8_hwc(images))
-        return score_in_micro_batches(self.score, u8, prompts, self.micro_batch)
+        if self.form == "p_yes":
+            u8 = uint8_nhwc.cpu() if uint8_nhwc is not None else torch.from_numpy(to_uint8_hwc(images))
+            return score_in_micro_batches(self.score, u8, prompts, self.micro_batch)
+        check_images(images)
+        return score_in_micro_batches(self.score, images, prompts, self.micro_batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,11 +598,14 @@ def load_reward_models(
 
         pickscore=yuvalkirstain/PickScore_v1
         clip_score=/m/clip;scale=2.5,aesthetic=/m/clip-l14;head=/m/sac+logos+ava1-l14-linearMSE.pth
-        vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=4;question=Is this "{prompt}"? Answer yes or no.
+        vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=4;dtype=bf16;question=Is this "{prompt}"? Answer Yes or No.
 
-    Terms: clip_score, pickscore, hps, aesthetic, vlm_yes. Options: micro_batch (all), processor (CLIP terms: folder
-    of the tokenizer and image processor), scale (clip_score), head (aesthetic, required), question (vlm_yes). A
-    value runs to the next `,name=` / `;name=`, so it may hold commas and semicolons otherwise. "" gives [].
+    Terms: clip_score, pickscore, hps, aesthetic, vlm_yes. Options: micro_batch and dtype (all; dtype fp32 | bf16 |
+    fp16 overrides the `dtype` argument for that model), processor (CLIP terms and aesthetic: folder of the
+    tokenizer and image processor), uint8 (CLIP terms and aesthetic: true = 8-bit PIL-style preprocessing, false =
+    float; pickscore defaults to false, the others to true), scale (clip_score), head (aesthetic, required),
+    question, form (logit_diff | p_yes) and size (vlm_yes). A value runs to the next `,name=` / `;name=`, so it may
+    hold commas and semicolons otherwise. "" gives [].
     """
     models: list[Reward] = []
     for entry in filter(None, (e.strip() for e in _ENTRY_SPLIT.split(spec or ""))):
@@ -528,7 +628,7 @@ def load_reward_models(
                 kwargs[name] = convert(value)
             except ValueError:
                 raise FdfoError(f"{term}: option {key}={value!r} is not a valid {convert.__name__}") from None
-        models.append(cls.from_pretrained(path, device=device, dtype=dtype, **kwargs))
+        models.append(cls.from_pretrained(path, device=device, **{"dtype": dtype, **kwargs}))
     return models
 
 
