@@ -163,3 +163,29 @@ def test_a_lora_runs_images_come_back_from_plain_diffusers(sd3_dir, tmp_path):
     base = StableDiffusion3Pipeline.from_pretrained(sd3_dir, local_files_only=True)
     untrained, _ = _pipeline_latents(base, prompts, result["x1"], 3, guidance_scale=2.0, max_sequence_length=16)
     assert (untrained - theirs).abs().max().item() > 100 * spread  # the LoRA matters at this tolerance
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_the_transformer_gets_the_pipelines_timesteps(kind, sd3_dir, flux_dir):
+    """bf16 weights: the timesteps our sampler hands the transformer are the very tensors (values and dtype) the
+    diffusers pipeline hands it — SD3 the fp32 scheduler timesteps (a bf16 copy was off by up to 2 units), FLUX
+    the pipeline's (σ·1000 in the latents' dtype)/1000."""
+    from fdfo_fast.sampling import model_sigma_schedule, run_sampler
+
+    cls, path = (SD3FlowModel, sd3_dir) if kind == "sd3" else (FluxFlowModel, flux_dir)
+    model = cls.from_pretrained(path, dtype=torch.bfloat16, resolution=32).eval()
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["timestep"].detach().clone()), with_kwargs=True
+    )
+    steps, prompts = 4, ["a red cube"]
+    x1 = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(9))
+    extra = dict(height=32, width=32) if kind == "flux" else dict(guidance_scale=1.0)
+    lat = pack_latents(x1) if kind == "flux" else x1
+    model.pipe(prompts, num_inference_steps=steps, latents=lat.to(torch.bfloat16), output_type="latent", **extra)
+    theirs, seen[:] = list(seen), []
+    run_sampler(model, x1, model_sigma_schedule(model, steps), model.encode_prompts(prompts))
+    hook.remove()
+    assert len(seen) == len(theirs) == steps
+    for ours, ref in zip(seen, theirs, strict=True):
+        assert ours.dtype == ref.dtype and torch.equal(ours, ref), (ours, ref)
