@@ -26,3 +26,21 @@ class DiracVelocity:
 @pytest.fixture
 def dirac():
     return DiracVelocity
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    """A tiny random-weight StableDiffusion3Pipeline saved once per session (tests/tiny_diffusers.py)."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusers import build_tiny_sd3
+
+    return str(build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3")))
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    """A tiny random-weight FluxPipeline (FLUX.1-dev's scheduler config) saved once per session."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusers import build_tiny_flux
+
+    return str(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))

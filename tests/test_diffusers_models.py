@@ -16,23 +16,13 @@ pytest.importorskip("peft")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
-from tiny_diffusers import build_tiny_flux, build_tiny_sd3, build_tiny_sd35  # noqa: E402
+from tiny_diffusers import build_tiny_sd35  # noqa: E402
 
 import fdfo_fast.train as train_mod  # noqa: E402
 from fdfo_fast.config import make_config  # noqa: E402
 from fdfo_fast.errors import FdfoError  # noqa: E402
 from fdfo_fast.models.diffusers_flow import FluxFlowModel, SD3FlowModel, pack_latents, unpack_latents  # noqa: E402
 from fdfo_fast.sampling import sample_euler, sigma_schedule  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return str(build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3")))
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return str(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))
 
 
 @pytest.fixture(scope="module")

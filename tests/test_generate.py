@@ -16,22 +16,11 @@ import torch
 pytest.importorskip("diffusers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_diffusers import build_tiny_flux, build_tiny_sd3  # noqa: E402
 
 from fdfo_fast.generate import GenerateConfig, generate, main  # noqa: E402
 from fdfo_fast.models.diffusers_flow import FluxFlowModel, SD3FlowModel, pack_latents, unpack_latents  # noqa: E402
 
 U32 = 2.0**-24
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return str(build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3")))
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return str(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))
 
 
 def _perturbing_callback(seed):

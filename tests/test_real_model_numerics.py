@@ -11,16 +11,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_diffusers import build_tiny_sd3  # noqa: E402
 
 from fdfo_fast.config import make_config  # noqa: E402
 from fdfo_fast.models.diffusers_flow import SD3FlowModel  # noqa: E402
 from fdfo_fast.train import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return str(build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3")))
 
 
 def _cfg(tmp_path, path, algorithm, **kw):

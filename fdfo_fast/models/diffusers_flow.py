@@ -328,6 +328,21 @@ class DiffusersFlowModel(nn.Module):
         return directory
 
 
+def _dynamic_shift_mu(scheduler, image_seq_len: int, default_max_shift: float) -> float:
+    """The pipelines' `mu` for resolution-dependent shifting: diffusers' calculate_shift on the scheduler config,
+    with the pipeline's own fallback max_shift (SD3: 1.16, FLUX: 1.15)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    get = scheduler.config.get
+    return calculate_shift(
+        image_seq_len,
+        get("base_image_seq_len", 256),
+        get("max_image_seq_len", 4096),
+        get("base_shift", 0.5),
+        get("max_shift", default_max_shift),
+    )
+
+
 class _AdaptersOff(nn.Module):
     """Calls a LoRA model with its adapters disabled: the frozen base model without a second copy of the weights."""
 
@@ -376,18 +391,8 @@ class SD3FlowModel(DiffusersFlowModel):
         latent token count and the config's base/max shift (the pipeline's fallback max_shift is 1.16)."""
         if not scheduler.config.get("use_dynamic_shifting", None):
             return {}
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
         p = self.transformer.config.patch_size
-        seq_len = (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
-        mu = calculate_shift(
-            seq_len,
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.16),
-        )
-        return {"mu": mu}
+        return {"mu": _dynamic_shift_mu(scheduler, (self.latent_shape[1] // p) * (self.latent_shape[2] // p), 1.16)}
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
@@ -450,18 +455,10 @@ class FluxFlowModel(DiffusersFlowModel):
         """FluxPipeline.__call__: sigmas linspace(1, 1/T, T) (none with use_flow_sigmas) and the resolution-dependent
         `mu` of dynamic shifting from the packed image token count (the pipeline's fallback max_shift is 1.15)."""
         import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
         seq_len = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
-        mu = calculate_shift(
-            seq_len,
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        return {"sigmas": sigmas, "mu": mu}
+        return {"sigmas": sigmas, "mu": _dynamic_shift_mu(scheduler, seq_len, 1.15)}
 
     def _encode_uncached(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
