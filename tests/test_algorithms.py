@@ -50,6 +50,25 @@ def test_fdfo_loss_hand_example():
     assert loss_pen.item() == pytest.approx(loss_hand + 2.0 * 0.025, rel=1e-6)
 
 
+def test_fd_direction_keeps_the_regulariser_for_close_pairs():
+    """d = δ/(mean δ² + 1e-6) (method.md §1.2) on pairs whose δ is so small that the 1e-6 is half the denominator;
+    the expected values are the formula in fp64 on the same fp32 inputs."""
+    x0 = torch.tensor([[2e-3, 0.0, 1e-3], [0.0, 2e-3, 1e-3], [0.5, 1.5, -1.0], [0.25, 1.0, -1.5]])
+    rewards = torch.tensor([0.25, 1.0, 2.0, -1.0])
+    a, d = fd_direction(x0, rewards)
+    assert a.tolist() == [-0.375, 0.375, 1.5, -1.5]  # a_A = (R_A − R_B)/2, a_B = −a_A (exact in fp32)
+    x = x0.double()
+    for p in range(2):
+        delta = (x[2 * p] - x[2 * p + 1]) / 2
+        d_A = delta / (delta.pow(2).mean() + 1e-6)
+        # fp32: a subtraction, a square, a 3-term mean, the + 1e-6 and a division, ≤ 0.5 ulp each: ≤ 2⁻²⁰ relative
+        for b, sign in ((0, 1), (1, -1)):
+            assert d[2 * p + b].tolist() == pytest.approx((sign * d_A).tolist(), rel=2**-20, abs=0)
+    # pair 0: δ_A = [1e-3, −1e-3, 0], mean δ² = 2/3·1e-6: d_A = δ_A/(5/3·1e-6) = [600, −600, 0] (without the 1e-6:
+    # 1500); rel 1e-6 covers the fp32 rounding of the inputs 2e-3
+    assert d[0].tolist() == pytest.approx([600.0, -600.0, 0.0], rel=1e-6, abs=0)
+
+
 def test_fdfo_gradient_at_reference_is_the_finite_difference():
     """At θ = θ_ref: ρ = 1 and dℓ/dv_θ = 2·a·d/N for both branches (∝ (R_A − R_B)(x₀^A − x₀^B)/‖Δx₀‖²)."""
     torch.manual_seed(1)
@@ -61,12 +80,123 @@ def test_fdfo_gradient_at_reference_is_the_finite_difference():
     assert torch.equal(rho, torch.ones(2))
     loss.sum().backward()
     n = 3 * 5 * 7
-    expected = 2 * a.view(-1, 1, 1, 1) * d / n
-    assert torch.allclose(v.grad, expected, atol=1e-7)
+    # expected from method.md §1.2 in fp64, not from fd_direction: a_A = (0.9 − 0.2)/2, δ_A = (x₀^A − x₀^B)/2
+    delta_A = (x0[0].double() - x0[1].double()) / 2
+    d_A = delta_A / (delta_A.pow(2).mean() + 1e-6)
+    a_A = (0.9 - 0.2) / 2
+    expected = torch.stack([2 * a_A * d_A / n, 2 * (-a_A) * (-d_A) / n])
+    assert torch.allclose(v.grad.double(), expected, rtol=1e-5, atol=1e-9)
     assert torch.allclose(v.grad[0], v.grad[1])  # identical for both branches of the pair
     delta_x = x0[0] - x0[1]
     direction = (0.9 - 0.2) * delta_x / delta_x.pow(2).sum()
     assert torch.allclose(v.grad[0] / v.grad[0].norm(), direction / direction.norm(), atol=1e-5)
+
+
+class _Linear(torch.nn.Module):
+    """v_θ(x) = w·x: a one-parameter velocity field the samplers run for real in microseconds; prompts encode to
+    zeros and the images are the latents, so rollouts exercise the algorithms' own pairing, advantages and step
+    selection with the rewards a test scripts."""
+
+    latent_shape = (1, 1, 3)
+
+    def __init__(self, w=-0.5):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    def forward(self, x, sigma, cond):
+        return self.w * x
+
+    def encode_prompts(self, prompts):
+        return {"c": torch.zeros(len(prompts))}
+
+    def decode(self, x0):
+        return x0
+
+
+def _scripted(algorithm, rewards, **over):
+    """(RunContext, algorithm) on the `_Linear` field whose reward returns `rewards` (one per sample)."""
+    from fdfo_fast.algorithms import make_algorithm
+    from fdfo_fast.sampling import sigma_schedule
+    from fdfo_fast.train import RunContext
+
+    cfg = make_config(overrides=dict(dict(algorithm=algorithm, num_steps=3), **over))
+    model = _Linear()
+    reward = lambda images, prompts, seeds=None: {"reward": torch.tensor(rewards, dtype=torch.float32)}  # noqa: E731
+    ctx = RunContext(cfg, model, None, reward, {"any": ("p0", "p1", "p2")}, model.latent_shape,
+                     sigma_schedule(cfg.num_steps))  # fmt: skip
+    return ctx, make_algorithm(cfg)
+
+
+def test_fdfo_loss_through_the_algorithm_is_the_published_formula():
+    """FDFO.rollout + FDFO.loss with the default ε on a moved policy (ρ ≠ 1), item by item, against method.md
+    §1.2–1.3 in fp64 from the recorded trajectory: a = ±(R_A − R_B)/2, d = δ/(mean δ² + 1e-6), ρ = exp(L_ref − L_θ)
+    with L_θ = mean (v_θ − (v_ref − d))², ℓ = −a·ρ + (|a|/(2·0.03))·(ρ − 1)²; and, at θ = θ_ref, dℓ/dv_θ = 2·a·d/N."""
+    rewards = [3.0, 1.0, 0.5, 2.0]
+    ctx, algo = _scripted("fdfo", rewards, pairs_per_epoch=2)
+    assert algo.cfg.trust_eps == 0.03  # the paper's ε (method.md §1.3), taken from the defaults
+    ro = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
+    T, n = 3, 3
+    assert ro.items.tolist() == [[i, k] for i in range(4) for k in range(T)]
+    x0, states = ro.traj.x0.double().flatten(1), ro.traj.states.double().flatten(2)  # [4, N], [T, 4, N]
+    a = [(rewards[0] - rewards[1]) / 2, (rewards[1] - rewards[0]) / 2, (rewards[2] - rewards[3]) / 2]
+    a.append(-a[2])
+    d = []
+    for p in range(2):
+        delta_A = (x0[2 * p] - x0[2 * p + 1]) / 2
+        d += [delta_A / (delta_A.pow(2).mean() + 1e-6), -delta_A / (delta_A.pow(2).mean() + 1e-6)]
+    w_ref = float(ctx.model.w.detach())
+
+    # at θ = θ_ref: ρ = 1 and d(Σℓ)/dw = Σ_items Σ_elements (2·a·d/N)·x (v_θ = w·x)
+    loss, stats = algo.loss(ctx, ro, ro.items, first_step=True)
+    assert stats["rho_dev_first_max"] == 0.0
+    (g,) = torch.autograd.grad(loss, [ctx.model.w])
+    g_hand = sum(float((2 * a[i] * d[i] / n * states[k, i]).sum()) for i in range(4) for k in range(T))
+    assert g.item() == pytest.approx(g_hand, rel=1e-5)  # fp32 sums over 12 items: measured rel 6e-8
+    assert g_hand > 0.1  # not a vanishing check
+
+    # the policy moves: v_θ = w'·x against the stored v_ref = w·x
+    with torch.no_grad():
+        ctx.model.w.add_(0.02)
+    w_new = float(ctx.model.w.detach())
+    beyond = 0
+    for i in range(4):
+        for k in range(T):
+            x = states[k, i]
+            v_theta, v_ref = w_new * x, w_ref * x
+            l_theta = (v_theta - (v_ref - d[i])).pow(2).mean()
+            rho = math.exp(float(d[i].pow(2).mean() - l_theta))
+            ell = -a[i] * rho + abs(a[i]) / (2 * 0.03) * (rho - 1) ** 2
+            got, st = algo.loss(ctx, ro, torch.tensor([[i, k]]), first_step=False)
+            # fp32 ℓ of O(1), Δ = v_θ − v_ref cancelling to ~0.02·|x|: measured |err| ≤ 7e-8
+            assert got.item() == pytest.approx(ell, abs=2e-6), (i, k)
+            assert abs(abs(rho - 1) - 0.03) > 1e-4  # no item within ρ's fp32 error (~1e-7) of the ε boundary
+            assert st["rho_beyond_eps"] == float(abs(rho - 1) > 0.03)
+            beyond += abs(rho - 1) > 0.03
+    assert 0 < beyond < 4 * T  # items inside and beyond ε: the (ρ − 1)²/(2ε) term weighs on the sum
+
+
+def test_fdfo_rollout_skips_exactly_the_tied_pairs():
+    """The active-items filter (FDFO.rollout's `active`, base.active_items): the items of both branches of every
+    pair with R_A ≠ R_B stay (a_A > 0 or a_B > 0), the items of a tied pair are dropped; with the velocity penalty
+    on nothing is dropped."""
+    from fdfo_fast.algorithms.base import active_items
+
+    # pair 0 tied, pair 1 R_A < R_B (a_A < 0), pair 2 R_A > R_B
+    rewards = [1.0, 1.0, 0.5, 2.0, 4.0, 3.0]
+    ctx, algo = _scripted("fdfo", rewards, pairs_per_epoch=3)
+    ro = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
+    assert ro.advantages.tolist() == [0.0, 0.0, -0.75, 0.75, 0.5, -0.5]
+    kept = active_items(ro, ro.items)
+    assert kept.tolist() == [[i, k] for i in (2, 3, 4, 5) for k in range(3)]
+    # the dropped items carry ℓ = 0 however the policy moved
+    with torch.no_grad():
+        ctx.model.w.add_(0.05)
+    full, _ = algo.loss(ctx, ro, ro.items, first_step=False)
+    part, _ = algo.loss(ctx, ro, kept, first_step=False)
+    assert full.item() != 0.0 and part.item() == pytest.approx(full.item(), rel=1e-6)  # only the sum order differs
+    ctx, algo = _scripted("fdfo", rewards, pairs_per_epoch=3, velocity_penalty=0.1)
+    ro = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
+    assert torch.equal(active_items(ro, ro.items), ro.items)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -105,6 +235,38 @@ def test_ddpo_tracker_per_prompt_with_batch_fallback():
     clone.load_state_dict(tr.state_dict())
     assert {p: list(b) for p, b in clone.stats.items()} == {p: list(b) for p, b in tr.stats.items()}
     assert all(b.maxlen == 4 for b in clone.stats.values())
+
+
+def test_ddpo_per_prompt_statistics_start_at_exactly_min_count():
+    """ddpo-pytorch's PerPromptStatTracker: `if len(self.stats[prompt]) < self.min_count:` the batch's mean and
+    np.std, else the prompt's buffer's; (R − mean)/(std + 1e-6) in fp64, rounded once to fp32 (≤ 2⁻²⁴ relative).
+    Through DDPO._advantages with stat_min_count 3: a prompt holding exactly 3 rewards uses its own statistics,
+    one holding 2 the batch's."""
+    algo = DDPO(make_config(overrides=dict(algorithm="ddpo", stat_buffer=4, stat_min_count=3)))
+    adv = algo._advantages(["a", "a", "a", "b", "b"], torch.tensor([1.0, 2.0, 6.0, 0.0, 10.0]))
+    own_a = ((1 - 3) / (math.sqrt(14 / 3) + 1e-6), (2 - 3) / (math.sqrt(14 / 3) + 1e-6), 3 / (math.sqrt(14 / 3) + 1e-6))
+    # "b" (2 rewards): batch mean 19/5, population variance 141/5 − (19/5)² = 13.76
+    batch_b = ((0 - 3.8) / (math.sqrt(13.76) + 1e-6), (10 - 3.8) / (math.sqrt(13.76) + 1e-6))
+    assert adv.tolist() == pytest.approx([*own_a, *batch_b], rel=2**-23, abs=0)
+    # one more reward: "b" holds [0, 10, 4], exactly 3, and switches to its own statistics (the batch's would give 0)
+    adv = algo._advantages(["b"], torch.tensor([4.0]))
+    mean = 14 / 3
+    std = math.sqrt(((0 - mean) ** 2 + (10 - mean) ** 2 + (4 - mean) ** 2) / 3)
+    assert adv.item() == pytest.approx((4 - mean) / (std + 1e-6), rel=2**-23, abs=0)
+
+
+def test_ddpo_advantages_are_clipped_to_exactly_adv_clip():
+    """An outlier among 36 rewards of one prompt has advantage (1 − 1/36)/(√35/36 + 1e-6) ≈ √35 ≈ 5.92: clipped to
+    exactly ±5 (the default adv_clip, method.md §3); the others, −1/√35 ≈ −0.169, are untouched."""
+    algo = DDPO(make_config(overrides=dict(algorithm="ddpo", stat_buffer=64, stat_min_count=2)))
+    assert algo.cfg.adv_clip == 5.0
+    r = torch.zeros(72)
+    r[35], r[71] = 1.0, -1.0
+    adv = algo._advantages(["p"] * 36 + ["q"] * 36, r)
+    assert adv[35].item() == 5.0 and adv[71].item() == -5.0
+    rest = (1 / 36) / (math.sqrt(35) / 36 + 1e-6)
+    assert adv[:35].tolist() == pytest.approx([-rest] * 35, rel=2**-23, abs=0)
+    assert adv[36:71].tolist() == pytest.approx([rest] * 35, rel=2**-23, abs=0)
 
 
 def test_ddpo_non_finite_rewards_never_enter_the_buffers():
@@ -294,11 +456,13 @@ def test_global_std_advantages_are_the_reference_stat_tracker():
     # the algorithm: grpo_std global pools a prompt drawn twice (two groups of the batch) into one mean
     algo = FlowGRPO(make_config(overrides=dict(algorithm="flow_grpo", group_size=2, grpo_std="global")))
     adv = algo._advantages(["x", "x", "y", "y", "x", "x"], torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))
-    assert adv.tolist() == prompt_advantages(["x"] * 2 + ["y"] * 2 + ["x"] * 2, torch.arange(6.0), 5.0).tolist()
-    assert adv[0].item() == pytest.approx((0 - 2.5) / (math.sqrt(35 / 12) + 1e-4), rel=2**-23, abs=0)
+    # "x" pools 0, 1, 4, 5 (mean 2.5), "y" 2, 3 (mean 2.5); std of 0…5 as above
+    expected = [(r - 2.5) / std for r in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)]
+    assert adv.tolist() == pytest.approx(expected, rel=2**-23, abs=0)
     group = FlowGRPO(make_config(overrides=dict(algorithm="flow_grpo", group_size=2)))  # the default: per group
-    r = torch.arange(6.0)
-    assert group._advantages(["x"] * 6, r).tolist() == group_advantages(r, 2, 5.0).tolist()
+    # groups [0, 1], [2, 3], [4, 5]: mean ± 1/2, std 1/2 -> ∓0.5/(0.5 + 1e-4), whatever the prompts (fp32)
+    half = 0.5 / (0.5 + 1e-4)
+    assert group._advantages(["x"] * 6, torch.arange(6.0)).tolist() == pytest.approx([-half, half] * 3, rel=2**-21)
 
 
 @pytest.mark.parametrize("algorithm", ["flow_grpo", "ddpo"])
@@ -316,3 +480,20 @@ def test_timestep_selection_first_and_random(algorithm):
     per_sample = [sorted(items[items[:, 0] == i, 1].tolist()) for i in range(B)]
     assert all(len(s) == 2 == len(set(s)) and set(s) <= set(range(T)) for s in per_sample)
     assert len({tuple(s) for s in per_sample}) > 1  # random subsets, not always the same steps
+
+
+@pytest.mark.parametrize(
+    "T, fraction, k",  # k = ⌊f·T⌋ by hand (round() would differ at 0.74·4, 0.99·4, 0.75·10)
+    [(4, 0.25, 1), (4, 0.5, 2), (4, 0.74, 2), (4, 0.99, 3), (4, 1.0, 4), (5, 0.5, 2), (10, 0.75, 7), (10, 0.99, 9)],
+)
+def test_flow_grpo_trains_the_first_int_f_t_steps(T, fraction, k):
+    """Flow-GRPO's reference (scripts/train_sd3.py): int(T·timestep_fraction) steps per sample, steps 0 … k − 1
+    with timestep_selection first; DDPO's random selection trains as many, each sample its own distinct steps."""
+    over = dict(num_steps=T, prompts_per_epoch=2, group_size=2, train_timestep_fraction=fraction)
+    ctx, algo = _scripted("flow_grpo", [0.0, 1.0, 3.0, 2.0], timestep_selection="first", **over)
+    items = algo.rollout(ctx, 0, torch.Generator().manual_seed(0)).items
+    assert items.tolist() == [[i, j] for i in range(4) for j in range(k)]
+    ctx, algo = _scripted("ddpo", [0.0, 1.0, 3.0, 2.0], **over)
+    items = algo.rollout(ctx, 0, torch.Generator().manual_seed(0)).items
+    assert items[:, 0].tolist() == [i for i in range(4) for _ in range(k)]
+    assert all(len(set(items[items[:, 0] == i, 1].tolist()) & set(range(T))) == k for i in range(4))

@@ -14,7 +14,6 @@ from fdfo_fast.sampling import (
     sample_euler,
     sample_fdfo_pairs,
     sample_sde,
-    sde_mean,
     sde_std,
     sigma_schedule,
 )
@@ -117,6 +116,68 @@ def test_fdfo_pairs_share_start_noise_and_have_independent_churn(dirac):
     assert torch.equal(again.states[:, :2], traj.states[:, 2:4])
 
 
+@pytest.mark.parametrize("gamma", [0.05, 0.25])
+def test_fdfo_pair_branches_decorrelate_at_every_churned_step(dirac, gamma):
+    """Per-step churn (method.md §1.1) on a Dirac data distribution, where plain Euler also keeps the marginal: write
+    x_σ = (1 − σ)·x₀ + σ·z. The churn step maps z -> (z + c·ε)/(1 + γ), c = √((1+γ)² − 1) (the overshoot to r is
+    exact for this velocity; (1 − r)/(1 + γr) = 1 − s), and so does the start churn. With q = (1 + γ)⁻², the two
+    branches' difference D_k = (x_k^A − x_k^B)/σ_k, independent of x₀, therefore has per-element variance
+    V_k = 2·(1 − q^(k+1)) at state k (k churns so far, plus the start's): it grows at every step towards 2 (independent
+    branches). With the start churn alone it would stay at V_0. Estimator: mean(D²) over n = 60,000 elements
+    (D is Gaussian with mean 0): relative standard deviation √(2/n) ≈ 0.0058, bound 5 of them."""
+    x0 = torch.randn(SHAPE) * 0.5
+    n_pairs, steps = 1000, 6
+    sigmas = sigma_schedule(steps)
+    traj = sample_fdfo_pairs(dirac(x0), _cond(n_pairs), None, list(range(n_pairs)), SHAPE, sigmas, gamma=gamma)
+    q = (1 + gamma) ** -2
+    n = n_pairs * math.prod(SHAPE)
+    for k, s in enumerate(sigmas[:-1].tolist()):
+        diff = (traj.states[k, 0::2].double() - traj.states[k, 1::2].double()) / s
+        v_hand = 2 * (1 - q ** (k + 1))
+        assert diff.pow(2).mean().item() == pytest.approx(v_hand, rel=5 * math.sqrt(2 / n)), (k, s)
+    # the last step is deterministic: both branches land on x₀
+    assert torch.allclose(traj.x0[0::2], traj.x0[1::2], atol=1e-5)
+
+
+def test_churn_steps_are_the_published_update_with_the_kernels_noise():
+    """Every step of the churn sampler, from the recorded state, against method.md §1.1 in fp64 with the noise the
+    kernel draws (Philox stream 0 for the start churn, k + 1 for step k; kernels/sampler_step.py): start
+    x ← x₁/(1+γ) + (c/(1+γ))·ε₀; step t -> s: r = s/(1 + γ − γs), x' = x + (r − t)·v,
+    x_s = x'/(1 + γr) + (r·c/(1 + γr))·ε_{k+1}; last step plain Euler. On v = a·x + b (not the data's velocity).
+    fp32: about six roundings of O(|x| + |v|) values per step: ≤ 8·2⁻²⁴·(1 + |x| + |v|) per element (measured
+    ≤ 1.9·2⁻²⁴·(…))."""
+    from fdfo_fast.kernels.sampler_step import philox_noise
+
+    a, b, gamma = -0.7, 0.3, 0.1
+    model = lambda x, sigma, cond: a * x + b  # noqa: E731
+    sigmas, seeds = sigma_schedule(5, 3.0), [3, 1 << 40, 12345]
+    x1 = torch.randn(3, *SHAPE)
+    traj = run_sampler(model, x1, sigmas, _cond(3), kind="churn", seeds=seeds, gamma=gamma, record=True)
+    c = math.sqrt((1 + gamma) ** 2 - 1)
+    noise = lambda stream: philox_noise(torch.tensor(seeds), stream, SHAPE).double()  # noqa: E731
+
+    def close(got, expected, x, v):
+        bound = 8 * 2**-24 * (1 + x.abs() + v.abs())
+        assert ((got.double() - expected).abs() <= bound).all()
+
+    start = x1.double() / (1 + gamma) + (c / (1 + gamma)) * noise(0)
+    close(traj.states[0], start, x1.double(), torch.zeros(()))
+    sig = sigmas.tolist()
+    T = len(sig) - 1
+    for k in range(T):
+        t, s = sig[k], sig[k + 1]
+        x = traj.states[k].double()
+        v = a * x + b
+        assert torch.allclose(traj.velocities[k].double(), v, rtol=0, atol=4 * 2**-24 * (1 + x.abs().max().item()))
+        if k < T - 1:
+            r = s / (1 + gamma - gamma * s)
+            expected = (x + (r - t) * v) / (1 + gamma * r) + (r * c / (1 + gamma * r)) * noise(k + 1)
+            got = traj.states[k + 1]
+        else:
+            expected, got = x + (s - t) * v, traj.x0
+        close(got, expected, x, v)
+
+
 def test_sde_log_prob_matches_torch_normal():
     x, mean = torch.randn(4, *SHAPE), torch.randn(4, *SHAPE)
     std = 0.37
@@ -144,10 +205,15 @@ def test_sde_sampler_records_consistent_log_probs(dirac):
     traj = sample_sde(dirac(x0), _cond(3), None, [1, 2, 3], SHAPE, sigmas, noise_level=0.7)
     sig = sigmas.tolist()
     for k in range(5):
-        g = sde_std(sig[k], 0.7, sig[1])
-        mean = sde_mean(traj.states[k], traj.velocities[k], sig[k], sig[k + 1], g)
-        std = g * math.sqrt(sig[k] - sig[k + 1])
-        ref = torch.distributions.Normal(mean.double(), std).log_prob(traj.next_states[k].double()).flatten(1).mean(1)
+        # method.md §2 in fp64: g = a·√(t/(1 − t)) (at t = 1 the denominator uses σ_1), dt = s − t,
+        # μ = x·(1 + g²·dt/(2t)) + v·(1 + g²(1 − t)/(2t))·dt, std g·√(−dt)
+        t, s = sig[k], sig[k + 1]
+        g = 0.7 * math.sqrt(t / (1 - (sig[1] if t == 1.0 else t)))
+        dt = s - t
+        x, v = traj.states[k].double(), traj.velocities[k].double()
+        mean = x * (1 + g**2 * dt / (2 * t)) + v * (1 + g**2 * (1 - t) / (2 * t)) * dt
+        std = g * math.sqrt(-dt)
+        ref = torch.distributions.Normal(mean, std).log_prob(traj.next_states[k].double()).flatten(1).mean(1)
         assert torch.allclose(traj.log_probs[k].double(), ref, atol=1e-4)
         assert traj.step_std[k].item() == pytest.approx(std)
 
