@@ -243,6 +243,37 @@ def test_lora_training_changes_only_lora_and_exports(kind, algorithm, extra, sd3
     _check_exported_lora(best, cls, path, run / "best_lora", kind, tmp_path, require_effect=False)
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_the_lora_reference_model_is_the_base_transformer(kind, sd3_dir, flux_dir, tmp_path):
+    """The reference the training loop builds (make_context, velocity penalty on) is the base model with the
+    adapters off: with non-zero LoRA B factors its velocity equals a fresh load of the base pipeline's, the LoRA
+    model's differs, and the adapters are back on after the reference call."""
+    path, cls = (sd3_dir, SD3FlowModel) if kind == "sd3" else (flux_dir, FluxFlowModel)
+    cfg = _train_cfg(tmp_path, kind, path, "fdfo", velocity_penalty=0.1)
+    model = train_mod.load_model(cfg).eval()
+    ctx, _, params = train_mod.make_context(cfg, model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, *model.latent_shape, generator=gen)
+    sigma = torch.tensor([0.7, 0.3])
+    cond = model.encode_prompts(["a cat", "a red dog"])
+    with torch.no_grad():
+        v_lora = model(x, sigma, cond)
+        v_ref = ctx.reference(x, sigma, cond)
+        v_lora_after = model(x, sigma, cond)
+        v_base = _load(cls, path)(x, sigma, cond)
+    assert torch.equal(v_ref, v_base)  # the disabled peft layers call the base layers: the same ops
+    rel = float((v_lora - v_base).abs().max()) / float(v_base.abs().max())
+    print(f"{kind}: LoRA moves the velocity by {rel:.3g} of its max")
+    assert rel > 1e-2  # measured 0.9 (sd3), 1.1 (flux): the LoRA does act
+    assert torch.equal(v_lora_after, v_lora)
+    assert not any(p.requires_grad for p in ctx.reference.parameters())
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad) and params
+
+
 @pytest.mark.parametrize("kind", ["sd35", "flux"])
 def test_lora_targets_are_the_recipes_as_peft_applies_them(kind, sd35_dir, flux_dir):
     """Default targets = peft given the recipe's list: on SD3.5's dual-attention (MMDiT-X) blocks the second

@@ -34,15 +34,34 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_TH
 
 
 def _port() -> int:
+    """A port free a moment ago: the launcher binds it later, so another process may take it in between (the
+    bind-close race); `_launch` retries such a launch on a fresh port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
+PORT_TAKEN = ("address already in use", "eaddrinuse")  # torch's TCPStore: "... EADDRINUSE, message: address ..."
+
+
+def _launch(make_cmd, env=ENV, timeout=600, attempts=4, new_port=None) -> subprocess.CompletedProcess:
+    """Run `make_cmd(port)` on a fresh free port, again on another when the launcher lost the port to another
+    process ("address already in use"); returns the last attempt (the caller checks its return code)."""
+    new_port = new_port or _port
+    for _ in range(attempts):
+        proc = subprocess.run(make_cmd(new_port()), capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+        if proc.returncode == 0 or not any(s in (proc.stdout + proc.stderr).lower() for s in PORT_TAKEN):
+            break
+    return proc
+
+
+def _check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
+
+
+def _run(cmd: list[str], timeout=600) -> subprocess.CompletedProcess:
+    return _check(subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT))
 
 
 def _single(out, *args):
@@ -50,14 +69,31 @@ def _single(out, *args):
 
 
 def _torchrun(out, *args, nproc=2):
-    return _run([*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={_port()}", TRAIN, *SMALL,
-                 "--out", str(out), *args])  # fmt: skip
+    return _check(_launch(lambda port: [*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={port}", TRAIN,
+                                        *SMALL, "--out", str(out), *args]))  # fmt: skip
 
 
 def _deepspeed(out, *args, nproc=2):
     """The design card's entry point: `deepspeed fdfo_fast/train.py --ds_config ...` (CPU accelerator here)."""
-    return _run([*DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_port()), TRAIN, *SMALL,
-                 "--out", str(out), "--ds_config", DS_CPU, *args])  # fmt: skip
+    return _check(_launch(lambda port: [*DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), TRAIN,
+                                        *SMALL, "--out", str(out), "--ds_config", DS_CPU, *args]))  # fmt: skip
+
+
+def test_a_launch_that_loses_its_port_is_retried_on_a_fresh_one():
+    """The port _port() found free is taken before the launcher binds it: the launch runs again on a new port."""
+    bind = "import socket, sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1]))); print('bound')"
+    with socket.socket() as holder:  # another process's listener on the port handed out first
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = iter([taken, taken, _port()])
+        tried = []
+        proc = _launch(lambda port: tried.append(port) or [sys.executable, "-c", bind, str(port)],
+                       new_port=lambda: next(ports), timeout=60)  # fmt: skip
+    assert tried[:2] == [taken, taken] and len(tried) == 3 and tried[2] != taken
+    assert proc.returncode == 0 and proc.stdout.strip() == "bound"
+    failing = _launch(lambda port: [sys.executable, "-c", "raise SystemExit('other error')"], timeout=60)
+    assert failing.returncode == 1  # any other failure is returned at once, not retried
 
 
 def _train_records(out):
@@ -192,9 +228,9 @@ def test_design_card_command_trains_with_the_shipped_bf16_configs(config, tmp_pa
     """`deepspeed fdfo_fast/train.py --ds_config ds_z3.json --preset toy-fdfo` as the README writes it: DeepSpeed's
     bf16 mode casts the module while the samplers keep fp32 states, and the run must still train."""
     out = tmp_path / "run"
-    _run([*DEEPSPEED, "--num_gpus", "1", "--master_port", str(_port()), "fdfo_fast/train.py",
-          "--ds_config", config, "--preset", "toy-fdfo", *SMALL, "--out", str(out), "--pairs-per-epoch", "4",
-          "--epochs", "1", "--save-every", "1"])  # fmt: skip
+    _check(_launch(lambda port: [*DEEPSPEED, "--num_gpus", "1", "--master_port", str(port), "fdfo_fast/train.py",
+                                 "--ds_config", config, "--preset", "toy-fdfo", *SMALL, "--out", str(out),
+                                 "--pairs-per-epoch", "4", "--epochs", "1", "--save-every", "1"]))  # fmt: skip
     (record,) = _train_records(out)
     assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
     assert record["fdfo/rho_dev_mean_per_step"][0] == 0.0  # bf16 sampling and bf16 training forward agree
@@ -218,10 +254,10 @@ def test_shipped_deepspeed_configs_load():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by the GPU validation issue)")
 def test_zero3_single_gpu_toy_run(tmp_path):
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
-    cmd = [*DEEPSPEED, "--num_gpus", "1", "--master_port", str(_port()), TRAIN, *SMALL,
-           "--out", str(tmp_path / "run"), "--ds_config", str(ROOT / "ds_z3.json"), "--preset", "toy-fdfo",
-           "--pairs-per-epoch", "8", "--epochs", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    cmd = lambda port: [*DEEPSPEED, "--num_gpus", "1", "--master_port", str(port), TRAIN, *SMALL,  # noqa: E731
+                        "--out", str(tmp_path / "run"), "--ds_config", str(ROOT / "ds_z3.json"),
+                        "--preset", "toy-fdfo", "--pairs-per-epoch", "8", "--epochs", "2"]  # fmt: skip
+    proc = _launch(cmd, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = _train_records(tmp_path / "run")
     assert len(records) == 2 and all(r["impl"] == "triton" for r in records)

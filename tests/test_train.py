@@ -26,6 +26,23 @@ TINY = dict(
 )
 
 
+# θ = θ_sampling on every epoch's first optimiser step: ρ (FDFO) / the PPO ratio is 1 there, or the training forward
+# does not reproduce the sampling forward (CFG dropped, the prompt as the unconditional input: |ρ − 1| ~ 1e-3).
+# Only float32 rounding remains: the training forward batches (sample, step) items, the sampler one step of every
+# sample, and the CPU conv kernels depend on the batch size (measured |ρ − 1| ≤ 2.3e-6, TINY fdfo over 4 epochs;
+# exactly 0 at the sizes of tests/test_loop_guards.py's CFG runs).
+FIRST_STEP_KEY = {
+    "fdfo": "fdfo/rho_dev_first_max",
+    "flow_grpo": "flow_grpo/ratio_dev_first_max",
+    "ddpo": "ddpo/ratio_dev_first_max",
+}
+
+
+def _assert_first_steps_reproduce_sampling(records, algorithm):
+    devs = [r[FIRST_STEP_KEY[algorithm]] for r in records if r["kind"] == "train"]
+    assert devs and max(devs) <= 1e-5, devs
+
+
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -111,6 +128,7 @@ def test_a_few_epochs_change_every_trainable_parameter(tmp_path, algorithm):
             assert not torch.equal(value, base[name]), f"{algorithm}: {name} did not change"
     recs = _records(tmp_path / "metrics.jsonl")
     assert [r["kind"] for r in recs] == ["eval", "train", "train", "eval"]
+    _assert_first_steps_reproduce_sampling(recs, algorithm)
     assert (tmp_path / "grids" / "eval_00000.png").exists() and (tmp_path / "config.yaml").exists()
 
 
@@ -127,6 +145,7 @@ def test_resume_matches_an_uninterrupted_run_exactly(tmp_path, algorithm, extra)
     full = _strip_time(_records(tmp_path / "full" / "metrics.jsonl"))
     split = _strip_time(_records(tmp_path / "split" / "metrics.jsonl"))
     assert full == split
+    _assert_first_steps_reproduce_sampling(full, algorithm)
     a = read_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
