@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,15 +25,17 @@ from fdfo_fast.viz import save_image
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-HAS_BROWSER = bool(shutil.which("chromium") and shutil.which("chromedriver"))
+MISSING = [name for name in ("chromium", "chromedriver") if not shutil.which(name)]
 try:
     import selenium  # noqa: F401
 except ImportError:
-    HAS_BROWSER = False
+    MISSING.append("selenium")
+HAS_BROWSER = not MISSING
 # CI installs Debian's chromium + chromium-driver and sets FDFO_REQUIRE_BROWSER=1: there the browser test must run.
 need_browser = pytest.mark.skipif(
     not HAS_BROWSER and os.environ.get("FDFO_REQUIRE_BROWSER") != "1",
-    reason="headless Chromium (apt-get install chromium chromium-driver) and selenium are not installed",
+    reason=f"needs headless Chromium, {' and '.join(MISSING)} not found: install Debian/Ubuntu's browser and driver "
+    "with `sudo apt-get install chromium chromium-driver` (selenium comes with `make install`; see the README)",
 )
 
 
@@ -253,3 +256,110 @@ def test_headless_chromium_labels_an_epoch_and_the_trainer_consumes_it(tmp_path)
         assert rec["fdfo/pairs_with_reward_gap"] == len(decided) / 4  # exactly the clicked preferences trained
         assert rec["reward/human"] == 0.0  # +1 / −1 per decided pair
     assert threading.active_count() < 50
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reward term in-process: a background call that blocks on the labels, labelled through the HTTP API
+# ---------------------------------------------------------------------------------------------------------------
+class _Call(threading.Thread):
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.result, self.error = fn, args, None, None
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as err:  # re-raised in the test thread
+            self.error = err
+
+
+def _label_epoch(reward, images, prompts, seeds, choose):
+    """Run the reward on a batch, answer every shown pair with `choose(pair state)` -> (human [2n], shown pairs)."""
+    base = f"http://127.0.0.1:{reward.server.port}"
+    call = _Call(reward, images, prompts, seeds)
+    call.start()
+    state = _wait_state(base, lambda s: s["epoch"] == reward.epoch and s["total"] > 0, timeout=60)
+    for p in state["pairs"]:
+        assert _json(base + "/api/label", {"epoch": state["epoch"], "pair": p["pair"], "choice": choose(p)})[0] == 200
+    call.join(timeout=60)
+    assert not call.is_alive() and call.error is None, call.error
+    human = call.result["human"]
+    assert torch.equal(human[1::2], -human[0::2])  # rows 2p, 2p + 1: +r for A, −r for B
+    return human[0::2], state["pairs"]
+
+
+def _left_branch(p) -> str:
+    """Which branch the page showed on the left: its image is pair_XXXX_A.png or pair_XXXX_B.png."""
+    return p["left"].removesuffix(".png")[-1]
+
+
+def test_mixed_mode_auto_labelled_pairs_carry_the_auto_rewards_preference(tmp_path):
+    """The pairs the human is not shown get sign(R(A) − R(B)) of the --human-auto-label reward, computed here from
+    that reward's own scores; the human's pairs get the click (left better -> +1 for the branch shown left)."""
+    from fdfo_fast.human import HumanPreferenceReward
+    from fdfo_fast.rewards import CompositeReward
+    from fdfo_fast.rewards.alignment import AlignmentReward
+    from fdfo_fast.world.grammar import parse_prompt
+    from fdfo_fast.world.render import render, sample_scene
+
+    texts = ["a red circle", "two squares", "a blue triangle", "a green square and a red circle"]
+    wrong = parse_prompt("a white triangle")
+    rng = np.random.default_rng(0)
+    images, prompts = [], []
+    for p in range(8):  # A right and B wrong, B right and A wrong, both right, in turn
+        text = texts[p % len(texts)]
+        good = render(sample_scene(parse_prompt(text), rng), 16)
+        bad = render(sample_scene(wrong, rng), 16)
+        images += [[good, bad], [bad, good], [good, good]][p % 3]
+        prompts += [text, text]
+    images = torch.from_numpy(np.stack(images))
+    scores = AlignmentReward()(images, prompts)["alignment"].view(-1, 2)
+    auto_pref = torch.sign(scores[:, 0] - scores[:, 1])
+    reward = HumanPreferenceReward(tmp_path, 0.25, CompositeReward("alignment:1"), port=0, timeout=60)
+    try:
+        reward.begin_epoch(0)
+        pref, shown = _label_epoch(reward, images, prompts, list(range(100, 116)), lambda p: "left")
+    finally:
+        reward.close()
+    by_human = {p["pair"]: 1.0 if _left_branch(p) == "A" else -1.0 for p in shown}
+    assert len(by_human) == 2  # 25 % of 8
+    auto = [p for p in range(8) if p not in by_human]
+    assert {auto_pref[p].item() for p in auto} == {-1.0, 0.0, 1.0}  # both preferences and a tie are exercised
+    assert pref[auto].tolist() == auto_pref[auto].tolist()
+    assert [pref[p].item() for p in by_human] == list(by_human.values())
+
+
+def test_sides_are_randomised_and_a_click_maps_to_the_branch_shown_there(tmp_path):
+    """Over 64 pairs the branch shown on the left is A for about half of them: under a fair coin the count k is
+    Binomial(64, ½) (mean 32, sd 4) and |k − 32| ≤ 16 (4 sd) fails with probability 2·P(k ≤ 15) ≈ 2.4e-5; the sides are
+    a fixed function of the pair's seed, so the outcome is deterministic. A click names a side, the label and the
+    reward name the branch shown there: "left" -> +1 for A when A is left, −1 (B preferred) when B is."""
+    from fdfo_fast.human import HumanPreferenceReward
+
+    n = 64
+    images = torch.rand(2 * n, 3, 8, 8) * 2 - 1
+    prompts = [f"prompt {i // 2}" for i in range(2 * n)]
+    seeds = [1000 + i for i in range(2 * n)]
+    choices = {}  # pair -> the side clicked: left for even pairs, right for odd ones
+
+    def choose(p):
+        choices[p["pair"]] = "left" if p["pair"] % 2 == 0 else "right"
+        return choices[p["pair"]]
+
+    reward = HumanPreferenceReward(tmp_path, port=0, timeout=60)
+    try:
+        pref, shown = _label_epoch(reward, images, prompts, seeds, choose)
+        labels = reward.store.effective(0)
+    finally:
+        reward.close()
+    assert len(shown) == n
+    lefts = {p["pair"]: _left_branch(p) for p in shown}
+    k = sum(side == "A" for side in lefts.values())
+    assert abs(k - n / 2) <= 16, f"branch A shown left in {k} of {n} pairs"
+    for p, left in lefts.items():
+        right = "B" if left == "A" else "A"
+        preferred = left if choices[p] == "left" else right
+        assert labels[p]["left"] == left and labels[p]["preferred"] == preferred, (p, labels[p])
+        assert pref[p].item() == (1.0 if preferred == "A" else -1.0), (p, left, choices[p])
+    # every combination of (side shown left, side clicked) occurs
+    assert {(lefts[p], choices[p]) for p in lefts} == {(s, c) for s in "AB" for c in ("left", "right")}

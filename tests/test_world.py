@@ -8,7 +8,7 @@ from fdfo_fast.errors import FdfoError
 from fdfo_fast.rewards.alignment import AlignmentReward, detect
 from fdfo_fast.world.evaluate import FoundObject, check
 from fdfo_fast.world.grammar import CATEGORIES, eval_prompts, parse_prompt, prompt_sets, vocabulary
-from fdfo_fast.world.render import relation_margin, render, render_batch, sample_scene
+from fdfo_fast.world.render import SceneObject, relation_margin, render, render_batch, sample_scene
 
 
 def test_splits_are_disjoint_fixed_and_cover_every_category():
@@ -109,3 +109,69 @@ def test_dense_credit_is_partial_and_one_only_when_correct():
     assert not ok and 0 < dense < 1
     ok, dense = check(parse_prompt("a circle"), [], 2.0)
     assert not ok and dense == 0.0
+
+
+def _score(objs, size, prompt):
+    """(geneval, dense) of the alignment reward on the rendered scene, end to end (render -> detect -> check)."""
+    out = AlignmentReward()(torch.from_numpy(render(objs, size))[None], [prompt])
+    return bool(out["geneval"].item()), out["alignment"].item()
+
+
+# The position rule (evaluate.check, render.relation_holds): "A left of B" holds when B's centroid is right of A's by
+# MORE than the margin, 1/8 of the image: 2 px at 16 px, 4 px at 32 px; likewise right of / above / below on their
+# own axis. So at offsets margin − 1, margin, margin + 1 the relation is false, false (strict), true.
+POSITION_CASES = {16: {1: False, 2: False, 3: True}, 32: {3: False, 4: False, 5: True}}
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("axis", ["horizontal", "vertical"])
+def test_position_needs_an_offset_of_more_than_the_margin(size, axis):
+    """Hand-built scenes: a red and a blue square of side k (k = 4 at 16 px, 8 at 32 px; centroid = corner + k/2)
+    whose centroids differ by exactly 1, 2, 3 px (16 px) or 3, 4, 5 px (32 px) along the relation's axis and by k
+    (touching, not overlapping) along the other, which the scorer's rule ignores."""
+    k = size // 4
+    red = SceneObject("square", "red", 4, 4, k)
+    near, far = ("left of", "right of") if axis == "horizontal" else ("above", "below")
+    for offset, holds in POSITION_CASES[size].items():
+        # horizontal: blue below red and `offset` px to the right; vertical: blue beside red and `offset` px lower
+        x, y = (4 + offset, 4 + k) if axis == "horizontal" else (4 + k, 4 + offset)
+        blue = SceneObject("square", "blue", x, y, k)
+        prompts = {
+            f"a red square {near} a blue square": holds,
+            f"a blue square {far} a red square": holds,
+            f"a red square {far} a blue square": False,
+            f"a blue square {near} a red square": False,
+        }
+        objs = [red, blue]
+        assert red.centroid == (4 + k / 2, 4 + k / 2)
+        d = np.subtract(blue.centroid, red.centroid)
+        assert tuple(d) == ((offset, k) if axis == "horizontal" else (k, offset))
+        found = sorted(detect((render(objs, size).transpose(1, 2, 0) + 1) / 2), key=lambda f: f.colour)
+        assert [(f.cx, f.cy) for f in found] == [blue.centroid, red.centroid]  # the detector sees these centroids
+        for prompt, want in prompts.items():
+            ok, dense = check(parse_prompt(prompt), [FoundObject.from_scene(o) for o in objs], size / 8)
+            assert ok is want, (size, offset, prompt)
+            assert _score(objs, size, prompt) == (want, 1.0 if want else pytest.approx(2 / 3)), (size, offset, prompt)
+
+
+def test_counting_needs_the_exact_count():
+    """GenEval counting: exactly N objects of the named class (its `exclude` rule rejects N + 1 or more); objects of
+    other classes do not count against it."""
+    squares = [SceneObject("square", c, x, 1, 4) for c, x in (("red", 1), ("green", 6), ("blue", 11))]
+    extra = [SceneObject("square", "yellow", 1, 10, 4)]
+    circle = [SceneObject("circle", "white", 10, 10, 5)]
+    cases = [
+        (squares[:1], "two squares", False),
+        (squares[:2], "two squares", True),
+        (squares[:2] + circle, "two squares", True),
+        (squares, "two squares", False),  # 3 squares are not "two squares"
+        (squares + extra, "two squares", False),
+        (squares, "three squares", True),
+        (squares + extra, "three squares", False),
+        (squares + extra, "four squares", True),
+        (squares, "four squares", False),
+    ]
+    for objs, prompt, want in cases:
+        ok, dense = check(parse_prompt(prompt), [FoundObject.from_scene(o) for o in objs], 2.0)
+        assert ok is want and (dense == 1.0) is want, (len(objs), prompt)
+        assert _score(objs, 16, prompt)[0] is want, (len(objs), prompt)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
+import fdfo_fast.kernels.sampler_step as sampler_step_mod
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.kernels.philox import philox_randn
 from fdfo_fast.kernels.sampler_step import philox_noise, sampler_step, sampler_step_fwd, step_coefficients
@@ -155,3 +156,41 @@ def test_custom_op_compiles_as_one_node():
     x_e, lp_e = step(x, v)
     assert counter.frame_count == 1
     assert torch.equal(x_c, x_e) and torch.equal(lp_c, lp_e)
+
+
+def test_sde_log_prob_reduces_every_chunk_of_a_long_row():
+    """A row of 3·8192 + 5 elements spans four 8192-element programs (an SD3.5 latent spans eight): the log-prob
+    must be the mean over all of them. Expected value: the Gaussian log density log N(x_s; μ, std²) averaged over
+    the elements, transcribed in float64 from the same noise ε (x_s − μ = std·ε), with std = g·√(t − s) and
+    g = a·√(t / (1 − t)) (Flow-GRPO, sampling.sde_std) written out here."""
+    b, n, t, s, a = 2, 3 * 8192 + 5, 0.9, 0.55, 0.7
+    n_chunks = -(-n // sampler_step_mod.CHUNK)
+    assert n_chunks >= 4  # the row really spans several programs
+    x = torch.randn(b, n, device=DEVICE)
+    v = torch.randn(b, n, device=DEVICE)
+    seeds = _seeds(b)
+    x_buf = torch.full((b, n), float("nan"), device=DEVICE)  # poisoned: every chunk must be written
+    x_new, lp = sampler_step(x, v, None, t, s, "sde", seeds, stream=2, noise_level=a, x_out=x_buf, impl="triton")
+    assert not torch.isnan(x_buf).any()
+    noise = philox_noise(seeds.cpu(), 2, (n,))
+    eps = noise.double()
+    std = a * math.sqrt(t / (1 - t)) * math.sqrt(t - s)
+    expected = (-(eps**2) / 2 - math.log(std) - 0.5 * math.log(2 * math.pi)).mean(1)
+    # The kernel sums ε² in fp32: each term passes through CHUNK/BLOCK lane additions, ≤ BLOCK − 1 in tl.sum (any
+    # tree) and ≤ n_chunks − 1 in the sum of the chunk partials, so (Higham, γ_d for depth d) the mean of ε²/2 is
+    # within 1.01·d·u·mean(ε²/2), d = CHUNK/BLOCK + BLOCK + n_chunks − 2 (~1e3, far below the worst case n − 1).
+    # Then −½·S/n − log std − ½log 2π in fp32: the division and the two subtractions round once each, and the two
+    # double constants round to fp32: ≤ 4u·(mean ε²/2 + |log std| + 1). On a GPU ε itself is off by
+    # gpu_noise_error, so ε²/2 by ≤ |ε|·|Δε|.
+    depth = sampler_step_mod.CHUNK // sampler_step_mod.BLOCK + sampler_step_mod.BLOCK + n_chunks - 2
+    half_sq = (eps**2 / 2).mean(1)
+    e = noise.to(DEVICE)
+    gpu_noise = (e.abs() * gpu_noise_error(e)).double().mean(1).cpu()
+    bound = 1.01 * depth * U32 * half_sq + 4 * U32 * (half_sq + abs(math.log(std)) + 1) + gpu_noise
+    err = (lp.cpu().double() - expected).abs()
+    assert (err <= bound).all(), (err, bound)
+    # and the state of every element, against the torch reference with the same noise
+    xr, _ = sampler_step(x, v, None, t, s, "sde", seeds, stream=2, noise_level=a, impl="ref")
+    bound = state_bound(x, v, noise.to(DEVICE), step_coefficients("sde", t, s, 0.0, a, 0.5))
+    excess = ((x_new - xr).abs() - bound).max().item()
+    assert excess <= 0, f"state beyond the 8u bound by {excess:.3g}"
