@@ -336,6 +336,17 @@ def test_flow_grpo_kl_is_zero_at_the_reference_and_uses_g_squared():
         dv = policy_velocity(ctx.model, rollout, item, 1.0) - policy_velocity(ctx.reference, rollout, item, 1.0)
     kl_hand = (c_v**2 * dv.double().pow(2).mean() / (2 * g**2)).item()
     assert stats["kl_sum"] > 0 and stats["kl_sum"] == pytest.approx(kl_hand, rel=1e-4)
+    # the penalty enters the loss with a plus sign, β·KL on top of the clipped objective (method.md §2): the same
+    # item's loss without the KL term is lower by exactly β·KL (two fp32 roundings of terms ≤ |loss|)
+    loss_kl, _ = algo.loss(ctx, rollout, item, first_step=False)
+    import dataclasses
+
+    from fdfo_fast.algorithms import make_algorithm
+
+    algo_no_kl = make_algorithm(dataclasses.replace(algo.cfg, kl_beta=0.0))
+    loss_plain, _ = algo_no_kl.loss(ctx, rollout, item, first_step=False)
+    diff = float(loss_kl.detach()) - float(loss_plain.detach())
+    assert diff > 0 and diff == pytest.approx(0.5 * kl_hand, rel=1e-4, abs=4 * 2**-24 * abs(float(loss_kl)))
 
 
 def test_skipping_zero_advantage_items_leaves_the_gradient_unchanged():
