@@ -323,6 +323,10 @@ _PAPER_FDFO = dict(
     eval_every=10, save_every=5,
 )  # fmt: skip
 
+# Flow-GRPO's reference training (flow_grpo config/grpo.py, scripts/train_sd3.py): the first int(0.99·T) steps of
+# each trajectory, advantages normalised by the batch std with groups pooled by prompt text.
+_GRPO_REFERENCE = dict(train_timestep_fraction=0.99, timestep_selection="first", grpo_std="global")
+
 # Named presets: overrides on top of the dataclass defaults.
 PRESETS: dict[str, dict] = {
     # Toy presets: 64 reward queries per epoch for every method, 10 sampling steps, 150 epochs (9,600 queries);
@@ -345,9 +349,7 @@ PRESETS: dict[str, dict] = {
         prompts_per_epoch=8,
         group_size=8,
         num_steps=10,
-        train_timestep_fraction=0.99,
-        timestep_selection="first",
-        grpo_std="global",
+        **_GRPO_REFERENCE,
     ),
     # DDPO-IS: 16 prompt draws x 4 SDE samples, per-prompt running statistics (own statistics from 16 rewards, the
     # defaults = ddpo-pytorch's config/base.py buffer_size 16 / min_count 16), every step trained, no KL.
@@ -390,9 +392,7 @@ PRESETS: dict[str, dict] = {
         prompts_per_epoch=48,
         group_size=24,
         opt_steps_per_epoch=2,
-        train_timestep_fraction=0.99,
-        timestep_selection="first",
-        grpo_std="global",
+        **_GRPO_REFERENCE,
         ema_decay=0.9,
         ema_every=8,
         max_sequence_length=128,
@@ -473,6 +473,21 @@ def make_config(
         raise FdfoError(f"unknown option(s) {unknown}; see --help")
     typed = {k: _coerce(k, v, pytypes[types[k]]) for k, v in values.items()}
     return TrainConfig(**typed).validate()
+
+
+def load_json_object(path: str | Path, what: str) -> dict:
+    """A JSON file holding one object (a run's config.json, a DeepSpeed config), or FdfoError naming `what` and the
+    file: missing, not JSON, or not an object."""
+    p = Path(path)
+    if not p.is_file():
+        raise FdfoError(f"{what} {path} does not exist")
+    try:
+        obj = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FdfoError(f"{what} {path} is not valid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise FdfoError(f"{what} {path} must hold a JSON object")
+    return obj
 
 
 def load_yaml(path: str) -> dict:

@@ -11,7 +11,6 @@ so its engine scales the loss by the world size).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 from pathlib import Path
@@ -152,15 +151,9 @@ class DeepSpeedEngine:
 
 def load_ds_config(path: str, cfg) -> dict:
     """Read a DeepSpeed JSON config and fill what the training loop owns (batch bookkeeping, clipping)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FdfoError(f"--ds-config {path} does not exist")
-    try:
-        ds = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise FdfoError(f"--ds-config {path} is not valid JSON: {err}") from None
-    if not isinstance(ds, dict):
-        raise FdfoError(f"--ds-config {path} must hold a JSON object")
+    from fdfo_fast.config import load_json_object
+
+    ds = load_json_object(path, "--ds-config")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise FdfoError(

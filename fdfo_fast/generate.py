@@ -64,20 +64,12 @@ def _run_config(cfg: GenerateConfig):
     generates."""
     import dataclasses
 
-    from fdfo_fast.config import TrainConfig
+    from fdfo_fast.config import TrainConfig, load_json_object
     from fdfo_fast.models.diffusers_flow import DTYPES
 
     known = {f.name: f for f in fields(TrainConfig)}
     if cfg.run:
-        saved = Path(cfg.run) / "config.json"
-        if not saved.is_file():
-            raise FdfoError(f"--run {cfg.run}: {saved} does not exist (is it a run folder?)")
-        try:
-            base = json.loads(saved.read_text())
-        except json.JSONDecodeError as err:
-            raise FdfoError(f"--run {cfg.run}: {saved} is not valid JSON ({err})") from None
-        if not isinstance(base, dict):
-            raise FdfoError(f"--run {cfg.run}: {saved} must hold a JSON object")
+        base = load_json_object(Path(cfg.run) / "config.json", f"--run {cfg.run}: the run's config")
         if cfg.model and cfg.model != base.get("model"):
             raise FdfoError(f"--model {cfg.model}: the run {cfg.run} trained a {base.get('model')} model")
         run_cfg = TrainConfig(**{k: v for k, v in base.items() if k in known})

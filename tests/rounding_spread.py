@@ -21,6 +21,12 @@ import torch
 
 U32 = 2.0**-24  # fp32 unit roundoff
 PERTURBED_RUNS = 2
+# the logged |ρ − 1| (FDFO) / |ratio − 1| (Flow-GRPO, DDPO) on each epoch's first optimiser step, where θ = θ_sampling
+FIRST_STEP_KEY = {
+    "fdfo": "fdfo/rho_dev_first_max",
+    "flow_grpo": "flow_grpo/ratio_dev_first_max",
+    "ddpo": "ddpo/ratio_dev_first_max",
+}
 
 
 def train_records(out: Path) -> list[dict]:

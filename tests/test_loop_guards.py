@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rounding_spread import FIRST_STEP_KEY
 
 import fdfo_fast.train as train_mod
 from fdfo_fast.algorithms import FDFO
@@ -35,11 +36,6 @@ TINY = dict(
     progress=False,
     tensorboard=False,
 )
-FIRST_STEP_KEY = {
-    "fdfo": "fdfo/rho_dev_first_max",
-    "flow_grpo": "flow_grpo/ratio_dev_first_max",
-    "ddpo": "ddpo/ratio_dev_first_max",
-}
 
 
 def _cfg(tmp_path, **kw):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from rounding_spread import FIRST_STEP_KEY
 
 from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT, load_toy_model, read_checkpoint
 from fdfo_fast.config import PRESETS, make_config
@@ -31,13 +32,6 @@ TINY = dict(
 # Only float32 rounding remains: the training forward batches (sample, step) items, the sampler one step of every
 # sample, and the CPU conv kernels depend on the batch size (measured |ρ − 1| ≤ 2.3e-6, TINY fdfo over 4 epochs;
 # exactly 0 at the sizes of tests/test_loop_guards.py's CFG runs).
-FIRST_STEP_KEY = {
-    "fdfo": "fdfo/rho_dev_first_max",
-    "flow_grpo": "flow_grpo/ratio_dev_first_max",
-    "ddpo": "ddpo/ratio_dev_first_max",
-}
-
-
 def _assert_first_steps_reproduce_sampling(records, algorithm):
     devs = [r[FIRST_STEP_KEY[algorithm]] for r in records if r["kind"] == "train"]
     assert devs and max(devs) <= 1e-5, devs
