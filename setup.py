@@ -11,6 +11,8 @@ from setuptools import setup
 
 
 def extension_modules():
+    # FDFO_BUILD_EXT / FDFO_BUILD_CUDA are listed in fdfo_fast.backends.ENV_SWITCHES, but read here directly:
+    # setup.py runs before the package is installed and so cannot import fdfo_fast.backends.env_flag.
     if os.environ.get("FDFO_BUILD_EXT", "0") != "1":
         return []
     import torch

@@ -146,8 +146,12 @@ LOOP = "tests/test_loop_guards.py"
 DS_LOOP = f"{LOOP}::test_deepspeed_checkpoint_writes_shards_then_the_state_file_then_prunes"
 CFG_LOOP = f"{LOOP}::test_with_cfg_the_first_step_of_every_epoch_reproduces_the_sampling_policy"
 FDFO_PY = "fdfo_fast/algorithms/fdfo.py"
+BASE_PY = "fdfo_fast/algorithms/base.py"
+SDE_PY = "fdfo_fast/algorithms/sde_policy.py"
 TRAIN_PY = "fdfo_fast/train.py"
 ENGINE_PY = "fdfo_fast/engine.py"
+STATE_PY = "fdfo_fast/run_state.py"
+ARCH = "tests/test_architecture.py"  # the seams of the issue-17 layout
 
 # One mutation per paragraph reads better than one argument per line:
 # fmt: off
@@ -155,8 +159,8 @@ MUTATIONS: list[Mutation] = [
     # -- sanity: must be caught, or the tests are not importing the copy --------------------------------------
     mutation(
         "sanity-kernel-syntax", "syntax error in a kernel module (kernels/ is imported as fdfo_fast.kernels)",
-        "kernels/fd_loss.py", "from fdfo_fast.dispatch import choose_impl\n",
-        "from fdfo_fast.dispatch import choose_impl )\n", [f"{K_FD}::test_rho_is_exactly_one_at_the_reference"],
+        "kernels/fd_loss.py", "from fdfo_fast.backends import resolve\n",
+        "from fdfo_fast.backends import resolve )\n", [f"{K_FD}::test_rho_is_exactly_one_at_the_reference"],
         sanity=True,
     ),
     mutation(
@@ -187,9 +191,9 @@ MUTATIONS: list[Mutation] = [
         [ALG, OPT, f"{TRAIN}::test_presets_resolve_and_bad_values_are_one_clear_error"],
     ),
     mutation(
-        "fdfo-subsample-first-k", "FDFO --steps-per-sample k: always the first k steps instead of a random k",
-        FDFO_PY, "picks = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in range(n_global)])",
-        "picks = torch.arange(k).expand(n_global, k)",
+        "fdfo-subsample-first-k", "FDFO --steps-per-sample k: always the first k steps instead of a random k "
+        "(FDFO.finish asks draw_step_items for \"first\")",
+        FDFO_PY, '"random" if random_subset else "all"', '"first" if random_subset else "all"',
         [OPT, ALG],
     ),
     mutation(
@@ -218,8 +222,9 @@ MUTATIONS: list[Mutation] = [
     ),
     # -- Flow-GRPO --------------------------------------------------------------------------------------------
     mutation(
-        "grpo-timestep-fraction-ignored", "Flow-GRPO / DDPO: the timestep fraction ignored (train all T steps)",
-        "fdfo_fast/algorithms/flow_grpo.py", "k_train = int(cfg.train_timestep_fraction * T)", "k_train = T",
+        "grpo-timestep-fraction-ignored", "Flow-GRPO / DDPO (SDEPolicyGradient.finish): the timestep fraction "
+        "ignored (train all T steps)",
+        SDE_PY, "k_train = int(cfg.train_timestep_fraction * T)", "k_train = T",
         [f"{ALG}::test_timestep_selection_first_and_random"],
     ),
     # -- training loop ----------------------------------------------------------------------------------------
@@ -230,20 +235,20 @@ MUTATIONS: list[Mutation] = [
          f"{TRAIN}::test_a_few_epochs_change_every_trainable_parameter", OPT],
     ),
     Mutation(
-        "train-cat-wrong-dim", "training loop: trajectories of several sampling chunks joined on the step dim (0)",
-        (Edit(TRAIN_PY,
-              'states=cat("states", 1),\n            velocities=cat("velocities", 1),\n'
-              '            log_probs=cat("log_probs", 1),',
-              'states=cat("states", 0),\n            velocities=cat("velocities", 0),\n'
-              '            log_probs=cat("log_probs", 0),'),),
-        (f"{LOOP}::test_cat_trajectories_joins_the_sample_dimension",
+        "train-cat-wrong-dim", "Trajectory.cat: trajectories of several sampling chunks joined on the step dim (0)",
+        (Edit("fdfo_fast/sampling.py",
+              'states=join("states", 1),\n            velocities=join("velocities", 1),\n'
+              '            log_probs=join("log_probs", 1),',
+              'states=join("states", 0),\n            velocities=join("velocities", 0),\n'
+              '            log_probs=join("log_probs", 0),'),),
+        (f"{SAMP}::test_trajectory_cat_joins_the_sample_dimension",
          f"{LOOP}::test_a_rollout_sampled_in_chunks_is_the_one_chunk_rollout",
          f"{NUM}::test_rollouts_decode_in_sample_batch_chunks",
          f"{TRAIN}::test_a_few_epochs_change_every_trainable_parameter"),
     ),
     mutation(
         "ema-lerp-inverted", "EMA: lerp weight inverted (moves by decay instead of 1 − decay)",
-        TRAIN_PY, "s.lerp_(p, 1 - self.decay)", "s.lerp_(p, self.decay)",
+        ENGINE_PY, "s.lerp_(p, 1 - self.decay)", "s.lerp_(p, self.decay)",
         [f"{LOOP}::test_ema_update_is_decay_times_old_plus_one_minus_decay_times_new",
          f"{LOOP}::test_the_checkpointed_ema_follows_the_optimiser_steps",
          f"{OPT}::test_ema_every_n_steps_resumes_and_is_what_evaluation_scores",
@@ -264,8 +269,8 @@ MUTATIONS: list[Mutation] = [
          f"{TRAIN}::test_a_few_epochs_change_every_trainable_parameter"],
     ),
     mutation(
-        "nonfinite-ckpt-guard-removed", "checkpoint(): the non-finite-model guard removed",
-        TRAIN_PY, "elif not _all_finite(model.parameters()):", "elif False:",
+        "nonfinite-ckpt-guard-removed", "PlainEngine.prepare_checkpoint: the non-finite-model guard removed",
+        ENGINE_PY, "if not _all_finite(self.model.parameters()):", "if False:",
         [f"{LOOP}::test_a_non_finite_model_never_reaches_the_checkpoint",
          f"{TRAIN}::test_non_finite_rewards_skip_the_epoch_and_never_reach_the_checkpoint",
          f"{TRAIN}::test_resume_drops_metrics_written_after_the_checkpoint"],
@@ -273,13 +278,13 @@ MUTATIONS: list[Mutation] = [
     # -- classifier-free guidance -------------------------------------------------------------------------------
     mutation(
         "cfg-dropped-in-training", "policy_velocity: the training velocity drops CFG (conditional only)",
-        "fdfo_fast/algorithms/base.py", "return guided_velocity(model, x, sigma, cond, uncond, cfg_scale)",
+        BASE_PY, "return guided_velocity(model, x, sigma, cond, uncond, cfg_scale)",
         "return guided_velocity(model, x, sigma, cond, None, cfg_scale)",
         [f"{ALG}::test_cfg_training_gradient_matches_the_reference_code", CFG_LOOP, NUM],
     ),
     mutation(
         "cfg-uncond-is-prompt", "policy_velocity: the prompt (cond) used as the unconditional input in training",
-        "fdfo_fast/algorithms/base.py", "return guided_velocity(model, x, sigma, cond, uncond, cfg_scale)",
+        BASE_PY, "return guided_velocity(model, x, sigma, cond, uncond, cfg_scale)",
         "return guided_velocity(model, x, sigma, cond, cond, cfg_scale)",
         [f"{ALG}::test_cfg_training_gradient_matches_the_reference_code", CFG_LOOP, NUM],
     ),
@@ -294,22 +299,29 @@ MUTATIONS: list[Mutation] = [
          f"{DIFF}::test_lora_training_changes_only_lora_and_exports"],
     ),
     # -- DeepSpeed checkpoints --------------------------------------------------------------------------------
-    Mutation(
-        "ds-state-before-shards", "checkpoint(): checkpoint.pt (naming the tag) written before the DeepSpeed shards",
-        (Edit(TRAIN_PY, "            engine.save(out, tag)\n            env.barrier()\n", ""),
-         Edit(TRAIN_PY,
-              "                engine.prune(out, keep=tag)\n        if getattr(model",
-              "                engine.prune(out, keep=tag)\n        if tag:\n            engine.save(out, tag)\n"
-              "            env.barrier()\n        if getattr(model")),
+    Mutation(  # the tag is the one prepare_checkpoint will write (epoch_NNNNNN); the shards come after prune
+        "ds-state-before-shards", "RunCheckpoint.save: checkpoint.pt (naming the tag) written before the DeepSpeed "
+        "shards (engine.prepare_checkpoint called last)",
+        (Edit(STATE_PY,
+              "        tag = self.engine.prepare_checkpoint(self.out, epoch)  # DeepSpeed: every rank writes its shard "
+              "first\n",
+              "        from fdfo_fast.engine import PlainEngine\n\n"
+              "        sharded = type(self.engine).prepare_checkpoint is not PlainEngine.prepare_checkpoint\n"
+              "        tag = f\"epoch_{epoch:06d}\" if sharded else self.engine.prepare_checkpoint(self.out, epoch)\n"),
+         Edit(STATE_PY,
+              "            self.engine.prune(self.out, keep=tag)\n        self.export_lora(",
+              "            self.engine.prune(self.out, keep=tag)\n        if sharded:\n"
+              "            self.engine.prepare_checkpoint(self.out, epoch)\n        self.export_lora(")),
         (DS_LOOP, f"{DIST}::test_deepspeed_resume_never_reads_an_unreferenced_shard_folder",
          f"{DIST}::test_deepspeed_zero3_two_ranks_match_one_process_and_resume"),
     ),
     Mutation(
-        "ds-prune-before-state", "checkpoint(): old DeepSpeed tags pruned before the new state file is written",
-        (Edit(TRAIN_PY, "            if tag:\n                engine.prune(out, keep=tag)\n", ""),
-         Edit(TRAIN_PY, "        if env.is_main:\n            atomic_save(\n                {\n",
-              "        if env.is_main and tag:\n            engine.prune(out, keep=tag)\n"
-              "        if env.is_main:\n            atomic_save(\n                {\n")),
+        "ds-prune-before-state", "RunCheckpoint.save: old DeepSpeed tags pruned before the new state file is "
+        "written",
+        (Edit(STATE_PY, "            self.engine.prune(self.out, keep=tag)\n", ""),
+         Edit(STATE_PY, "        if self.env.is_main:\n            atomic_save(\n",
+              "        if self.env.is_main:\n            self.engine.prune(self.out, keep=tag)\n"
+              "            atomic_save(\n")),
         (DS_LOOP, f"{DIST}::test_deepspeed_resume_never_reads_an_unreferenced_shard_folder",
          f"{DIST}::test_deepspeed_zero3_two_ranks_match_one_process_and_resume"),
     ),
@@ -350,15 +362,37 @@ MUTATIONS: list[Mutation] = [
         "fdfo_fast/human.py", 'left = "A" if derive_seed(seeds[2 * p], 5) & 1 == 0 else "B"', 'left = "A"',
         [HUMAN],
     ),
+    # -- extras: seams of the issue-17 split (LossStats, draw_step_items, RunCheckpoint.load) -------------------
+    mutation(
+        "loss-stats-max-summed", "LossStats.merge: maxima summed instead of maxed (the first step's |ρ − 1| "
+        "grows with the number of micro-batches and ranks)",
+        BASE_PY, "add(self.maxima, other.maxima, max),", "add(self.maxima, other.maxima, float.__add__),",
+        [f"{ARCH}::test_loss_stats_merge_is_the_statistics_of_the_union",
+         f"{ARCH}::test_summarise_loss_stats_means_fractions_maxima_and_active_share"], extra=True,
+    ),
+    mutation(
+        "step-items-random-is-first-k", "draw_step_items \"random\": always steps 0 … k − 1 (the generator-drawn "
+        "per-sample permutation ignored; DDPO and FDFO --steps-per-sample)",
+        BASE_PY, "steps = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in range(n_global)])",
+        "steps = torch.arange(k).expand(n_global, k)",
+        [f"{ALG}::test_timestep_selection_first_and_random",
+         f"{OPT}::test_step_subsampling_draws_every_step_with_probability_k_over_t"], extra=True,
+    ),
+    mutation(
+        "resume-options-diff-skipped", "RunCheckpoint.load: the changed-options check skipped (a resume with "
+        "options outside RESUMABLE_CHANGES changed is accepted)",
+        STATE_PY, "        if diff:\n", "        if False:\n",
+        [f"{TRAIN}::test_resume_matches_an_uninterrupted_run_exactly[fdfo-extra0]"], extra=True,
+    ),
     # -- extras (beyond the issue's list) ---------------------------------------------------------------------
     mutation(
-        "ppo-clip-removed", "Flow-GRPO / DDPO: the PPO ratio clip removed", "fdfo_fast/algorithms/flow_grpo.py",
+        "ppo-clip-removed", "Flow-GRPO / DDPO (clipped_policy_loss): the PPO ratio clip removed", SDE_PY,
         "clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)", "clipped = -adv * ratio",
         [ALG], extra=True,
     ),
     mutation(
-        "kl-sign-flipped", "Flow-GRPO: the KL penalty's sign flipped (rewards moving away from the base)",
-        "fdfo_fast/algorithms/flow_grpo.py", "loss = loss + cfg.kl_beta * kl", "loss = loss - cfg.kl_beta * kl",
+        "kl-sign-flipped", "Flow-GRPO (SDEPolicyGradient.loss): the KL penalty's sign flipped (rewards moving "
+        "away from the base)", SDE_PY, "loss = loss + cfg.kl_beta * kl", "loss = loss - cfg.kl_beta * kl",
         [ALG, f"{TRAIN}::test_a_few_epochs_change_every_trainable_parameter[flow_grpo]"], extra=True,
     ),
     mutation(
@@ -391,7 +425,7 @@ MUTATIONS: list[Mutation] = [
     ),
     mutation(
         "uncond-is-prompt-everywhere", "RunContext.encode: the unconditional input is the prompt itself "
-        "(sampling and training)", TRAIN_PY, 'self.model.encode_prompts([""] * len(prompts))',
+        "(sampling and training)", BASE_PY, 'self.model.encode_prompts([""] * len(prompts))',
         "self.model.encode_prompts(prompts)",
         [CFG_LOOP, f"{ALG}::test_cfg_training_gradient_matches_the_reference_code", NUM], extra=True,
     ),

@@ -3,7 +3,7 @@
 The transformer is diffusers' own `SD3Transformer2DModel` built from the published SD3.5-Medium config (random
 weights, bf16 on CUDA), wrapped in the project's `SD3FlowModel` adapter (a stand-in pipeline with no text encoders
 and a stub VAE: the benchmark feeds random prompt embeddings of the real shapes), so sampling runs the project's
-`sample_fdfo_pairs` / `run_sampler` / `CudaGraphSampler` and training the project's LoRA setup, FDFO loss (the fused
+`sample_fdfo_pairs` / `Sampler` / `CudaGraphSampler` and training the project's LoRA setup, FDFO loss (the fused
 `fd_loss`) and optimiser, exactly as `fdfo_fast.train` calls them.
 
 - `sd35m_sampling`: FDFO paired sampling (1 pair) eager vs one CUDA-graph replay, at 1024² and at the preset's 512².
@@ -99,9 +99,10 @@ def resolve_shape(ctx) -> Shape:
     cfg = make_config(PRESET)
     if scale == "full":
         res = ctx.args.sd35m_resolution
-        resolutions = (res,) + ((cfg.resolution,) if cfg.resolution != res else ())
-        return Shape("full", SD35M_CONFIG, resolutions, 77 + cfg.max_sequence_length, torch.bfloat16 if cuda else
-                     torch.float32, ctx.args.sd35m_steps, 1, cfg.sample_batch // 2, cfg.micro_batch)  # fmt: skip
+        resolutions = (res,) + ((cfg.model.resolution,) if cfg.model.resolution != res else ())
+        return Shape("full", SD35M_CONFIG, resolutions, 77 + cfg.model.max_sequence_length, torch.bfloat16 if cuda
+                     else torch.float32, ctx.args.sd35m_steps, 1, cfg.sampling.sample_batch // 2,
+                     cfg.optim.micro_batch)  # fmt: skip
     return Shape("tiny", TINY_CONFIG, (8 * TINY_CONFIG["sample_size"],), 32, torch.bfloat16 if cuda else torch.float32,
                  2, 1, 2, 4)  # fmt: skip
 
@@ -304,7 +305,7 @@ def _sigmas(steps: int):
 def sampling_section(ctx, emit) -> str | None:
     """FDFO paired sampling through SD3FlowModel: eager (fused Triton step) vs the whole loop as one CUDA graph."""
     from fdfo_fast.cuda_graph import CudaGraphSampler
-    from fdfo_fast.sampling import sample_fdfo_pairs
+    from fdfo_fast.sampling import Sampler, sample_fdfo_pairs
 
     shape = resolve_shape(ctx)
     model, flops_cache = get_model(ctx, shape)
@@ -324,8 +325,10 @@ def sampling_section(ctx, emit) -> str | None:
         print(f"{shape.label} @{res}px: F_fwd/image = {tflop_str(f['linear'] / 1e12)} TFLOP linear + "
               f"{tflop_str(f['attention'] / 1e12)} TFLOP attention = {tflop_str(f['total'] / 1e12)} TFLOP")  # fmt: skip
 
+        sampler = Sampler("churn", sigmas, gamma=cfg_churn, record=True)
+
         def run(runner=None):
-            return sample_fdfo_pairs(model, cond, None, seeds, lat, sigmas, 1.0, cfg_churn, None, runner)
+            return sample_fdfo_pairs(model, sampler, cond, None, seeds, lat, runner)
 
         eager = timed(run, ctx.device, reps, warmup=1)
         fe = mfu_fields(ctx, flops, eager)
@@ -358,12 +361,12 @@ def sampling_section(ctx, emit) -> str | None:
 def train_section(ctx, emit) -> str | None:
     """LoRA (the sd35m-fdfo preset: r 32, α 64, attention projections, gradient checkpointing), one micro-batch of
     FDFO items through FDFO.loss (fused fd_loss) + backward + clip + AdamW, then one rollout chunk of sample_batch."""
-    from fdfo_fast.algorithms.base import Rollout
+    from fdfo_fast.algorithms.base import Rollout, RunContext
     from fdfo_fast.algorithms.fdfo import FDFO, fd_direction
     from fdfo_fast.config import make_config
     from fdfo_fast.cuda_graph import CudaGraphSampler
     from fdfo_fast.engine import make_optimizer
-    from fdfo_fast.sampling import Trajectory, sample_fdfo_pairs
+    from fdfo_fast.sampling import Sampler, Trajectory, sample_fdfo_pairs
 
     shape = resolve_shape(ctx)
     model, flops_cache = get_model(ctx, shape)
@@ -373,11 +376,10 @@ def train_section(ctx, emit) -> str | None:
     lat = latent_shape(res, shape)
     f = forward_flops(model, shape, res, flops_cache)  # before LoRA: the base model's FLOPs
     print(f"FLOPs: {FLOP_FORMULA}")
-    targets = tuple(t.strip() for t in cfg.lora_targets.split(","))
-    params = model.setup_finetune("lora", cfg.lora_rank, cfg.lora_alpha, targets, cfg.gradient_checkpointing)
+    params = model.setup_finetune(cfg.model)  # the preset's --finetune lora, r, α, targets, gradient checkpointing
     n_train = sum(p.numel() for p in params)
-    opt = make_optimizer(params, cfg)
-    algo = FDFO(cfg)
+    opt = make_optimizer(params, cfg.optim)
+    algo = FDFO(cfg.fdfo)
     reps = big_reps(ctx)
 
     # -- training step on a synthetic rollout (values do not change the cost) -----------------------------------
@@ -394,16 +396,17 @@ def train_section(ctx, emit) -> str | None:
     a, d = fd_direction(traj.x0, rewards)
     cond = random_cond(shape, B, dev)
     items = torch.cartesian_prod(torch.arange(B), torch.arange(T))
-    rollout = Rollout(prompts=[""] * B, seeds=list(range(B)), cond=cond, uncond=None, traj=traj, images=None,
-                      rewards={"reward": rewards}, advantages=a.cpu(), items=items, extras={"d": d})  # fmt: skip
+    rollout = Rollout(prompts=[""] * B, cond=cond, uncond=None, traj=traj, rewards={"reward": rewards},
+                      advantages=a.cpu(), items=items, extras={"d": d})  # fmt: skip
     mb = items[torch.randperm(len(items), generator=g)[: shape.micro_batch]]
-    loop_ctx = SimpleNamespace(model=model, reference=None)
+    loop_ctx = RunContext(model=model, reference=None, reward=None, prompt_pool={}, sigmas=sigmas,
+                          sampling=cfg.sampling, impl=cfg.run.impl_or_none)  # fmt: skip
 
     def train_step():
         opt.zero_grad(set_to_none=True)
         loss_sum, _ = algo.loss(loop_ctx, rollout, mb, first_step=True)
         (loss_sum / len(mb)).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
         opt.step()
 
     model.train()
@@ -413,7 +416,7 @@ def train_section(ctx, emit) -> str | None:
     peak = peak_memory_gib(dev)
     ft = mfu_fields(ctx, 3 * f["total"] * len(mb), sec)
     mem = f"peak {peak:.1f} GiB; " if peak is not None else ""
-    emit({"op": f"{shape.label} FDFO train step (LoRA r{cfg.lora_rank}, ckpt)",
+    emit({"op": f"{shape.label} FDFO train step (LoRA r{cfg.model.lora_rank}, ckpt)",
           "size": f"{len(mb)} items @{res}px", "time_s": sec, "peak_gib": peak, "trainable_params": n_train,
           "flop_formula": "3*F_fwd*items", **ft,
           "note": f"{1e3 * sec / len(mb):.0f} ms/item; {mem}3*F_fwd*{len(mb)}: " + mfu_note(ft)})  # fmt: skip
@@ -428,9 +431,12 @@ def train_section(ctx, emit) -> str | None:
     runner = CudaGraphSampler(warmup=1) if dev == "cuda" else None
     how = "CUDA graph" if runner else "eager"
 
+    sampler = Sampler(
+        "churn", sigmas, cfg.sampling.cfg_scale, gamma=cfg.fdfo.churn, record=True, impl=cfg.run.impl_or_none
+    )
+
     def chunk():
-        return sample_fdfo_pairs(model, rcond, None, list(range(pairs)), lat, sigmas, cfg.cfg_scale, cfg.churn,
-                                 cfg.impl_or_none, runner)  # fmt: skip
+        return sample_fdfo_pairs(model, sampler, rcond, None, list(range(pairs)), lat, runner)
 
     reset_peak(dev)
     t0 = time.perf_counter()
@@ -441,8 +447,9 @@ def train_section(ctx, emit) -> str | None:
     peak = peak_memory_gib(dev)
     fr = mfu_fields(ctx, f["total"] * 2 * pairs * T, sec)
     mem = f"peak {peak:.1f} GiB; " if peak is not None else ""
+    steps = cfg.sampling.num_steps
     emit({"op": f"{shape.label} FDFO rollout chunk (LoRA, {how})", "size": f"{pairs} pairs x {T} steps @{res}px",
           "time_s": sec, "first_call_s": first, "peak_gib": peak, "per_step_s": sec / T, **fr,
-          "note": f"{1e3 * sec / T:.0f} ms/step ({cfg.num_steps} steps: {sec / T * cfg.num_steps:.1f} s); {mem}"
+          "note": f"{1e3 * sec / T:.0f} ms/step ({steps} steps: {sec / T * steps:.1f} s); {mem}"
                   + mfu_note(fr)})  # fmt: skip
     return None  # the model, optimiser and graph go with this frame (the harness then empties the CUDA cache)

@@ -35,7 +35,7 @@ import torch
 
 from fdfo_fast.backends import table as backend_table
 from fdfo_fast.kernels.fd_loss import fd_loss, fd_loss_ref
-from fdfo_fast.kernels.sampler_step import philox_noise, sampler_step, sampler_step_ref
+from fdfo_fast.kernels.sampler_step import philox_noise, sampler_step, sampler_step_ref, step_coefficients
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sd35m_shape  # noqa: E402  (benchmarks/ is not a package)
@@ -95,9 +95,10 @@ def sampler_section(ctx, emit):
             # bytes of the fused op: read x (4) + v_c, v_u (vdt) ; write x_out (4) + v_out (4)
             nbytes = n * (4 + 2 * v_c.element_size() + 4 + 4)
             noise = philox_noise(seeds.cpu(), 1, shape).to(device) if mode != "euler" else None
+            coefs = step_coefficients(mode, 0.8, 0.7, 0.05, 0.7, 0.95)
 
             def ref():
-                x_s, lp, v = sampler_step_ref(x, v_c, v_u, 0.8, 0.7, mode, 4.5, 0.05, 0.7, 0.95, noise)
+                x_s, lp, v = sampler_step_ref(x, v_c, v_u, coefs, 4.5, noise)
                 v_out.copy_(v)
                 return x_s, lp
 
@@ -161,7 +162,7 @@ def _finish(entry, nbytes, bw):
 def toy_sampling_section(ctx, emit):
     """End-to-end: the toy model's FDFO paired sampling loop in samples/s (eager, and as one CUDA graph on a GPU)."""
     from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT, load_toy_model
-    from fdfo_fast.sampling import sample_fdfo_pairs, sigma_schedule
+    from fdfo_fast.sampling import Sampler, sample_fdfo_pairs, sigma_schedule
 
     device, reps, quick = ctx.device, ctx.args.reps, ctx.args.quick
 
@@ -181,11 +182,9 @@ def toy_sampling_section(ctx, emit):
 
         variants += [("triton", None), ("triton, CUDA graph", CudaGraphSampler())]
     for label, runner in variants:
-        impl = "ref" if label == "ref" else "triton"
+        sampler = Sampler("churn", sigmas, gamma=0.05, record=True, impl="ref" if label == "ref" else "triton")
         sec = bench(
-            lambda impl=impl, runner=runner: sample_fdfo_pairs(
-                model, cond, None, list(range(pairs)), shape, sigmas, 1.0, 0.05, impl, runner
-            ),
+            lambda runner=runner: sample_fdfo_pairs(model, sampler, cond, None, list(range(pairs)), shape, runner),
             device,
             max(2, reps // 4),
         )

@@ -117,9 +117,4 @@ def extension_status() -> tuple[bool, str]:
     return True, "CUDA + CPU" if mod.with_cuda() else "CPU"
 
 
-def _reset_for_tests():
-    global _module, _error
-    _module, _error = None, None
-
-
 __all__ = ["CSRC", "extension_status", "load_extension", "source_hash"]

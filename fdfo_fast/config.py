@@ -1,4 +1,12 @@
-"""Typed training configuration: one dataclass with help text, named presets, YAML files and CLI overrides."""
+"""Typed training configuration by section: run, model, rewards, human labels, sampling, FDFO, SDE policy
+(Flow-GRPO / DDPO), optimisation, evaluation. Each field carries its help text, its choices or bounds; each
+component receives its own section. Option names are unique across sections, so the command line, YAML files,
+presets and the saved config.json stay flat (`--churn`, `churn: 0.05`) while code reads `cfg.fdfo.churn`.
+
+The hand-written argparse builder (fdfo_fast.cli_args) is kept rather than tyro or transformers' HfArgumentParser:
+tyro would rename every flag to its section path (`--fdfo.churn`), breaking the presets' and users' flat commands,
+and HfArgumentParser does not nest dataclasses.
+"""
 
 from __future__ import annotations
 
@@ -13,48 +21,121 @@ from fdfo_fast.coco_prompts import NAMED_SETS as NAMED_PROMPT_SETS
 from fdfo_fast.coco_prompts import is_named_set
 from fdfo_fast.errors import FdfoError
 
-ALGORITHMS = ("fdfo", "flow_grpo", "ddpo")
+# Choice lists, each defined once: the algorithms' and model kinds' registries (read when a config is validated,
+# so importing the config imports neither), and the lists below.
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _algorithm_names() -> tuple[str, ...]:
+    from fdfo_fast.algorithms import ALGORITHMS
+
+    return tuple(ALGORITHMS)
+
+
+def _model_kinds() -> tuple[str, ...]:
+    from fdfo_fast.models.base import MODEL_KINDS
+
+    return tuple(MODEL_KINDS)
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+# weight dtypes (--dtype, --reward-dtype): short name -> torch's name (fdfo_fast.models, fdfo_fast.rewards.hf_models)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPE_NAMES = tuple(DTYPES)
+
+
+def torch_dtype(name: str):
+    """--dtype bf16 | fp16 | fp32 -> the torch dtype (FdfoError on anything else)."""
+    import torch
+
+    if name not in DTYPES:
+        raise FdfoError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, DTYPES[name])
+
+
+IMPLS = ("auto", "ref", "triton")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "xformers")  # fdfo_fast.models.base.choose_attention_backend
+
+
+def _f(default, help: str, *, choices: tuple | None = None, ge=None, gt=None, lt=None, le=None, why: str = ""):
+    """A field with its help text and the rule `validate` checks: one of `choices`, or within the bounds
+    (`why` replaces the generated message)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, lt=lt, le=le, why=why))
+
+
+def _rule_error(meta: dict, value) -> str | None:
+    """The message for a field whose value breaks its metadata rule, or None."""
+    if meta.get("choices") is not None:
+        c = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        return None if value in c else meta["why"] or f"must be {', '.join(c[:-1])} or {c[-1]}"
+    ge, gt, lt, le = meta.get("ge"), meta.get("gt"), meta.get("lt"), meta.get("le")
+    ok = (ge is None or value >= ge) and (gt is None or value > gt) and (lt is None or value < lt)
+    if ok and (le is None or value <= le):
+        return None
+    if meta["why"]:
+        return meta["why"]
+    low, high = (ge, "[") if ge is not None else (gt, "("), (lt, ")") if lt is not None else (le, "]")
+    if low[0] is not None and high[0] is not None:
+        return f"must be in {low[1]}{low[0]}, {high[0]}{high[1]}"
+    if gt == 0:
+        return "must be a positive number"
+    if low[0] is not None:
+        return f"must be {'>=' if ge is not None else '>'} {low[0]}"
+    return f"must be {'<' if lt is not None else '<='} {high[0]}"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs. An epoch = sample & score a batch of rollouts, then a few optimiser steps."""
+class RunConfig:
+    """What the run is: algorithm, folder, seed, length, training prompts, where and how it computes."""
 
-    # -- run ---------------------------------------------------------------------------------------------------
-    algorithm: str = _f("fdfo", "fdfo | flow_grpo | ddpo")
+    algorithm: str = _f("fdfo", "fdfo | flow_grpo | ddpo", choices=_algorithm_names)
     out: str = _f("runs/train", "run folder (config, metrics.jsonl, TensorBoard, grids, checkpoint.pt)")
     seed: int = _f(0, "all randomness derives from (seed, rank, epoch)")
-    epochs: int = _f(60, "training epochs")
-    base_checkpoint: str = _f("", "base model checkpoint ('' = the shipped toy base model)")
+    epochs: int = _f(60, "training epochs", ge=1)
     prompts: str = _f(
         "auto",
         "auto ('train' for the toy model, 'geneval-coco:train' for sd3 / flux) | 'train' (the shapes world's training "
         "split) | 'geneval-coco:train' / 'geneval-coco:test' (GenEval-style COCO prompts) | a prompt file (one per "
         'line, or .jsonl with a "prompt" field)',
     )
-    reward: str = _f("alignment:1", "weighted reward terms, e.g. 'alignment:1,quality:0.1'")
-    threads: int = _f(0, "torch CPU threads (0 = torch default)")
-    impl: str = _f("auto", "fused ops: auto (Triton on CUDA, reference elsewhere) | ref | triton")
+    threads: int = _f(0, "torch CPU threads (0 = torch default)", ge=0)
+    impl: str = _f("auto", "fused ops: auto (Triton on CUDA, reference elsewhere) | ref | triton", choices=IMPLS)
     device: str = _f("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    ds_config: str = _f("", "DeepSpeed JSON config (ZeRO-2/3, e.g. ds_z3.json); '' = plain PyTorch optimiser")
-    optimizer: str = _f("adamw", "adamw | adamw8bit (bitsandbytes)")
-    attention: str = _f(
-        "auto", "sd3 / flux attention: auto (flash-attn on CUDA if installed, else sdpa) | sdpa | flash | xformers"
+    cuda_graph: str = _f(
+        "auto", "sampling under CUDA graphs: auto (on CUDA without ZeRO-3) | on | off", choices=("auto", "on", "off")
     )
-    cuda_graph: str = _f("auto", "sampling under CUDA graphs: auto (on CUDA without ZeRO-3) | on | off")
-    # -- model (toy, or SD3 / FLUX through diffusers) ----------------------------------------------------------
-    model: str = _f("toy", "toy | sd3 | flux")
+    save_every: int = _f(10, "checkpoint every N epochs (and at the end)", ge=1)
+    tensorboard: bool = _f(True, "write TensorBoard scalars when tensorboard is installed")
+    progress: bool = _f(True, "show a progress bar")
+
+    @property
+    def impl_or_none(self) -> str | None:
+        """`impl` as the ops take it (None = auto)."""
+        return None if self.impl == "auto" else self.impl
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The flow model: the toy model, or SD3 / FLUX through diffusers, and what of it is trained."""
+
+    model: str = _f("toy", "toy | sd3 | flux", choices=_model_kinds)
+    base_checkpoint: str = _f("", "base model checkpoint ('' = the shipped toy base model)")
     model_path: str = _f("", "sd3 / flux: a local diffusers pipeline folder or a hub id")
-    resolution: int = _f(512, "sd3 / flux: image resolution (pixels)")
-    dtype: str = _f("bf16", "sd3 / flux: weight dtype bf16 | fp16 | fp32 (the sampler state is always fp32)")
-    max_sequence_length: int = _f(256, "sd3 / flux: T5 prompt tokens")
+    resolution: int = _f(512, "sd3 / flux: image resolution (pixels)", ge=1)
+    dtype: str = _f(
+        "bf16", "sd3 / flux: weight dtype bf16 | fp16 | fp32 (the sampler state is always fp32)", choices=DTYPE_NAMES
+    )
+    max_sequence_length: int = _f(256, "sd3 / flux: T5 prompt tokens", ge=1)
     flux_guidance: float = _f(3.5, "flux: the distilled guidance scale fed to the model (FLUX has no CFG)")
-    lora_rank: int = _f(32, "--finetune lora: rank r")
-    lora_alpha: float = _f(64.0, "--finetune lora: alpha")
+    attention: str = _f(
+        "auto",
+        "sd3 / flux attention: auto (flash-attn on CUDA if installed, else sdpa) | sdpa | flash | xformers",
+        choices=ATTENTION_BACKENDS,
+    )
+    finetune: str = _f(
+        "full", "full | lora (sd3 / flux; the toy model is always fully fine-tuned)", choices=("full", "lora")
+    )
+    lora_rank: int = _f(32, "--finetune lora: rank r", ge=1)
+    lora_alpha: float = _f(64.0, "--finetune lora: alpha", gt=0)
     lora_targets: str = _f(
         "auto",
         "--finetune lora: comma-separated peft target_modules (module-name suffixes, e.g. attn.to_q,attn.to_k); "
@@ -62,253 +143,285 @@ class TrainConfig:
         "flux those plus the double blocks' ff / ff_context MLPs",
     )
     gradient_checkpointing: bool = _f(False, "sd3 / flux: recompute transformer activations in the backward")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The trained reward: weighted terms, and the network reward models some terms need."""
+
+    reward: str = _f("alignment:1", "weighted reward terms, e.g. 'alignment:1,quality:0.1'")
     reward_models: str = _f("", "network rewards, e.g. 'pickscore=PATH' (see fdfo_fast.rewards.hf_models)")
-    reward_dtype: str = _f("fp32", "network rewards' weights: fp32 | bf16 | fp16 (an entry's ';dtype=' overrides it)")
-    eval_prompts: str = _f(
-        "auto",
-        "auto ('heldout' for the toy model, 'geneval-coco:test' for sd3 / flux) | 'heldout' (the shapes world's "
-        "held-out split) | 'geneval-coco:test' / 'geneval-coco:train' | a prompt file (as --prompts)",
+    reward_dtype: str = _f(
+        "fp32",
+        "network rewards' weights: fp32 | bf16 | fp16 (an entry's ';dtype=' overrides it)",
+        choices=("fp32", "bf16", "fp16"),
     )
-    # -- human labels (--reward human:1, FDFO only) ------------------------------------------------------------------
-    human_fraction: float = _f(1.0, "fraction of each epoch's pairs shown to the human (the rest: --human-auto-label)")
+
+
+@dataclass(frozen=True)
+class HumanConfig:
+    """Human preference labels (--reward human:1, FDFO only): the labelling page and what it is shown."""
+
+    human_fraction: float = _f(
+        1.0, "fraction of each epoch's pairs shown to the human (the rest: --human-auto-label)", gt=0, le=1
+    )
     human_auto_label: str = _f("", "reward terms whose preference labels the pairs not shown, e.g. 'alignment:1'")
     human_host: str = _f("127.0.0.1", "address of the labelling page (anything but loopback requires a URL token)")
-    human_port: int = _f(8765, "port of the labelling page (0 = any free port)")
+    human_port: int = _f(
+        8765, "port of the labelling page (0 = any free port)", ge=0, lt=65536,
+        why="must be a port number (0 = any free port)",
+    )  # fmt: skip
     human_token: str = _f("", "token the page URL must carry ('' = none on loopback, random elsewhere)")
-    human_timeout: float = _f(0.0, "seconds to wait for an epoch's labels before stopping with an error (0 = forever)")
-    # -- sampling ----------------------------------------------------------------------------------------------
-    num_steps: int = _f(10, "sampling steps while training")
-    shift: float = _f(
-        0.0, "time shift of the σ grid; 0 = the model's own (the scheduler config for sd3 / flux, 1.0 for toy)"
+    human_timeout: float = _f(
+        0.0, "seconds to wait for an epoch's labels before stopping with an error (0 = forever)", ge=0
     )
-    cfg_scale: float = _f(1.0, "classifier-free guidance scale (training and evaluation)")
-    sample_batch: int = _f(256, "samples per model call while sampling")
-    # -- FDFO (method.md §1) -----------------------------------------------------------------------------------
-    pairs_per_epoch: int = _f(32, "FDFO: paired rollouts per epoch (2 reward queries each)")
-    churn: float = _f(0.02, "FDFO: churn strength γ of the paired sampler (paper 0.0025)")
-    trust_eps: float = _f(0.03, "FDFO: SPO trust-region ε (optimum at ρ = 1 ± ε)")
-    velocity_penalty: float = _f(0.0, "FDFO: λ of the velocity penalty toward the frozen base model")
-    steps_per_sample: int = _f(0, "FDFO: train on k random steps of each sample's T per epoch (0 = all, the paper)")
-    # -- Flow-GRPO / DDPO (method.md §2, §3) -------------------------------------------------------------------
-    prompts_per_epoch: int = _f(8, "Flow-GRPO: groups per epoch; DDPO: distinct prompt draws per epoch")
-    group_size: int = _f(8, "Flow-GRPO: images per prompt (G); DDPO: images per drawn prompt")
-    noise_level: float = _f(0.7, "SDE noise level a of g = a·√(t/(1 − t))")
-    clip_range: float = _f(1e-4, "PPO ratio clip c")
-    adv_clip: float = _f(5.0, "advantages are clipped to ±adv_clip")
-    kl_beta: float = _f(0.0, "Flow-GRPO: β of the KL to the frozen base model")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How rollouts are sampled (training); the held-out evaluation shares the CFG scale and the batch size."""
+
+    num_steps: int = _f(10, "sampling steps while training", ge=1)
+    shift: float = _f(
+        0.0, "time shift of the σ grid; 0 = the model's own (the scheduler config for sd3 / flux, 1.0 for toy)", ge=0
+    )
+    cfg_scale: float = _f(1.0, "classifier-free guidance scale (training and evaluation)", ge=1)
+    sample_batch: int = _f(256, "samples per model call while sampling", ge=1)
+
+
+@dataclass(frozen=True)
+class FDFOConfig:
+    """FDFO (arXiv 2603.12893; docs/method.md §1): paired churn rollouts, finite-difference direction, SPO loss."""
+
+    pairs_per_epoch: int = _f(32, "FDFO: paired rollouts per epoch (2 reward queries each)", ge=1)
+    churn: float = _f(0.02, "FDFO: churn strength γ of the paired sampler (paper 0.0025)", ge=0)
+    trust_eps: float = _f(0.03, "FDFO: SPO trust-region ε (optimum at ρ = 1 ± ε)", gt=0)
+    velocity_penalty: float = _f(0.0, "FDFO: λ of the velocity penalty toward the frozen base model", ge=0)
+    steps_per_sample: int = _f(
+        0, "FDFO: train on k random steps of each sample's T per epoch (0 = all, the paper)", ge=0
+    )
+
+
+@dataclass(frozen=True)
+class SDEPolicyConfig:
+    """Flow-GRPO / DDPO (docs/method.md §2, §3): SDE rollouts as Gaussian per-step policies, PPO clip."""
+
+    prompts_per_epoch: int = _f(8, "Flow-GRPO: groups per epoch; DDPO: distinct prompt draws per epoch", ge=1)
+    group_size: int = _f(8, "Flow-GRPO: images per prompt (G); DDPO: images per drawn prompt", ge=1)
+    noise_level: float = _f(0.7, "SDE noise level a of g = a·√(t/(1 − t))", gt=0)
+    clip_range: float = _f(1e-4, "PPO ratio clip c", gt=0)
+    adv_clip: float = _f(5.0, "advantages are clipped to ±adv_clip", gt=0)
+    kl_beta: float = _f(0.0, "Flow-GRPO: β of the KL to the frozen base model", ge=0)
     train_timestep_fraction: float = _f(
-        1.0, "Flow-GRPO/DDPO: train on k = ⌊f·T⌋ of each trajectory's T steps (the references' int(T·f))"
+        1.0, "Flow-GRPO/DDPO: train on k = ⌊f·T⌋ of each trajectory's T steps (the references' int(T·f))", gt=0, le=1
     )
     timestep_selection: str = _f(
         "random",
         "Flow-GRPO/DDPO: which k steps: random (a fresh subset per sample and epoch, as DDPO) | first (steps "
         "0 … k − 1, as Flow-GRPO's reference)",
+        choices=("random", "first"),
     )
     grpo_std: str = _f(
         "group",
         "Flow-GRPO advantage scale: group ((R − group mean)/(group std + 1e-4)) | global (the reference: mean per "
         "prompt text, std of the whole batch + 1e-4)",
+        choices=("group", "global"),
     )
-    stat_buffer: int = _f(16, "DDPO: per-prompt reward buffer size")
+    stat_buffer: int = _f(16, "DDPO: per-prompt reward buffer size", ge=1)
     stat_min_count: int = _f(
-        16, "DDPO: below this many rewards a prompt uses the batch's statistics (ddpo-pytorch: 16)"
+        16, "DDPO: below this many rewards a prompt uses the batch's statistics (ddpo-pytorch: 16)", ge=0
     )
-    # -- optimisation ------------------------------------------------------------------------------------------
-    opt_steps_per_epoch: int = _f(4, "optimiser steps per epoch (the epoch's items are shuffled and split)")
-    micro_batch: int = _f(256, "items per forward/backward (gradient accumulation inside a step)")
-    lr: float = _f(3e-5, "AdamW learning rate")
-    beta1: float = _f(0.9, "AdamW β1")
-    beta2: float = _f(0.999, "AdamW β2")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
-    ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off); evaluation uses the EMA when on")
-    ema_every: int = _f(1, "update the EMA every N optimiser steps (Flow-GRPO's PickScore recipe: 8)")
-    finetune: str = _f("full", "full | lora (sd3 / flux; the toy model is always fully fine-tuned)")
-    # -- evaluation, logging, checkpoints ----------------------------------------------------------------------
-    eval_every: int = _f(10, "held-out evaluation every N epochs (always at epoch 0 and at the end; 0 = only those)")
-    eval_per_category: int = _f(32, "held-out items per GenEval category")
-    eval_num_steps: int = _f(20, "Euler ODE steps for evaluation")
-    save_every: int = _f(10, "checkpoint every N epochs (and at the end)")
-    diversity_prompts: int = _f(8, "diversity: held-out prompts sampled several times at each evaluation (0 = off)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser engine: AdamW (or 8-bit AdamW, or DeepSpeed ZeRO around it), steps per epoch, EMA."""
+
+    ds_config: str = _f("", "DeepSpeed JSON config (ZeRO-2/3, e.g. ds_z3.json); '' = plain PyTorch optimiser")
+    optimizer: str = _f("adamw", "adamw | adamw8bit (bitsandbytes)", choices=OPTIMIZERS)
+    opt_steps_per_epoch: int = _f(4, "optimiser steps per epoch (the epoch's items are shuffled and split)", ge=1)
+    micro_batch: int = _f(256, "items per forward/backward (gradient accumulation inside a step)", ge=1)
+    lr: float = _f(3e-5, "AdamW learning rate", gt=0)
+    beta1: float = _f(0.9, "AdamW β1", ge=0, lt=1)
+    beta2: float = _f(0.999, "AdamW β2", ge=0, lt=1)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", ge=0)
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)", ge=0)
+    ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off); evaluation uses the EMA when on", ge=0, lt=1)
+    ema_every: int = _f(1, "update the EMA every N optimiser steps (Flow-GRPO's PickScore recipe: 8)", ge=1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The held-out evaluation (always at epoch 0 and at the end), diversity, best checkpoint, early stopping."""
+
+    eval_prompts: str = _f(
+        "auto",
+        "auto ('heldout' for the toy model, 'geneval-coco:test' for sd3 / flux) | 'heldout' (the shapes world's "
+        "held-out split) | 'geneval-coco:test' / 'geneval-coco:train' | a prompt file (as --prompts)",
+    )
+    eval_every: int = _f(
+        10, "held-out evaluation every N epochs (always at epoch 0 and at the end; 0 = only those)", ge=0
+    )
+    eval_per_category: int = _f(32, "held-out items per GenEval category", ge=1)
+    eval_num_steps: int = _f(20, "Euler ODE steps for evaluation", ge=1)
+    diversity_prompts: int = _f(
+        8, "diversity: held-out prompts sampled several times at each evaluation (0 = off)", ge=0
+    )
     diversity_samples: int = _f(4, "diversity: samples per prompt (mean pairwise RMS distance between them)")
     keep_best: bool = _f(True, "write best.pt (and best_lora/) whenever the held-out score improves")
-    early_stop_patience: int = _f(0, "stop after N evaluations without a held-out improvement (0 = never)")
-    tensorboard: bool = _f(True, "write TensorBoard scalars when tensorboard is installed")
-    progress: bool = _f(True, "show a progress bar")
+    early_stop_patience: int = _f(0, "stop after N evaluations without a held-out improvement (0 = never)", ge=0)
+
+
+SECTIONS = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "rewards": RewardConfig,
+    "human": HumanConfig,
+    "sampling": SamplingConfig,
+    "fdfo": FDFOConfig,
+    "sde": SDEPolicyConfig,
+    "optim": OptimConfig,
+    "eval": EvalConfig,
+}
+# option name -> its section (names are unique across sections)
+OPTION_SECTION = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+assert len(OPTION_SECTION) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()), "option names must be unique"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, by section. An epoch = sample & score a batch of rollouts, then a few
+    optimiser steps."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    human: HumanConfig = field(default_factory=HumanConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    fdfo: FDFOConfig = field(default_factory=FDFOConfig)
+    sde: SDEPolicyConfig = field(default_factory=SDEPolicyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         # 'auto' prompt sets follow the model: the shapes world's splits, or GenEval-style COCO prompts for sd3 / flux
-        toy = self.model == "toy"
-        if self.prompts == "auto":
-            object.__setattr__(self, "prompts", "train" if toy else "geneval-coco:train")
-        if self.eval_prompts == "auto":
-            object.__setattr__(self, "eval_prompts", "heldout" if toy else "geneval-coco:test")
+        toy = self.model.model == "toy"
+        if self.run.prompts == "auto":
+            object.__setattr__(
+                self, "run", dataclasses.replace(self.run, prompts="train" if toy else "geneval-coco:train")
+            )
+        if self.eval.eval_prompts == "auto":
+            new = "heldout" if toy else "geneval-coco:test"
+            object.__setattr__(self, "eval", dataclasses.replace(self.eval, eval_prompts=new))
+
+    @classmethod
+    def from_flat(cls, values: dict) -> TrainConfig:
+        """From flat option names (config.json, YAML, presets, the command line), values already typed."""
+        unknown = sorted(set(values) - set(OPTION_SECTION))
+        if unknown:
+            raise FdfoError(f"unknown option(s) {unknown}; see --help")
+        parts: dict[str, dict] = {s: {} for s in SECTIONS}
+        for k, v in values.items():
+            parts[OPTION_SECTION[k]][k] = v
+        return cls(**{s: SECTIONS[s](**kw) for s, kw in parts.items()})
+
+    def to_dict(self) -> dict:
+        """Flat option name -> value (what config.json / config.yaml hold and --config reloads)."""
+        return {k: v for s in SECTIONS for k, v in dataclasses.asdict(getattr(self, s)).items()}
 
     def validate(self) -> TrainConfig:
-        """Raise FdfoError naming the first bad option."""
+        """Raise FdfoError naming the first bad option: each field's own rule (its metadata), then the rules that
+        involve several options."""
 
         def bad(name, why):
-            raise FdfoError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")
+            raise FdfoError(f"--{name.replace('_', '-')} {why}, got {self.to_dict()[name]!r}")
 
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                bad(f.name, "must be a finite number")
-        if self.impl not in ("auto", "ref", "triton"):
-            bad("impl", "must be auto, ref or triton")
-        if self.algorithm not in ALGORITHMS:
-            bad("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
-        if self.model not in ("toy", "sd3", "flux"):
-            bad("model", "must be toy, sd3 or flux")
-        if self.finetune not in ("full", "lora"):
-            bad("finetune", "must be full or lora")
-        if self.model == "toy" and self.finetune != "full":
+        for s in SECTIONS:
+            section = getattr(self, s)
+            for f in dataclasses.fields(section):
+                v = getattr(section, f.name)
+                if isinstance(v, float) and not math.isfinite(v):
+                    bad(f.name, "must be a finite number")
+                why = _rule_error(f.metadata, v)
+                if why:
+                    bad(f.name, why)
+        run, m, rw, hu, sm, fd, sde, opt, ev = (getattr(self, s) for s in SECTIONS)
+        algo = run.algorithm
+        if m.model == "toy" and m.finetune != "full":
             bad("finetune", "must be 'full' for the toy model (LoRA is for --model sd3 / flux)")
-        if self.model != "toy" and not self.model_path:
-            bad("model_path", f"is required for --model {self.model} (a local pipeline folder or a hub id)")
-        if self.model == "toy" and self.model_path:
+        if m.model != "toy" and not m.model_path:
+            bad("model_path", f"is required for --model {m.model} (a local pipeline folder or a hub id)")
+        if m.model == "toy" and m.model_path:
             bad("model_path", "applies to --model sd3 / flux; the toy model loads --base-checkpoint")
-        if self.model == "flux" and self.cfg_scale != 1.0:
+        if m.model == "flux" and sm.cfg_scale != 1.0:
             bad("cfg_scale", "must be 1 for flux (guidance-distilled: set --flux-guidance instead)")
-        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+        if not (run.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", run.device)):
             bad("device", "must be auto, cpu, cuda or cuda:N")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            bad("optimizer", "must be adamw or adamw8bit")
-        if self.attention not in ("auto", "sdpa", "flash", "xformers"):
-            bad("attention", "must be auto, sdpa, flash or xformers")
-        if self.cuda_graph not in ("auto", "on", "off"):
-            bad("cuda_graph", "must be auto, on or off")
-        if self.ds_config and not Path(self.ds_config).is_file():
+        if opt.ds_config and not Path(opt.ds_config).is_file():
             bad("ds_config", "must be an existing DeepSpeed JSON file")
-        human = any(p.split(":")[0].strip() == "human" for p in self.reward.split(","))
-        if human and self.algorithm != "fdfo":
+        human = any(p.split(":")[0].strip() == "human" for p in rw.reward.split(","))
+        if human and algo != "fdfo":
             bad("reward", "uses 'human', which labels FDFO's pairs: it needs --algorithm fdfo")
-        if not 0 < self.human_fraction <= 1:
-            bad("human_fraction", "must be in (0, 1]")
-        if human and self.human_fraction < 1 and not self.human_auto_label:
+        if human and hu.human_fraction < 1 and not hu.human_auto_label:
             bad("human_auto_label", "is required when --human-fraction < 1 (it labels the pairs not shown)")
-        if not 0 <= self.human_port < 65536:
-            bad("human_port", "must be a port number (0 = any free port)")
-        if self.human_timeout < 0:
-            bad("human_timeout", "must be >= 0")
-        if self.diversity_prompts and self.diversity_samples < 2:
+        if ev.diversity_prompts and ev.diversity_samples < 2:
             bad("diversity_samples", "must be >= 2 (distances between samples of one prompt)")
-        if self.steps_per_sample and self.algorithm != "fdfo":
+        if fd.steps_per_sample and algo != "fdfo":
             bad("steps_per_sample", "applies to fdfo (Flow-GRPO / DDPO use --train-timestep-fraction)")
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            bad("dtype", "must be bf16, fp16 or fp32")
-        if self.reward_dtype not in ("fp32", "bf16", "fp16"):
-            bad("reward_dtype", "must be fp32, bf16 or fp16")
         # The toy model knows only the shapes world's prompts; sd3 / flux must never train or evaluate on them.
-        for name, toy_split, real in (("prompts", "train", "train"), ("eval_prompts", "heldout", "test")):
-            spec = getattr(self, name)
+        for name, spec, toy_split, real in (
+            ("prompts", run.prompts, "train", "train"),
+            ("eval_prompts", ev.eval_prompts, "heldout", "test"),
+        ):
             if spec == toy_split:
-                if self.model != "toy":
-                    bad(name, f"is the toy shapes world's split: --model {self.model} needs real prompts "
+                if m.model != "toy":
+                    bad(name, f"is the toy shapes world's split: --model {m.model} needs real prompts "
                               f"('geneval-coco:{real}' or a prompt file)")  # fmt: skip
             elif is_named_set(spec):
                 if spec not in NAMED_PROMPT_SETS:
                     bad(name, f"names an unknown prompt set (known: {', '.join(NAMED_PROMPT_SETS)})")
-                if self.model == "toy":
+                if m.model == "toy":
                     bad(name, f"is a prompt set for sd3 / flux: the toy model knows only the shapes world "
                               f"('{toy_split}' or a file of its prompts)")  # fmt: skip
             elif not Path(spec).is_file():
                 sets = " / ".join(map(repr, NAMED_PROMPT_SETS))
                 bad(name, f"must be '{toy_split}' (toy model), {sets} (sd3 / flux) or an existing prompt file")
-        if self.model != "toy":  # terms that parse the shapes world's grammar cannot score a real image
+        if m.model != "toy":  # terms that parse the shapes world's grammar cannot score a real image
             from fdfo_fast.rewards import TOY_WORLD_TERMS
 
-            for name in ("reward", "human_auto_label"):
-                terms = [p.partition(":")[0].strip() for p in getattr(self, name).split(",")]
+            for name, spec in (("reward", rw.reward), ("human_auto_label", hu.human_auto_label)):
+                terms = [p.partition(":")[0].strip() for p in spec.split(",")]
                 toy_terms = [t for t in terms if t in TOY_WORLD_TERMS]
                 if toy_terms:
                     bad(name, f"uses reward term {toy_terms[0]!r}, which scores the toy shapes world: "
-                              f"--model {self.model} needs model rewards, e.g. 'pickscore:1' with "
+                              f"--model {m.model} needs model rewards, e.g. 'pickscore:1' with "
                               "--reward-models pickscore=...")  # fmt: skip
-        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+        if not [t for t in m.lora_targets.split(",") if t.strip()]:
             bad("lora_targets", "must name at least one module")
-        for name in (
-            "epochs",
-            "num_steps",
-            "sample_batch",
-            "pairs_per_epoch",
-            "prompts_per_epoch",
-            "group_size",
-            "opt_steps_per_epoch",
-            "micro_batch",
-            "eval_per_category",
-            "eval_num_steps",
-            "save_every",
-            "stat_buffer",
-            "resolution",
-            "max_sequence_length",
-            "lora_rank",
-            "ema_every",
-        ):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        for name in (
-            "threads",
-            "eval_every",
-            "steps_per_sample",
-            "diversity_prompts",
-            "early_stop_patience",
-            "stat_min_count",
-            "velocity_penalty",
-            "kl_beta",
-            "grad_clip",
-            "churn",
-            "weight_decay",
-            "shift",
-        ):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        for name in ("lr", "trust_eps", "clip_range", "adv_clip", "noise_level", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                bad(name, "must be a positive number")
-        if self.algorithm == "fdfo" and self.churn == 0:
+        if algo == "fdfo" and fd.churn == 0:
             bad("churn", "must be > 0 for fdfo (with γ = 0 both branches of a pair are identical)")
-        if self.group_size < 2 and self.algorithm == "flow_grpo":
+        if sde.group_size < 2 and algo == "flow_grpo":
             bad("group_size", "must be >= 2 for group-relative advantages")
-        if self.kl_beta and self.algorithm != "flow_grpo":
-            bad("kl_beta", f"only applies to flow_grpo (not {self.algorithm})")
-        if self.velocity_penalty and self.algorithm != "fdfo":
-            bad("velocity_penalty", f"only applies to fdfo (not {self.algorithm})")
-        if self.stat_min_count > self.stat_buffer:
-            bad("stat_min_count", f"must be <= --stat-buffer ({self.stat_buffer}) or per-prompt statistics never apply")
-        if not 0 < self.train_timestep_fraction <= 1:
-            bad("train_timestep_fraction", "must be in (0, 1]")
-        if self.algorithm != "fdfo" and int(self.train_timestep_fraction * self.num_steps) < 1:
-            bad("train_timestep_fraction", f"trains int(f·T) steps: none of --num-steps {self.num_steps}")
-        if self.timestep_selection not in ("random", "first"):
-            bad("timestep_selection", "must be random or first")
-        if self.timestep_selection != "random" and self.algorithm == "fdfo":
+        if sde.kl_beta and algo != "flow_grpo":
+            bad("kl_beta", f"only applies to flow_grpo (not {algo})")
+        if fd.velocity_penalty and algo != "fdfo":
+            bad("velocity_penalty", f"only applies to fdfo (not {algo})")
+        if sde.stat_min_count > sde.stat_buffer:
+            bad("stat_min_count", f"must be <= --stat-buffer ({sde.stat_buffer}) or per-prompt statistics never apply")
+        if algo != "fdfo" and int(sde.train_timestep_fraction * sm.num_steps) < 1:
+            bad("train_timestep_fraction", f"trains int(f·T) steps: none of --num-steps {sm.num_steps}")
+        if sde.timestep_selection != "random" and algo == "fdfo":
             bad("timestep_selection", "applies to flow_grpo / ddpo (fdfo uses --steps-per-sample)")
-        if self.grpo_std not in ("group", "global"):
-            bad("grpo_std", "must be group or global")
-        if self.grpo_std != "group" and self.algorithm != "flow_grpo":
-            bad("grpo_std", f"only applies to flow_grpo (not {self.algorithm})")
-        if self.ema_every != 1 and self.ema_decay == 0:
+        if sde.grpo_std != "group" and algo != "flow_grpo":
+            bad("grpo_std", f"only applies to flow_grpo (not {algo})")
+        if opt.ema_every != 1 and opt.ema_decay == 0:
             bad("ema_every", "needs an EMA: set --ema-decay > 0")
-        for name in ("beta1", "beta2", "ema_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                bad(name, "must be in [0, 1)")
-        if self.cfg_scale < 1:
-            bad("cfg_scale", "must be >= 1")
-        if self.base_checkpoint and not Path(self.base_checkpoint).is_file():
+        if m.base_checkpoint and not Path(m.base_checkpoint).is_file():
             bad("base_checkpoint", "must be an existing checkpoint file")
         return self
 
-    @property
-    def impl_or_none(self) -> str | None:
-        """`impl` as the ops take it (None = auto)."""
-        return None if self.impl == "auto" else self.impl
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# The paper's rewards (method.md §1.4): PickScore (its CLIP-H processor lives in the LAION repo) and a VLM yes/no.
+# The paper's rewards (docs/method.md §1.4): PickScore (its CLIP-H processor lives in the LAION repo) and a VLM yes/no.
 PICKSCORE = "pickscore=yuvalkirstain/PickScore_v1;processor=laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 VLM_QUESTION = 'question=Does this image match the caption "{prompt}"? Answer Yes or No.'
 
@@ -316,8 +429,13 @@ VLM_QUESTION = 'question=Does this image match the caption "{prompt}"? Answer Ye
 _TOY_FDFO = dict(algorithm="fdfo", epochs=150, lr=3e-5, churn=0.05, pairs_per_epoch=32, num_steps=10)
 # Real models: 512², LoRA r 32 / α 64 on the attention projections, gradient checkpointing. The σ grid is the model's
 # own scheduler's (shift 0 = its config: 3.0 for SD3.5-Medium; FLUX's dynamic shifting), as in the reference code.
-_REAL = dict(resolution=512, finetune="lora", lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True)
-# The paper's FDFO schedule (method.md §1.4): churn 0.0025, 432 pairs per epoch in 4 AdamW steps at lr 3e-5.
+# GenEval-style COCO prompts for training and evaluation (fdfo_fast.coco_prompts).
+_REAL = dict(
+    resolution=512, finetune="lora", lora_rank=32, lora_alpha=64.0, gradient_checkpointing=True,
+    prompts="geneval-coco:train", eval_prompts="geneval-coco:test",
+)  # fmt: skip
+_PICKSCORE_REWARD = dict(reward="pickscore:1", reward_models=PICKSCORE)
+# The paper's FDFO schedule (docs/method.md §1.4): churn 0.0025, 432 pairs per epoch in 4 AdamW steps at lr 3e-5.
 _PAPER_FDFO = dict(
     _REAL, algorithm="fdfo", churn=0.0025, pairs_per_epoch=432, opt_steps_per_epoch=4, lr=3e-5, epochs=100,
     eval_every=10, save_every=5,
@@ -354,10 +472,9 @@ PRESETS: dict[str, dict] = {
     # DDPO-IS: 16 prompt draws x 4 SDE samples, per-prompt running statistics (own statistics from 16 rewards, the
     # defaults = ddpo-pytorch's config/base.py buffer_size 16 / min_count 16), every step trained, no KL.
     "toy-ddpo": dict(algorithm="ddpo", epochs=150, lr=3e-5, prompts_per_epoch=16, group_size=4, num_steps=10),
-    # -- real models (need a GPU and the weights; method.md §1.4 and §2) --------------------------------------------
+    # -- real models (need a GPU and the weights; docs/method.md §1.4 and §2) ---------------------------------------
     # FDFO on SD3.5-Medium as in the paper: 40 steps, bf16 with fp32 latent updates, CFG 1, reward
     # PickScore + 0.1·VLM, the VLM term in the paper's form 100·sigmoid(logit Yes − logit No) ∈ [0, 100];
-    # GenEval-style COCO prompts (fdfo_fast.coco_prompts).
     "sd35m-fdfo": dict(
         _PAPER_FDFO,
         model="sd3",
@@ -365,14 +482,12 @@ PRESETS: dict[str, dict] = {
         num_steps=40,
         cfg_scale=1.0,
         reward="pickscore:1,vlm_yes:0.1",
-        prompts="geneval-coco:train",
-        eval_prompts="geneval-coco:test",
         # the 7B VLM in bf16 (~15 GB per rank instead of ~30 GB in fp32); PickScore stays fp32
         reward_models=PICKSCORE + ",vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=8;dtype=bf16;" + VLM_QUESTION,
         sample_batch=16,
         micro_batch=8,
         eval_num_steps=40,
-        max_sequence_length=128,  # T5 prompt length 128 (method.md §1.4; Flow-GRPO's train_sd3.py also uses 128)
+        max_sequence_length=128,  # T5 prompt length 128 (docs/method.md §1.4; Flow-GRPO's train_sd3.py also uses 128)
     ),
     # Flow-GRPO on SD3.5-Medium as its reference PickScore recipe (yifan123/flow_grpo config/grpo.py `pickscore_sd3`
     # on config/base.py; scripts/train_sd3.py): 10 SDE steps (noise 0.7) for training, 40 ODE steps for evaluation;
@@ -401,10 +516,7 @@ PRESETS: dict[str, dict] = {
         kl_beta=0.01,
         lr=3e-4,
         cfg_scale=4.5,
-        reward="pickscore:1",
-        prompts="geneval-coco:train",
-        eval_prompts="geneval-coco:test",
-        reward_models=PICKSCORE,
+        **_PICKSCORE_REWARD,
         sample_batch=16,
         micro_batch=8,
         epochs=1000,
@@ -420,10 +532,7 @@ PRESETS: dict[str, dict] = {
         num_steps=28,
         flux_guidance=3.5,
         max_sequence_length=512,
-        reward="pickscore:1",
-        prompts="geneval-coco:train",
-        eval_prompts="geneval-coco:test",
-        reward_models=PICKSCORE,
+        **_PICKSCORE_REWARD,
         sample_batch=8,
         micro_batch=4,
         eval_num_steps=28,
@@ -466,13 +575,12 @@ def make_config(
     if yaml_path:
         values.update(load_yaml(yaml_path))
     values.update(overrides or {})
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    pytypes = {"int": int, "float": float, "str": str, "bool": bool}
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(set(values) - set(OPTION_SECTION))
     if unknown:
         raise FdfoError(f"unknown option(s) {unknown}; see --help")
-    typed = {k: _coerce(k, v, pytypes[types[k]]) for k, v in values.items()}
-    return TrainConfig(**typed).validate()
+    types = {f.name: f.type for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    pytypes = {"int": int, "float": float, "str": str, "bool": bool}
+    return TrainConfig.from_flat({k: _coerce(k, v, pytypes[types[k]]) for k, v in values.items()}).validate()
 
 
 def load_json_object(path: str | Path, what: str) -> dict:

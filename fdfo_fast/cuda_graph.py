@@ -5,33 +5,22 @@ Sampling a small or medium model is launch-bound (T steps × (model kernels + on
 removes the per-kernel CPU overhead. The capture needs the Triton sampler step (the reference path replays its
 Philox noise on the CPU, which a graph cannot contain), static shapes (the rollout's micro-batches), and weights
 that stay at the same addresses (optimiser steps update them in place; a change of shape or storage triggers a
-new capture). ZeRO-3 gathers weights into fresh buffers on every call, so it samples eagerly.
+new capture). ZeRO-3 gathers weights into fresh buffers on every call, so it samples eagerly. Whether a run samples
+through graphs is `fdfo_fast.backends.cuda_graphs_choice`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fdfo_fast.backends import record_backend
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.sampling import Trajectory, run_sampler
-
-
-def graphs_wanted(choice: str, device: torch.device, impl: str | None, zero_stage: int) -> bool:
-    """--cuda-graph auto|on|off -> whether the rollouts sample through `CudaGraphSampler`."""
-    problems = []
-    if device.type != "cuda":
-        problems.append("sampling runs on the CPU")
-    if impl == "ref":
-        problems.append("--impl ref replays its noise on the CPU")
-    if zero_stage == 3:
-        problems.append("ZeRO-3 re-gathers the weights on every call")
-    if choice == "on" and problems:
-        raise FdfoError(f"--cuda-graph on: {'; '.join(problems)}")
-    return choice == "on" or (choice == "auto" and not problems)
+from fdfo_fast.sampling import Sampler, Trajectory, cond_map
 
 
 class CudaGraphSampler:
-    """Drop-in for `run_sampler`: same arguments, same Trajectory (cloned out of the graph's static buffers)."""
+    """A runner (see `sampling.Sampler`): the same Trajectory as `sampler.run`, cloned out of the graph's static
+    buffers; one graph per (sampler settings, model weights, static shapes)."""
 
     def __init__(self, warmup: int = 2):
         self.warmup = warmup
@@ -39,36 +28,19 @@ class CudaGraphSampler:
         self.captures = 0  # how many graphs were recorded (tests, logging)
 
     @staticmethod
-    def _key(model, x1, sigmas, cond, uncond, cfg_scale, kind, gamma, noise_level, record, impl):
+    def _key(sampler: Sampler, model, x1, cond, uncond):
         params = tuple((p.data_ptr(), tuple(p.shape)) for p in model.parameters())
-        conds = tuple((k, tuple(v.shape), v.dtype) for k, v in cond.items())
-        unconds = None if uncond is None else tuple((k, tuple(v.shape), v.dtype) for k, v in uncond.items())
-        return (id(model), params, tuple(x1.shape), tuple(sigmas.tolist()), conds, unconds, float(cfg_scale), kind,
-                float(gamma), float(noise_level), record, impl)  # fmt: skip
+        return (id(model), params, tuple(x1.shape), _layout(cond), _layout(uncond), sampler.kind,
+                tuple(sampler.sigmas.tolist()), float(sampler.cfg_scale), float(sampler.gamma),
+                float(sampler.noise_level), sampler.record, sampler.impl)  # fmt: skip
 
-    def __call__(
-        self,
-        model,
-        x1: torch.Tensor,
-        sigmas: torch.Tensor,
-        cond: dict,
-        uncond: dict | None = None,
-        cfg_scale: float = 1.0,
-        kind: str = "euler",
-        seeds=None,
-        gamma: float = 0.0,
-        noise_level: float = 0.7,
-        record: bool = False,
-        impl: str | None = None,
-    ) -> Trajectory:
+    def __call__(self, sampler: Sampler, model, x1: torch.Tensor, cond: dict, uncond: dict | None = None, seeds=None):
         if not x1.is_cuda:
             raise FdfoError("CudaGraphSampler needs CUDA tensors")
         seeds_t = torch.as_tensor(seeds if seeds is not None else [0] * len(x1), dtype=torch.int64).to(x1.device)
-        key = self._key(model, x1, sigmas, cond, uncond, cfg_scale, kind, gamma, noise_level, record, impl)
+        key = self._key(sampler, model, x1, cond, uncond)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(
-                model, x1, sigmas, cond, uncond, cfg_scale, kind, seeds_t, gamma, noise_level, record, impl
-            )
+            self.graphs[key] = self._capture(sampler, model, x1, cond, uncond, seeds_t)
         graph, inputs, out = self.graphs[key]
         inputs["x1"].copy_(x1)
         inputs["seeds"].copy_(seeds_t)
@@ -76,6 +48,7 @@ class CudaGraphSampler:
             for k, v in (src or {}).items():
                 inputs[name][k].copy_(v)
         graph.replay()
+        record_backend("sampler_step", "triton")  # what the captured steps run (a replay resolves nothing)
         clone = lambda t: None if t is None else t.clone()
         return Trajectory(
             sigmas=out.sigmas,
@@ -83,22 +56,15 @@ class CudaGraphSampler:
             states=clone(out.states),
             velocities=clone(out.velocities),
             log_probs=clone(out.log_probs),
-            step_std=out.step_std,
         )
 
-    def _capture(self, model, x1, sigmas, cond, uncond, cfg_scale, kind, seeds, gamma, noise_level, record, impl):
-        inputs = {
-            "x1": x1.clone(),
-            "seeds": seeds.clone(),
-            "cond": {k: v.clone() for k, v in cond.items()},
-            "uncond": None if uncond is None else {k: v.clone() for k, v in uncond.items()},
-        }
+    def _capture(self, sampler: Sampler, model, x1, cond, uncond, seeds):
+        clone = lambda t: t.clone()
+        inputs = {"x1": x1.clone(), "seeds": seeds.clone(), "cond": cond_map(clone, cond),
+                  "uncond": cond_map(clone, uncond)}  # fmt: skip
 
         def run():
-            return run_sampler(
-                model, inputs["x1"], sigmas, inputs["cond"], inputs["uncond"], cfg_scale, kind, inputs["seeds"],
-                gamma, noise_level, record, impl,
-            )  # fmt: skip
+            return sampler.run(model, inputs["x1"], inputs["cond"], inputs["uncond"], inputs["seeds"])
 
         # Warm up on a side stream (Triton compilation, cuBLAS/cuDNN workspace and autotuning happen here).
         side = torch.cuda.Stream()
@@ -112,3 +78,9 @@ class CudaGraphSampler:
             out = run()
         self.captures += 1
         return graph, inputs, out
+
+
+def _layout(c: dict | None):
+    """The shapes and dtypes of a conditioning dict, hashable (part of the capture key)."""
+    layout = cond_map(lambda v: (tuple(v.shape), v.dtype), c)
+    return None if layout is None else tuple(layout.items())

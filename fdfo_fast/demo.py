@@ -95,7 +95,7 @@ def post_train(cfg: DemoConfig) -> None:
     )
     print(
         f"FDFO post-training of {cfg.checkpoint} for {cfg.epochs} epochs "
-        f"({train_cfg.pairs_per_epoch} pairs = {2 * train_cfg.pairs_per_epoch} reward queries per epoch)"
+        f"({train_cfg.fdfo.pairs_per_epoch} pairs = {2 * train_cfg.fdfo.pairs_per_epoch} reward queries per epoch)"
     )
     train(train_cfg)
     _, evals = read_metrics(run / "metrics.jsonl")

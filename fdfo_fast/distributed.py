@@ -91,6 +91,24 @@ class DistEnv:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
+def split_items_global(items: torch.Tensor, n_local: int, env: DistEnv, n_steps: int, gen: torch.Generator):
+    """[(this rank's items of step j, global item count of step j)] for the epoch's optimiser steps.
+
+    The items of all ranks (sample indices offset by rank) are shuffled with the shared generator and split into
+    `n_steps` near-equal chunks, as a single process would shuffle the same global batch; each rank keeps its own.
+    """
+    offset = env.rank * n_local
+    every = env.cat_from_all(items + torch.tensor([offset, 0])) if env.enabled else items
+    perm = torch.randperm(len(every), generator=gen)
+    out = []
+    for chunk in every[perm].tensor_split(n_steps):
+        if not len(chunk):
+            continue
+        mine = chunk[(chunk[:, 0] >= offset) & (chunk[:, 0] < offset + n_local)]
+        out.append((mine - torch.tensor([offset, 0]), len(chunk)))
+    return out
+
+
 def init_distributed(device: torch.device) -> DistEnv:
     """Join the process group the launcher describes (RANK / WORLD_SIZE / LOCAL_RANK), or run as one process.
 

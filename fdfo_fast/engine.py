@@ -1,9 +1,11 @@
 """Optimiser engines behind the one training loop: plain PyTorch (1 process, or N processes reducing their own
 gradients) and DeepSpeed ZeRO (stage 2 or 3, `--ds-config ds_z3.json`).
 
-Both expose the same five operations the loop calls — `backward(loss, boundary)`, `step() -> (grad norm, stepped)`,
-`gathered()` (full weights for sampling), and `save` / `load` of the optimiser state — so FDFO, Flow-GRPO and DDPO
-never see which one runs. Loss scale convention: the loop's loss is this rank's item sum divided by the *global*
+Both expose the operations the loop calls — `passes(n)` (forward/backward passes every rank runs), `backward(loss,
+boundary)`, `step() -> (grad norm, stepped)` (which also moves the EMA), `gathered()` (full weights for sampling),
+`evaluation_weights()` (the EMA swapped in), and the checkpoint hooks (`prepare_checkpoint`, `state_dict`, `load`,
+`prune`) — so the loop, FDFO, Flow-GRPO and DDPO never see which one runs. Each receives the optimisation section
+of the config (`OptimConfig`). Loss scale convention: the loop's loss is this rank's item sum divided by the *global*
 chunk size, so gradients must be **summed** over ranks (the plain engine all-reduces with SUM; DeepSpeed averages,
 so its engine scales the loss by the world size).
 """
@@ -17,13 +19,77 @@ from pathlib import Path
 
 import torch
 
+from fdfo_fast.config import OptimConfig
 from fdfo_fast.distributed import DistEnv
 from fdfo_fast.errors import FdfoError
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+
+class EMA:
+    """Exponential moving average of the trainable parameters; swapped in for evaluation.
+
+    `update` is called after every optimiser step taken; the average moves on every `every`-th of them
+    (steps n = every, 2·every, …; `steps` counts them and is checkpointed)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+        self.params, self.decay, self.every = params, decay, every
+        self.shadow = [p.detach().clone() for p in params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self):
+        self.steps += 1
+        if self.steps % self.every:
+            return
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p, 1 - self.decay)
+
+    def swap(self):
+        """Exchange live and EMA weights (call twice to undo)."""
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                tmp = p.detach().clone()
+                p.copy_(s)
+                s.copy_(tmp)
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.clone() for s in self.shadow], "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, v in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(v)
+        self.steps = state["steps"]
 
 
-def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+def _all_finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+class _EngineBase:
+    """What both engines share: the EMA of the trained weights and its swap for evaluation."""
+
+    zero_stage = 0
+
+    def __init__(self, model: torch.nn.Module, params: list, cfg: OptimConfig, env: DistEnv):
+        self.model, self.params, self.cfg, self.env = model, params, cfg, env
+        self.ema = EMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
+
+    @contextlib.contextmanager
+    def evaluation_weights(self):
+        """The weights evaluation scores: the EMA when on (swapped in, then back), else the trained ones."""
+        if self.ema is not None:
+            self.ema.swap()
+        try:
+            yield
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+
+    def _stepped(self):
+        if self.ema is not None:
+            self.ema.update()
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: ~4× less memory for full fine-tuning)."""
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
@@ -35,15 +101,16 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kw)
 
 
-class PlainEngine:
+class PlainEngine(_EngineBase):
     """torch optimiser; with several processes, gradients are summed over ranks before clipping (DDP semantics)."""
 
-    kind = "plain"
-    zero_stage = 0
-
-    def __init__(self, model: torch.nn.Module, params: list, cfg, env: DistEnv):
-        self.model, self.params, self.cfg, self.env = model, params, cfg, env
+    def __init__(self, model: torch.nn.Module, params: list, cfg: OptimConfig, env: DistEnv):
+        super().__init__(model, params, cfg, env)
         self.optimizer = make_optimizer(params, cfg)
+
+    def passes(self, n_local: int) -> int:
+        """Forward/backward passes this rank runs for its `n_local` micro-batches (each rank its own)."""
+        return n_local
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -65,41 +132,51 @@ class PlainEngine:
             self.zero_grad()
             return norm, False
         self.optimizer.step()
+        self._stepped()
         return norm, True
 
     def gathered(self):
         return contextlib.nullcontext()
 
+    def prepare_checkpoint(self, out: Path, epoch: int) -> str | None:
+        """The plain engine's weights and optimiser go into the run state itself (no shard tag); a non-finite model
+        is never written."""
+        if not _all_finite(self.model.parameters()):
+            raise FdfoError(f"refusing to write a checkpoint from a non-finite model at epoch {epoch}")
+        return None
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load(self, out: Path, tag: str | None, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def save(self, out: Path, tag: str) -> None:  # the plain optimiser state lives in checkpoint.pt
-        pass
-
-    def load(self, out: Path, tag: str) -> None:
+    def prune(self, out: Path, keep: str | None) -> None:
         pass
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_EngineBase):
     """DeepSpeed ZeRO-2/3 around the policy's trainable parameters; the reference and reward models stay outside."""
 
-    kind = "deepspeed"
-
-    def __init__(self, model: torch.nn.Module, params: list, cfg, env: DistEnv):
+    def __init__(self, model: torch.nn.Module, params: list, cfg: OptimConfig, env: DistEnv):
         try:
             import deepspeed
         except ImportError:
             raise FdfoError("--ds-config needs DeepSpeed: pip install 'fdfo_fast[deepspeed]'") from None
-        self.model, self.params, self.cfg, self.env = model, params, cfg, env
         ds_config = load_ds_config(cfg.ds_config, cfg)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if cfg.ema_decay > 0 and self.zero_stage == 3:
+            raise FdfoError("--ema-decay needs the full weights on every rank: use ZeRO stage <= 2 or --ema-decay 0")
+        super().__init__(model, params, cfg, env)
         optimizer = make_optimizer(params, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, config=ds_config
         )
+
+    def passes(self, n_local: int) -> int:
+        """ZeRO shards gather weights and reduce gradients inside forward/backward: every rank must run the same
+        number of passes, so ranks with fewer micro-batches run zero-weighted passes on one of their items."""
+        return int(self.env.max(n_local))
 
     def zero_grad(self):
         self.engine.zero_grad()
@@ -114,6 +191,7 @@ class DeepSpeedEngine:
             self.engine.zero_grad()
             return float("nan"), False
         self.engine.step()  # clips with the config's gradient_clipping (set from --grad-clip)
+        self._stepped()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan"), True
 
@@ -125,22 +203,23 @@ class DeepSpeedEngine:
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
+    def prepare_checkpoint(self, out: Path, epoch: int) -> str:
+        """DeepSpeed's (sharded) model + optimiser state under out/deepspeed/<tag>, every rank its shard, before the
+        run state that names the tag is written; returns the tag."""
+        tag = f"epoch_{epoch:06d}"
+        self.engine.save_checkpoint(str(out / "deepspeed"), tag=tag, save_latest=False)
+        self.env.barrier()
+        return tag
+
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def save(self, out: Path, tag: str) -> None:
-        """DeepSpeed's (sharded) model + optimiser state under out/deepspeed/<tag>; every rank writes its shard."""
-        self.engine.save_checkpoint(str(out / "deepspeed"), tag=tag, save_latest=False)
-
-    def load(self, out: Path, tag: str) -> None:
+    def load(self, out: Path, tag: str | None, state: dict) -> None:
         path, _ = self.engine.load_checkpoint(str(out / "deepspeed"), tag=tag)
         if path is None:
             raise FdfoError(f"--resume: DeepSpeed checkpoint {out / 'deepspeed' / tag} is missing or unreadable")
 
-    def prune(self, out: Path, keep: str) -> None:
+    def prune(self, out: Path, keep: str | None) -> None:
         """Drop DeepSpeed tags other than the one the (atomically written) run state points to."""
         root = out / "deepspeed"
         if self.env.is_main and root.is_dir():
@@ -149,7 +228,7 @@ class DeepSpeedEngine:
                     shutil.rmtree(d, ignore_errors=True)
 
 
-def load_ds_config(path: str, cfg) -> dict:
+def load_ds_config(path: str, cfg: OptimConfig) -> dict:
     """Read a DeepSpeed JSON config and fill what the training loop owns (batch bookkeeping, clipping)."""
     from fdfo_fast.config import load_json_object
 
@@ -172,7 +251,7 @@ def load_ds_config(path: str, cfg) -> dict:
     return ds
 
 
-def make_engine(model, params, cfg, env: DistEnv):
+def make_engine(model, params, cfg: OptimConfig, env: DistEnv) -> PlainEngine | DeepSpeedEngine:
     if cfg.ds_config:
         return DeepSpeedEngine(model, params, cfg, env)
     return PlainEngine(model, params, cfg, env)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from fdfo_fast.rewards import CompositeReward
-from fdfo_fast.sampling import model_sigma_schedule, sample_euler
+from fdfo_fast.sampling import Sampler, derive_seed, sample_euler
+from fdfo_fast.viz import save_grid
 from fdfo_fast.world.grammar import CATEGORIES, PromptSpec
 
 
@@ -56,7 +57,7 @@ def evaluate(
     """
     reward = reward or CompositeReward("alignment:1")
     shape = model.latent_shape
-    sigmas = model_sigma_schedule(model, num_steps, shift)
+    sampler = Sampler("euler", model.sigma_schedule(num_steps, shift or None), cfg_scale=cfg_scale, impl=impl)
     texts = [p if isinstance(p, str) else p.text() for p, _ in items]
     images = []
     for i in range(0, len(items), batch_size):
@@ -64,7 +65,7 @@ def evaluate(
         cond = model.encode_prompts(chunk)
         uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
         seeds = [s for _, s in items[i : i + batch_size]]
-        traj = sample_euler(model, cond, uncond, seeds, shape, sigmas, cfg_scale, impl=impl)
+        traj = sample_euler(model, sampler, cond, uncond, seeds, shape)
         images.append(model.decode(traj.x0).float().clamp(-1, 1).cpu())
     images = torch.cat(images)
     scores = reward(images, texts)
@@ -91,14 +92,12 @@ def sample_diversity(
     """
     import torch.nn.functional as F
 
-    from fdfo_fast.sampling import derive_seed
-
     texts = [p for p in prompts for _ in range(samples)]
     seeds = [derive_seed(seed, 3, j, i) for j in range(len(prompts)) for i in range(samples)]
     cond = model.encode_prompts(texts)
     uncond = model.encode_prompts([""] * len(texts)) if cfg_scale != 1.0 else None
-    sigmas = model_sigma_schedule(model, num_steps, shift)
-    x0 = sample_euler(model, cond, uncond, seeds, model.latent_shape, sigmas, cfg_scale, impl=impl).x0
+    sampler = Sampler("euler", model.sigma_schedule(num_steps, shift or None), cfg_scale=cfg_scale, impl=impl)
+    x0 = sample_euler(model, sampler, cond, uncond, seeds, model.latent_shape).x0
     images = model.decode(x0).float().clamp(-1, 1)
     if images.shape[-1] > size:
         images = F.interpolate(images, size=(size, size), mode="area")
@@ -106,3 +105,80 @@ def sample_diversity(
     d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, n, n] RMS distances
     iu = torch.triu_indices(samples, samples, 1)
     return float(d[:, iu[0], iu[1]].mean())
+
+
+def gather_eval(res: EvalResult, env) -> EvalResult:
+    """Every rank evaluated a shard of the held-out items: reassemble them in order on every rank."""
+    if not env.enabled:
+        return res
+    parts = env.all_gather_objects((res.images, res.prompts, res.categories, res.seeds, res.scores))
+    return EvalResult(
+        torch.cat([p[0] for p in parts]),
+        [x for p in parts for x in p[1]],
+        [x for p in parts for x in p[2]],
+        [x for p in parts for x in p[3]],
+        {k: torch.cat([p[4][k] for p in parts]) for k in parts[0][4]},
+    )
+
+
+class RunEvaluator:
+    """A training run's held-out evaluation at the epoch boundaries: the evaluated weights (the EMA when on)
+    sample the fixed items and the diversity prompts, every rank its shard; the summary is logged, the grid saved,
+    and best.pt kept whenever the held-out score improves (the run's early-stopping counter follows it)."""
+
+    def __init__(self, run, items: list, reward: CompositeReward):
+        # `run` is the built run (fdfo_fast.builder.Run): config, model, engine, env, checkpoint, log, progress
+        self.run, self.items, self.reward = run, items, reward
+        ev = run.cfg.eval
+        n_div = min(ev.diversity_prompts, len(items))
+        self.diversity_prompts = [
+            p if isinstance(p, str) else p.text()
+            for p, _ in (items[j * len(items) // max(1, n_div)] for j in range(n_div))
+        ]
+
+    def __call__(self, epoch: int) -> dict:
+        run = self.run
+        cfg, model, env, engine, progress = run.cfg, run.model, run.env, run.engine, run.progress
+        ev, sm = cfg.eval, cfg.sampling
+        with engine.evaluation_weights():
+            model.eval()
+            mine = self.items[env.shard_uneven(len(self.items))]
+            with engine.gathered():
+                res = evaluate(  # sampled and decoded sample_batch at a time, like the rollouts
+                    model, mine, self.reward, ev.eval_num_steps, sm.shift, sm.cfg_scale, sm.sample_batch,
+                    impl=cfg.run.impl_or_none,
+                )  # fmt: skip
+                diversity = None
+                if ev.diversity_prompts:
+                    diversity = sample_diversity(
+                        model, self.diversity_prompts, ev.diversity_samples, cfg.run.seed, ev.eval_num_steps,
+                        sm.shift, sm.cfg_scale, impl=cfg.run.impl_or_none,
+                    )  # fmt: skip
+            res = gather_eval(res, env)
+            summary = {f"eval/{k}": v for k, v in res.summary().items()}
+            if diversity is not None:
+                summary["eval/diversity"] = diversity
+            score = summary.get("eval/geneval", summary.get("eval/reward"))
+            best = progress.best
+            if score is not None and score > best["score"]:
+                best.update(score=score, epoch=epoch, since=0)
+                if ev.keep_best:
+                    run.checkpoint.save_best(epoch, score, "geneval" if model.has_world_metric else "reward")
+            elif epoch > 0:
+                best["since"] += 1
+            model.train()
+        if env.is_main:
+            save_grid(
+                res.images,
+                run.out / "grids" / f"eval_{epoch:05d}.png",
+                ncol=ev.eval_per_category if ev.eval_prompts == "heldout" else 8,
+                correct=res.scores.get("geneval"),
+                scale=4 if model.has_world_metric else 1,
+            )
+        counters = progress.counters
+        run.log.write(
+            {"kind": "eval", "epoch": epoch, **counters, **summary, "best_epoch": best["epoch"]},
+            counters["reward_queries"],
+        )
+        progress.last_eval = summary
+        return summary

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,22 +62,17 @@ def _run_config(cfg: GenerateConfig):
     Only the model-side fields matter here (model, path, resolution, dtype, T5 length, σ grid, CFG): the training
     fields (prompts, rewards) are not validated, so a run whose training options would be refused today still
     generates."""
-    import dataclasses
+    from fdfo_fast.config import DTYPE_NAMES, OPTION_SECTION, TrainConfig, load_json_object
 
-    from fdfo_fast.config import TrainConfig, load_json_object
-    from fdfo_fast.models.diffusers_flow import DTYPES
-
-    known = {f.name: f for f in fields(TrainConfig)}
     if cfg.run:
         base = load_json_object(Path(cfg.run) / "config.json", f"--run {cfg.run}: the run's config")
         if cfg.model and cfg.model != base.get("model"):
             raise FdfoError(f"--model {cfg.model}: the run {cfg.run} trained a {base.get('model')} model")
-        run_cfg = TrainConfig(**{k: v for k, v in base.items() if k in known})
+        flat = {k: v for k, v in base.items() if k in OPTION_SECTION}
     else:
-        run_cfg = TrainConfig(model=cfg.model or "toy", base_checkpoint=cfg.base_checkpoint)
+        flat = {"model": cfg.model or "toy", "base_checkpoint": cfg.base_checkpoint}
         if cfg.model == "flux":  # FluxPipeline's default T5 length (the dataclass default, 256, is SD3's)
-            run_cfg = dataclasses.replace(run_cfg, max_sequence_length=512)
-    overrides = {}
+            flat["max_sequence_length"] = 512
     for name, value, unset in (
         ("model_path", cfg.model_path, ""),
         ("resolution", cfg.resolution, 0),
@@ -87,15 +82,16 @@ def _run_config(cfg: GenerateConfig):
         ("shift", cfg.shift, -1.0),
     ):
         if value != unset:
-            overrides[name] = value
-    run_cfg = dataclasses.replace(run_cfg, **overrides)
-    if run_cfg.model not in ("toy", "sd3", "flux"):
-        raise FdfoError(f"--model must be toy, sd3 or flux, got {run_cfg.model!r}")
-    if run_cfg.model != "toy" and not run_cfg.model_path:
-        raise FdfoError(f"--model {run_cfg.model} needs --model-path (a diffusers pipeline folder or a hub id)")
-    if run_cfg.dtype not in DTYPES:
-        raise FdfoError(f"--dtype must be one of {', '.join(DTYPES)}, got {run_cfg.dtype!r}")
-    if run_cfg.resolution < 1 or run_cfg.max_sequence_length < 1 or run_cfg.shift < 0 or not run_cfg.cfg_scale > 0:
+            flat[name] = value
+    run_cfg = TrainConfig.from_flat(flat)
+    m, sm = run_cfg.model, run_cfg.sampling
+    if m.model not in ("toy", "sd3", "flux"):
+        raise FdfoError(f"--model must be toy, sd3 or flux, got {m.model!r}")
+    if m.model != "toy" and not m.model_path:
+        raise FdfoError(f"--model {m.model} needs --model-path (a diffusers pipeline folder or a hub id)")
+    if m.dtype not in DTYPE_NAMES:
+        raise FdfoError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {m.dtype!r}")
+    if m.resolution < 1 or m.max_sequence_length < 1 or sm.shift < 0 or not sm.cfg_scale > 0:
         raise FdfoError("--resolution and --max-sequence-length must be >= 1, --shift >= 0, --cfg-scale > 0")
     return run_cfg
 
@@ -103,24 +99,24 @@ def _run_config(cfg: GenerateConfig):
 def load_generator_model(cfg: GenerateConfig, device: torch.device):
     """(model, run config): the base model, with the run's trained weights or a diffusers LoRA on top."""
     from fdfo_fast.checkpoint import read_checkpoint
-    from fdfo_fast.train import STATE_FORMAT, apply_finetune_mode, load_model, load_model_state
+    from fdfo_fast.models.base import load_model
+    from fdfo_fast.run_state import STATE_FORMAT
 
     run_cfg = _run_config(cfg)
-    if cfg.lora and run_cfg.model == "toy":
+    if cfg.lora and run_cfg.model.model == "toy":
         raise FdfoError("--lora applies to sd3 / flux models (the toy model has no LoRA)")
-    model = load_model(run_cfg)
+    model = load_model(run_cfg.model)
     if cfg.run:
         path = Path(cfg.run) / cfg.checkpoint
         state = read_checkpoint(path)
         if state.get("format") == STATE_FORMAT:  # a training state: the trainable weights (or the toy model)
             if state.get("model") is None:
                 raise FdfoError(f"{path} holds DeepSpeed-sharded weights; export them first (or use best.pt / lora/)")
-            if hasattr(model, "setup_finetune"):
-                apply_finetune_mode(model, run_cfg)
-            load_model_state(model, state["model"], str(path))
-        elif hasattr(model, "setup_finetune"):  # best.pt of a LoRA run: the trainable state dict
-            apply_finetune_mode(model, run_cfg)
-            load_model_state(model, state.get("model", state), str(path))
+            model.setup_finetune(run_cfg.model)  # the trained adapter's layout (its init is overwritten)
+            model.load_trainable_state_dict(state["model"], str(path))
+        elif model.kind != "toy":  # best.pt of an SD3 / FLUX run: the trainable state dict
+            model.setup_finetune(run_cfg.model)
+            model.load_trainable_state_dict(state.get("model", state), str(path))
         else:  # best.pt of a toy run is a plain toy checkpoint
             from fdfo_fast.checkpoint import load_toy_model
 
@@ -136,7 +132,7 @@ def load_generator_model(cfg: GenerateConfig, device: torch.device):
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
-    from fdfo_fast.train import read_prompt_file
+    from fdfo_fast.prompts import read_prompt_file
 
     prompts = list(cfg.prompt) + (list(read_prompt_file(cfg.prompts)) if cfg.prompts else [])
     if not prompts:
@@ -147,17 +143,17 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 @torch.no_grad()
 def generate(cfg: GenerateConfig) -> dict:
     """Sample the images; returns {"prompts", "seeds", "x1", "x0", "images" ([-1, 1]), "settings"}."""
-    from fdfo_fast.sampling import model_sigma_schedule, run_sampler, start_noise
-    from fdfo_fast.train import resolve_device
+    from fdfo_fast.builder import resolve_device
+    from fdfo_fast.sampling import Sampler, start_noise
 
     if cfg.images_per_prompt < 1 or cfg.batch < 1:
         raise FdfoError("--images-per-prompt and --batch must be >= 1")
     device = resolve_device(cfg.device)
     prompts = read_prompts(cfg)
     model, run_cfg = load_generator_model(cfg, device)
-    steps = cfg.num_steps or (run_cfg.eval_num_steps if cfg.run else 20 if run_cfg.model == "toy" else 40)
-    w = run_cfg.cfg_scale
-    if run_cfg.model == "flux" and w != 1.0:
+    steps = cfg.num_steps or (run_cfg.eval.eval_num_steps if cfg.run else 20 if model.kind == "toy" else 40)
+    w = run_cfg.sampling.cfg_scale
+    if model.kind == "flux" and w != 1.0:
         raise FdfoError("--cfg-scale: FLUX is guidance-distilled (no CFG); its guidance is the run's flux_guidance")
     seeds = [cfg.seed + i for i in range(len(prompts))]
     shape = tuple(model.latent_shape)
@@ -173,14 +169,15 @@ def generate(cfg: GenerateConfig) -> dict:
         x1 = x1.float()
     else:
         x1 = start_noise(seeds, shape)
-    sigmas = model_sigma_schedule(model, steps, run_cfg.shift)
+    sigmas = model.sigma_schedule(steps, run_cfg.sampling.shift or None)
+    sampler = Sampler("euler", sigmas, cfg_scale=w, impl=run_cfg.run.impl_or_none)
     x0 = torch.empty_like(x1)
     images = []
     for lo in range(0, len(prompts), cfg.batch):
         hi = min(lo + cfg.batch, len(prompts))
         cond = model.encode_prompts(prompts[lo:hi])
         uncond = model.encode_prompts([""] * (hi - lo)) if w != 1.0 else None
-        traj = run_sampler(model, x1[lo:hi].to(device), sigmas, cond, uncond, w, "euler", impl=run_cfg.impl_or_none)
+        traj = sampler.run(model, x1[lo:hi].to(device), cond, uncond)
         x0[lo:hi] = traj.x0.cpu()
         images.append(model.decode(traj.x0).float().clamp(-1, 1).cpu())
     settings = {"num_steps": steps, "cfg_scale": w, "sigmas": sigmas.tolist(), "model": model.describe()}

@@ -1,6 +1,6 @@
 """Human-in-the-loop FDFO: a person labels each paired rollout on a local web page (`--reward human:1`).
 
-FDFO's pairs fit pairwise judgement exactly (method.md §1): for a pair (A, B) the label "A better" gives rewards
+FDFO's pairs fit pairwise judgement exactly (docs/method.md §1): for a pair (A, B) the label "A better" gives rewards
 (+1, −1), "B better" (−1, +1), "no preference" or "skip" (0, 0) — a zero difference, so the pair carries no gradient.
 
 - `LabelStore`: an append-only JSONL file. Each label is one `os.write` of a complete line on an O_APPEND descriptor

@@ -1,18 +1,23 @@
-"""Samplers (pure-PyTorch reference): Euler ODE, FDFO's paired churn sampler, and the Flow-GRPO SDE sampler.
+"""Samplers: Euler ODE, FDFO's paired churn sampler and the Flow-GRPO SDE sampler, one loop (`Sampler.run`).
 
-Convention (SD3 rectified flow, method.md): x_σ = (1 − σ)·x₀ + σ·ε, the model predicts v = ε − x₀, and a sampler
-walks σ from 1 down to 0. All three samplers share one loop (`run_sampler`); the state update is always fp32.
+Convention (SD3 rectified flow, docs/method.md): x_σ = (1 − σ)·x₀ + σ·ε, the model predicts v = ε − x₀, and a
+sampler walks σ from 1 down to 0. The step formulas, their torch reference and the fused kernel live in
+`fdfo_fast.kernels.sampler_step` (its docstring is the specification); this module holds the σ grid, the seeds,
+the model call with classifier-free guidance, the loop and the three rollout helpers. The state is always fp32.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+# The op is looked up on its module at every step (`step_op.sampler_step`), so a test can wrap it
+# (tests/rounding_spread.py perturbs every sampler state that way).
+import fdfo_fast.kernels.sampler_step as step_op
 from fdfo_fast.errors import FdfoError
+from fdfo_fast.kernels.sampler_step import largest_sigma_below_one
 
 SAMPLER_KINDS = ("euler", "churn", "sde")
 
@@ -26,7 +31,7 @@ NUM_TRAIN_TIMESTEPS = 1000  # the flow-matching schedulers' discretisation (diff
 def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """The σ grid σ_0 = 1 > … > σ_{T−1} > σ_T = 0 (fp32, [T + 1]) of diffusers' FlowMatchEulerDiscreteScheduler
     (shift=`shift`, 1000 train timesteps, no dynamic shifting) after `set_timesteps(T)`, which is what the SD3
-    pipeline, the FDFO reference code and Flow-GRPO sample with (method.md §1.1). Reproduced here without diffusers
+    pipeline, the FDFO reference code and Flow-GRPO sample with (docs/method.md §1.1). Reproduced here without diffusers
     so the toy world uses the same construction (tests/test_sampling.py compares it with diffusers):
 
       shift'(u) = shift·u/(1 + (shift − 1)·u); σ_min = shift'(1/1000), formed in fp32 as the constructor does;
@@ -46,14 +51,6 @@ def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     u = np.linspace(1.0, sigma_min, num_steps)  # double, like the scheduler's np.linspace of timesteps / 1000
     sigmas = torch.from_numpy(shift * u / (1 + (shift - 1) * u)).float()
     return torch.cat([sigmas, torch.zeros(1)])
-
-
-def model_sigma_schedule(model, num_steps: int, shift: float = 0.0) -> torch.Tensor:
-    """The grid a model samples with: its own scheduler's (diffusers models; `shift` > 0 overrides the scheduler
-    config's shift), or `sigma_schedule` for the toy model (`shift` 0 means 1.0 there)."""
-    if hasattr(model, "sigma_schedule"):
-        return model.sigma_schedule(num_steps, shift or None)
-    return sigma_schedule(num_steps, shift or 1.0)
 
 
 def derive_seed(*parts: int) -> int:
@@ -78,81 +75,16 @@ class NoiseStream:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Single steps: the torch references the fused kernels must match (the noise is an input here)
+# Conditioning dicts and the model call with classifier-free guidance
 # ---------------------------------------------------------------------------------------------------------------
-def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float) -> torch.Tensor:
-    """x_s = x_t + (s − t)·v (deterministic ODE step)."""
-    return x + (s - t) * v.float()
+def cond_map(fn, c: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """`fn` applied to every tensor of a conditioning dict (None, e.g. no unconditional branch, passes through)."""
+    return None if c is None else {k: fn(v) for k, v in c.items()}
 
 
-def churn_start(x: torch.Tensor, gamma: float, noise: torch.Tensor) -> torch.Tensor:
-    """FDFO §1.1, start of a branch: x ← x/(1+γ) + (√((1+γ)² − 1)/(1+γ))·ε (variance preserving at σ = 1)."""
-    return x / (1 + gamma) + (math.sqrt((1 + gamma) ** 2 - 1) / (1 + gamma)) * noise
-
-
-def churn_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, gamma: float, noise: torch.Tensor) -> torch.Tensor:
-    """FDFO §1.1 step t → s: overshoot to r = s/(1 + γ − γ·s), then rescale and add noise.
-
-    x' = x + (r − t)·v;  x_s = x'/(1 + γ·r) + (r·√((1+γ)² − 1)/(1 + γ·r))·ε.  Lands exactly on the σ = s
-    marginal (signal 1 − s, noise std s) when v is the true velocity.
-    """
-    r = s / (1 + gamma - gamma * s)
-    x_r = x + (r - t) * v.float()
-    return x_r / (1 + gamma * r) + (r * math.sqrt((1 + gamma) ** 2 - 1) / (1 + gamma * r)) * noise
-
-
-def largest_sigma_below_one(sigmas: torch.Tensor) -> float:
-    """Flow-GRPO's guard for g at t = 1: the largest σ < 1 of the schedule (σ_1; 0 for a one-step schedule)."""
-    return float(sigmas[1])
-
-
-def sde_std(t: float, noise_level: float, sigma_max: float) -> float:
-    """Flow-GRPO diffusion coefficient g = a·√(t / (1 − t)); at t = 1 the denominator uses the largest σ < 1."""
-    return noise_level * math.sqrt(t / (1 - (sigma_max if t >= 1.0 else t)))
-
-
-def sde_mean(x: torch.Tensor, v: torch.Tensor, t, s, g) -> torch.Tensor:
-    """Flow-GRPO Euler–Maruyama mean: μ = x·(1 + g²·dt/(2t)) + v·(1 + g²(1 − t)/(2t))·dt, dt = s − t < 0.
-
-    t, s, g are floats (sampling) or float64 tensors broadcastable to x (training, one value per item); the two
-    coefficients are formed in double and applied in fp32 either way, so both paths give identical means.
-    """
-    dt = s - t
-    c_x = 1 + g**2 * dt / (2 * t)
-    c_v = (1 + g**2 * (1 - t) / (2 * t)) * dt
-    if isinstance(c_x, torch.Tensor):
-        c_x, c_v = c_x.float(), c_v.float()
-    return x * c_x + v.float() * c_v
-
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
-    """log N(x; μ, std²) averaged over all non-batch elements -> [B] (fp32; bf16 overflows here)."""
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
-    lp = -((x.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return lp.flatten(1).mean(1)
-
-
-def sde_step(
-    x: torch.Tensor, v: torch.Tensor, t: float, s: float, noise: torch.Tensor, noise_level: float, sigma_max: float
-) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
-    """One Flow-GRPO SDE step: returns (x_s, μ, step std g·√(−dt), log-prob [B])."""
-    g = sde_std(t, noise_level, sigma_max)
-    mean = sde_mean(x, v, t, s, g)
-    std = g * math.sqrt(t - s)
-    x_s = mean + std * noise
-    return x_s, mean, std, gaussian_log_prob(x_s, mean, std)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The model call with classifier-free guidance
-# ---------------------------------------------------------------------------------------------------------------
-def cat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def cond_cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Two conditioning dicts joined on the batch dimension (a's rows first)."""
     return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
-def repeat_cond(c: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """Repeat each row n times in place (row i -> rows n·i … n·i + n − 1), matching the pair/group layout."""
-    return {k: v.repeat_interleave(n, dim=0) for k, v in c.items()}
 
 
 def guided_velocity(
@@ -171,7 +103,7 @@ def model_velocities(
     """(v_c, v_u) from one batched model call (the empty prompt is unconditional); v_u is None without guidance."""
     if uncond is None or cfg_scale == 1.0:
         return model(x, sigma, cond), None
-    v_c, v_u = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond)).chunk(2)
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat(cond, uncond)).chunk(2)
     return v_c, v_u
 
 
@@ -183,7 +115,7 @@ class Trajectory:
     """What a sampling run recorded. T steps, B samples.
 
     states[k] is the input x_k of step k (after the start churn for FDFO), velocities[k] the (CFG-combined)
-    velocity the sampling model predicted there; x0 is the final sample. SDE runs also keep the step means and
+    velocity the sampling model predicted there; x0 is the final sample. SDE runs also keep the per-step
     log-probs; the step's output is states[k + 1] (or x0 at the last step).
     """
 
@@ -192,7 +124,25 @@ class Trajectory:
     states: torch.Tensor | None = None  # [T, B, C, H, W] fp32
     velocities: torch.Tensor | None = None  # [T, B, C, H, W]
     log_probs: torch.Tensor | None = None  # [T, B] (SDE)
-    step_std: torch.Tensor | None = None  # [T] (SDE): g·√(−dt)
+
+    @classmethod
+    def cat(cls, trajs: list[Trajectory]) -> Trajectory:
+        """Trajectories of the same schedule joined on the sample dimension (x0: dim 0; states, velocities and
+        log-probs: dim 1); a single trajectory is returned as it is."""
+        if len(trajs) == 1:
+            return trajs[0]
+
+        def join(name: str, dim: int) -> torch.Tensor | None:
+            parts = [getattr(t, name) for t in trajs]
+            return None if parts[0] is None else torch.cat(parts, dim)
+
+        return cls(
+            sigmas=trajs[0].sigmas,
+            x0=join("x0", 0),
+            states=join("states", 1),
+            velocities=join("velocities", 1),
+            log_probs=join("log_probs", 1),
+        )
 
     @property
     def next_states(self) -> torch.Tensor:
@@ -207,98 +157,107 @@ class Trajectory:
         return out
 
 
-@torch.no_grad()
-def run_sampler(
-    model,
-    x1: torch.Tensor,
-    sigmas: torch.Tensor,
-    cond: dict,
-    uncond: dict | None = None,
-    cfg_scale: float = 1.0,
-    kind: str = "euler",
-    seeds: torch.Tensor | None = None,
-    gamma: float = 0.0,
-    noise_level: float = 0.7,
-    record: bool = False,
-    impl: str | None = None,
-) -> Trajectory:
-    """Walk σ from 1 to 0 starting at x1 [B, C, H, W]; every state update is one fused `sampler_step` call.
+@dataclass(frozen=True, eq=False)  # eq=False: `sigmas` is a tensor (identity equality and hashing)
+class Sampler:
+    """One sampling configuration: the kind, its σ grid and settings; `run` walks a batch through it.
 
-    kind="euler": deterministic ODE; "churn": FDFO's variance-preserving churn (γ), last step deterministic;
-    "sde": Flow-GRPO Euler–Maruyama with per-step Gaussian log-probs. `seeds` (int64 [B]) key each sample's
-    Philox noise: stream 0 is FDFO's start churn, stream k + 1 the noise of step k, identical on the reference
-    and Triton paths (`impl`, see fdfo_fast.dispatch). With `record`, the step writes x_s and the CFG-combined
-    velocity straight into the trajectory buffers.
+    kind="euler": deterministic ODE; "churn": FDFO's variance-preserving churn (`gamma` = γ), last step
+    deterministic; "sde": Flow-GRPO Euler–Maruyama (`noise_level` = a) with per-step Gaussian log-probs. With
+    `record`, every step writes x_s and the CFG-combined velocity straight into the trajectory buffers. `impl`
+    chooses the step's implementation (fdfo_fast.backends).
+
+    A runner is anything callable as runner(sampler, model, x1, cond, uncond, seeds) -> Trajectory: `run_eager`,
+    or a `fdfo_fast.cuda_graph.CudaGraphSampler` replaying the whole run as one CUDA graph.
     """
-    # Imported here: the kernel module imports this module's step functions as its reference.
-    from fdfo_fast.kernels.sampler_step import sampler_step
 
-    if kind not in SAMPLER_KINDS:
-        raise FdfoError(f"sampler kind must be one of {SAMPLER_KINDS}, got {kind!r}")
-    if kind != "euler" and seeds is None:
-        raise FdfoError(f"sampler kind {kind!r} needs per-sample noise seeds (int64 [B])")
-    T, B = len(sigmas) - 1, x1.shape[0]
-    sig = [float(s) for s in sigmas]
-    sigma_max = largest_sigma_below_one(sigmas)
-    if seeds is not None:
-        seeds = torch.as_tensor(seeds, dtype=torch.int64, device=x1.device)
-    # states[k] = input of step k; states[T] = x0. Without recording, the update runs in place in one buffer.
-    states = x1.new_empty((T + 1 if record else 1, *x1.shape), dtype=torch.float32)
-    if kind == "churn":  # §1.1 start churn = the churn step with t = s = 1 and v = 0 (r = 1)
-        sampler_step(
-            x1.float(),
-            torch.zeros_like(states[0]),
-            None,
-            1.0,
-            1.0,
-            "churn",
-            seeds,
-            0,
-            gamma=gamma,
-            x_out=states[0],
-            impl=impl,
+    kind: str  # "euler" | "churn" | "sde"
+    sigmas: torch.Tensor  # [T + 1]
+    cfg_scale: float = 1.0
+    gamma: float = 0.0  # churn γ
+    noise_level: float = 0.7  # SDE a
+    record: bool = False
+    impl: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in SAMPLER_KINDS:
+            raise FdfoError(f"sampler kind must be one of {SAMPLER_KINDS}, got {self.kind!r}")
+
+    @torch.no_grad()
+    def run(self, model, x1: torch.Tensor, cond: dict, uncond: dict | None = None, seeds=None) -> Trajectory:
+        """Walk σ from 1 to 0 starting at x1 [B, C, H, W]; every state update is one fused `sampler_step` call.
+
+        `seeds` (int64 [B]; needed by churn and SDE) key each sample's Philox noise: stream 0 is FDFO's start
+        churn, stream k + 1 the noise of step k, identical on the reference and Triton paths.
+        """
+        kind, sigmas, impl = self.kind, self.sigmas, self.impl
+        if kind != "euler" and seeds is None:
+            raise FdfoError(f"sampler kind {kind!r} needs per-sample noise seeds (int64 [B])")
+        T, B = len(sigmas) - 1, x1.shape[0]
+        sig = [float(s) for s in sigmas]
+        sigma_max = largest_sigma_below_one(sigmas)
+        if seeds is not None:
+            seeds = torch.as_tensor(seeds, dtype=torch.int64, device=x1.device)
+        # states[k] = input of step k; states[T] = x0. Without recording, the update runs in place in one buffer.
+        states = x1.new_empty((T + 1 if self.record else 1, *x1.shape), dtype=torch.float32)
+        if kind == "churn":  # docs/method.md §1.1 start churn = the churn step with t = s = 1 and v = 0 (r = 1)
+            step_op.sampler_step(
+                x1.float(),
+                torch.zeros_like(states[0]),
+                None,
+                1.0,
+                1.0,
+                "churn",
+                seeds,
+                0,
+                gamma=self.gamma,
+                x_out=states[0],
+                impl=impl,
+            )
+        else:
+            states[0].copy_(x1)
+        vels, lps = None, []
+        for k in range(T):
+            t, s = sig[k], sig[k + 1]
+            x = states[k if self.record else 0]
+            v_c, v_u = model_velocities(model, x, torch.full((B,), t, device=x.device), cond, uncond, self.cfg_scale)
+            if self.record and vels is None:
+                # The stored velocity is what training recomputes. Without CFG that is the model's output itself
+                # (kept in its dtype); with CFG it is the fp32 combine v_u + w·(v_c − v_u), so it is kept in fp32:
+                # rounding it to a bf16 model's dtype would make the first step's ρ (or PPO ratio) 1 ± 5e-4
+                # instead of exactly 1.
+                vels = v_c.new_empty((T, *x1.shape), dtype=torch.float32 if v_u is not None else v_c.dtype)
+            mode = "euler" if kind == "euler" or (kind == "churn" and k == T - 1) else kind  # FDFO: last step γ = 0
+            _, lp = step_op.sampler_step(
+                x,
+                v_c,
+                v_u,
+                t,
+                s,
+                mode,
+                seeds,
+                k + 1,
+                cfg_scale=self.cfg_scale,
+                gamma=self.gamma,
+                noise_level=self.noise_level,
+                sigma_max=sigma_max,
+                x_out=states[k + 1 if self.record else 0],
+                v_out=vels[k] if self.record else None,
+                impl=impl,
+            )
+            if kind == "sde":
+                lps.append(lp)
+        return Trajectory(
+            sigmas=sigmas,
+            x0=states[-1],
+            states=states[:T] if self.record else None,
+            velocities=vels if self.record else None,
+            log_probs=torch.stack(lps) if lps else None,
         )
-    else:
-        states[0].copy_(x1)
-    vels, lps, stds = None, [], []
-    for k in range(T):
-        t, s = sig[k], sig[k + 1]
-        x = states[k if record else 0]
-        v_c, v_u = model_velocities(model, x, torch.full((B,), t, device=x.device), cond, uncond, cfg_scale)
-        if record and vels is None:
-            # The stored velocity is what training recomputes. Without CFG that is the model's output itself (kept in
-            # its dtype); with CFG it is the fp32 combine v_u + w·(v_c − v_u), so it is kept in fp32: rounding it to
-            # a bf16 model's dtype would make the first step's ρ (or PPO ratio) 1 ± 5e-4 instead of exactly 1.
-            vels = v_c.new_empty((T, *x1.shape), dtype=torch.float32 if v_u is not None else v_c.dtype)
-        mode = "euler" if kind == "euler" or (kind == "churn" and k == T - 1) else kind  # FDFO: last step γ = 0
-        x_next, lp = sampler_step(
-            x,
-            v_c,
-            v_u,
-            t,
-            s,
-            mode,
-            seeds,
-            k + 1,
-            cfg_scale=cfg_scale,
-            gamma=gamma,
-            noise_level=noise_level,
-            sigma_max=sigma_max,
-            x_out=states[k + 1 if record else 0],
-            v_out=vels[k] if record else None,
-            impl=impl,
-        )
-        if kind == "sde":
-            lps.append(lp)
-            stds.append(sde_std(t, noise_level, sigma_max) * math.sqrt(t - s))
-    return Trajectory(
-        sigmas=sigmas,
-        x0=states[-1],
-        states=states[:T] if record else None,
-        velocities=vels if record else None,
-        log_probs=torch.stack(lps) if lps else None,
-        step_std=torch.tensor(stds) if stds else None,
-    )
+
+
+def run_eager(sampler: Sampler, model, x1: torch.Tensor, cond: dict, uncond: dict | None = None, seeds=None):
+    """The default runner: `sampler.run` as it is."""
+    return sampler.run(model, x1, cond, uncond, seeds)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,52 +268,42 @@ def start_noise(seeds: list[int], shape: tuple[int, ...], device="cpu") -> torch
     return NoiseStream([derive_seed(s, 0) for s in seeds], device).randn(shape)
 
 
-def sample_euler(model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, record=False, impl=None) -> Trajectory:
-    """Deterministic ODE sampler (evaluation)."""
+def sample_euler(model, sampler: Sampler, cond, uncond, seeds, shape, runner=None) -> Trajectory:
+    """Deterministic ODE sampler (evaluation): every sample's x₁ from its seed."""
+    _check_kind(sampler, "euler", "sample_euler")
     x1 = start_noise(seeds, shape, _device(cond))
-    return run_sampler(model, x1, sigmas, cond, uncond, cfg_scale, "euler", record=record, impl=impl)
+    return (runner or run_eager)(sampler, model, x1, cond, uncond, None)
 
 
-def sample_fdfo_pairs(
-    model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, gamma=0.0025, impl=None, runner=None
-) -> Trajectory:
-    """FDFO paired rollouts (§1.1): per prompt one x₁, duplicated into branches A, B with independent churn.
+def sample_fdfo_pairs(model, sampler: Sampler, cond, uncond, seeds, shape, runner=None) -> Trajectory:
+    """FDFO paired rollouts (docs/method.md §1.1): per prompt one x₁, duplicated into branches A, B with
+    independent churn. `sampler` is a recording churn sampler.
 
     `cond`/`uncond` hold P prompts and `seeds` P seeds; the batch is laid out pair-major: row 2p + b is prompt p,
-    branch b (A = 0, B = 1). Both branches go through the model in one batched call. `runner` replaces
-    `run_sampler` (e.g. a `CudaGraphSampler`).
+    branch b (A = 0, B = 1). Both branches go through the model in one batched call.
     """
+    _check_kind(sampler, "churn", "sample_fdfo_pairs", record=True)
     x1 = start_noise(seeds, shape, _device(cond)).repeat_interleave(2, dim=0)  # [2P, ...] shared within a pair
     churn = [derive_seed(s, 1, b) for s in seeds for b in (0, 1)]
-    return (runner or run_sampler)(
-        model,
-        x1,
-        sigmas,
-        repeat_cond(cond, 2),
-        _rep(uncond, 2),
-        cfg_scale,
-        "churn",
-        churn,
-        gamma,
-        record=True,
-        impl=impl,
-    )
+    pair = lambda v: v.repeat_interleave(2, dim=0)  # row p -> rows 2p, 2p + 1
+    return (runner or run_eager)(sampler, model, x1, cond_map(pair, cond), cond_map(pair, uncond), churn)
 
 
-def sample_sde(
-    model, cond, uncond, seeds, shape, sigmas, cfg_scale=1.0, noise_level=0.7, impl=None, runner=None
-) -> Trajectory:
-    """Flow-GRPO SDE sampler: every sample gets its own x₁ and step noise from its seed; log-probs recorded."""
+def sample_sde(model, sampler: Sampler, cond, uncond, seeds, shape, runner=None) -> Trajectory:
+    """Flow-GRPO SDE sampler: every sample gets its own x₁ and step noise from its seed; log-probs recorded.
+    `sampler` is a recording SDE sampler."""
+    _check_kind(sampler, "sde", "sample_sde", record=True)
     x1 = start_noise(seeds, shape, _device(cond))
     steps = [derive_seed(s, 2) for s in seeds]
-    return (runner or run_sampler)(
-        model, x1, sigmas, cond, uncond, cfg_scale, "sde", steps, noise_level=noise_level, record=True, impl=impl
-    )
+    return (runner or run_eager)(sampler, model, x1, cond, uncond, steps)
+
+
+def _check_kind(sampler: Sampler, kind: str, who: str, record: bool = False) -> None:
+    if sampler.kind != kind:
+        raise FdfoError(f"{who} needs a {kind!r} Sampler, got kind {sampler.kind!r}")
+    if record and not sampler.record:
+        raise FdfoError(f"{who} needs a recording Sampler (record=True): training uses the states and velocities")
 
 
 def _device(cond: dict) -> torch.device:
     return next(iter(cond.values())).device
-
-
-def _rep(c: dict | None, n: int) -> dict | None:
-    return None if c is None else repeat_cond(c, n)

@@ -1,4 +1,4 @@
-"""Fused FDFO finite-difference velocity loss (method.md §1.3): reference -> kernels -> launcher -> custom op.
+"""Fused FDFO finite-difference velocity loss (docs/method.md §1.3): reference -> kernels -> launcher -> custom op.
 
 Per item n (one branch at one step) with Δ = v_θ − v_ref and the pair direction d:
     ρ = exp(−mean(Δ² + 2·Δ·d))                      (= exp(L_ref − L_θ), L_θ against v_tgt = v_ref − d)
@@ -13,22 +13,17 @@ incoming per-item gradient in the backward. Registered as the torch.library op `
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from fdfo_fast.dispatch import choose_impl
+from fdfo_fast.backends import resolve
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference (the spec)
 # ---------------------------------------------------------------------------------------------------------------
 def fd_loss_ref(
-    v_theta: torch.Tensor,
-    v_ref: torch.Tensor,
-    d: torch.Tensor,
-    a: torch.Tensor,
-    eps: float,
-    v_base: torch.Tensor | None = None,
-    penalty: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    v_theta: Tensor, v_ref: Tensor, d: Tensor, a: Tensor, eps: float, v_base: Tensor | None = None, penalty: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """(ℓ [N], ρ [N]) in fp32 for items v_θ, v_ref, d (and v_base): [N, ...]; a: [N]."""
     delta = v_theta.float() - v_ref.float()
     rho = torch.exp(-(delta * (delta + 2 * d.float())).flatten(1).mean(1))
@@ -262,7 +257,7 @@ def fd_loss(
     """FDFO loss per item (ℓ [N], ρ [N]); differentiable in v_θ. impl: None (auto) | "ref" | "triton"."""
     _check(v_theta, v_ref, d, a, v_base)
     tensors = (v_theta, v_ref, d) + ((v_base,) if v_base is not None else ())
-    if choose_impl("fd_loss", impl, *tensors) == "ref":
+    if resolve("fd_loss", impl, *tensors) == "ref":
         return fd_loss_ref(v_theta, v_ref, d, a, eps, v_base, penalty)
     loss, rho, _ = _fd_loss_op(v_theta, v_ref, d, a, v_base, float(eps), float(penalty), v_theta.requires_grad)
     return loss, rho

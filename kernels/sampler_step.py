@@ -1,15 +1,32 @@
-"""Fused paired-trajectory sampler step (method.md §1.1, §2): reference -> kernel -> launcher -> custom op.
+"""The sampler step: its specification, torch reference, fused Triton kernel, launcher and custom op.
 
-One launch per denoising step for the whole batch: CFG combine v = v_u + w·(v_c − v_u), optional store of v into
-the trajectory buffer, in-kernel Philox noise from per-sample seeds, and the state update, in three modes:
+This module owns the step formulas (docs/method.md §1.1, §2); `fdfo_fast.sampling` runs the loop around them and
+the training side (Flow-GRPO, DDPO) recomputes the SDE step's mean and log-prob with the helpers here. It reads
+specification (this docstring) -> formulas and per-step coefficients -> reference -> Triton kernel -> launcher ->
+custom op -> public function `sampler_step`.
+
+Convention (SD3 rectified flow): x_σ = (1 − σ)·x₀ + σ·ε, the model predicts v = ε − x₀, a step goes from σ = t to
+σ = s < t. One call covers the whole batch: the CFG combine v = v_u + w·(v_c − v_u) (v = v_c without guidance),
+an optional store of v (e.g. into a trajectory buffer), the noise ε of each sample, and the state update:
     euler: x_s = x + (s − t)·v
     churn: x_s = (x + (r − t)·v)/(1 + γr) + (r·√((1+γ)² − 1)/(1 + γr))·ε,  r = s/(1 + γ − γs)   (FDFO, §1.1)
-    sde:   x_s = μ + g·√(t − s)·ε with μ = x·(1 + g²·dt/(2t)) + v·(1 + g²(1 − t)/(2t))·dt      (Flow-GRPO, §2)
-           and the step's log-prob mean_elements log N(x_s; μ, (g√(t − s))²) reduced in the same pass.
-Every mode is x_s = c_x·x + c_v·v + c_ε·ε with per-step scalars formed on the host in double precision.
+           The overshoot to r then the rescale lands on the σ = s marginal for the true velocity. FDFO's start churn
+           x ← x/(1+γ) + (√((1+γ)² − 1)/(1+γ))·ε is this step with t = s = 1 and v = 0 (r = 1).
+    sde:   x_s = μ + g·√(t − s)·ε,  μ = x·(1 + g²·dt/(2t)) + v·(1 + g²(1 − t)/(2t))·dt,  dt = s − t   (Flow-GRPO, §2)
+           with g = a·√(t/(1 − t)) (a the noise level; at t = 1 the denominator uses the schedule's largest σ < 1),
+           and the step's log-prob mean_elements log N(x_s; μ, (g√(t − s))²).
+Every mode is x_s = c_x·x + c_v·v + c_ε·ε. `step_coefficients` forms these per-step scalars once, in double
+precision, as a `StepCoefficients` record, which both paths use:
+  * the reference evaluates each mode in the grouping written above (euler: x + drift·v; churn:
+    (x + drift·v)/den + c_ε·ε with drift = r − t, den = 1 + γr; sde: x·c_x + v·c_v, then + c_ε·ε, the log-prob
+    from x_s − μ), the same fp32 expressions the samplers have always used, which the toy runs are pinned to;
+  * the kernel applies the expanded form c_x·x + c_v·v + c_ε·ε (c_x = 1/den, c_v = drift/den for churn) and, for
+    the SDE, reduces the log-prob from ε²/2 (x_s − μ = std·ε). The two agree to the fp32 rounding of that
+    regrouping: tests/kernels/test_sampler_step.py bounds it (8u·(|c_x·x| + |c_v·v| + |c_ε·ε|) per element).
 The state is fp32; velocities may be bf16/fp16/fp32. Noise for sample b, stream j (0 = start churn, k + 1 = step
 k), element i is Triton's randn(seed_b, j·n + i); `kernels.philox.philox_randn` replays it in NumPy (to a few
-ulps on a GPU, whose Box–Muller uses sqrt.approx and libdevice's logf/cosf; exactly under the interpreter).
+ulps on a GPU, whose Box–Muller uses sqrt.approx and libdevice's logf/cosf; exactly under the interpreter), so the
+reference and the kernel see the same noise.
 
 Rounding contract: the kernel is compiled with `enable_fp_fusion=False`, so on a GPU, as in the interpreter, every
 multiply and add rounds on its own (no FMA contraction). The CFG combine is then bit-identical to the torch
@@ -22,50 +39,114 @@ so the unfused arithmetic costs nothing measurable.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fdfo_fast.dispatch import choose_impl
+from fdfo_fast.backends import choose_impl
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.kernels.philox import philox_randn
-from fdfo_fast.sampling import churn_step, euler_step, sde_std, sde_step
 
-MODES = {"euler": 0, "churn": 1, "sde": 2}
+MODES = ("euler", "churn", "sde")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference (the spec): the sampling module's step functions, with the noise as an input
+# Formulas: the SDE's diffusion coefficient and mean, the per-step coefficients of every mode
 # ---------------------------------------------------------------------------------------------------------------
-def sampler_step_ref(x, v_c, v_u, t, s, mode, cfg_scale=1.0, gamma=0.0, noise_level=0.7, sigma_max=0.5, noise=None):
-    """(x_s fp32, log-prob [B] or None, v fp32) for one step of `mode`."""
-    v = v_c.float() if v_u is None else v_u.float() + cfg_scale * (v_c.float() - v_u.float())
+def largest_sigma_below_one(sigmas: torch.Tensor) -> float:
+    """Flow-GRPO's guard for g at t = 1: the largest σ < 1 of the schedule (σ_1; 0 for a one-step schedule)."""
+    return float(sigmas[1])
+
+
+def sde_std(t: float, noise_level: float, sigma_max: float) -> float:
+    """Flow-GRPO diffusion coefficient g = a·√(t / (1 − t)); at t = 1 the denominator uses the largest σ < 1."""
+    return noise_level * math.sqrt(t / (1 - (sigma_max if t >= 1.0 else t)))
+
+
+def _sde_mean_coefficients(t, s, g):
+    """(c_x, c_v) of the Flow-GRPO mean μ = x·c_x + v·c_v, in double: floats, or float64 tensors."""
+    dt = s - t
+    c_x = 1 + g**2 * dt / (2 * t)
+    c_v = (1 + g**2 * (1 - t) / (2 * t)) * dt
+    return c_x, c_v
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """The per-step scalars of one mode, in double precision (see the module docstring).
+
+    The kernel applies x_s = c_x·x + c_v·v + c_n·ε and log-prob −mean(ε²)/2 − log_std − ½log 2π (SDE). The
+    reference keeps the grouping of the formulas: euler and churn evaluate x + drift·v, churn then divides by `den`
+    (drift = s − t, den = 1 for euler; drift = r − t, den = 1 + γr for churn; both None for the SDE, whose
+    reference applies c_x and c_v). c_n is the noise scale: the SDE step's std g·√(t − s); 0 for euler.
+    """
+
+    mode: str
+    c_x: float
+    c_v: float
+    c_n: float
+    log_std: float = 0.0  # SDE: log(c_n)
+    drift: float | None = None
+    den: float | None = None
+
+
+def step_coefficients(
+    mode: str, t: float, s: float, gamma: float, noise_level: float, sigma_max: float
+) -> StepCoefficients:
+    """The `StepCoefficients` of one step t -> s of `mode` (γ: churn; noise level and largest σ < 1: SDE)."""
     if mode == "euler":
-        return euler_step(x.float(), v, t, s), None, v
+        return StepCoefficients(mode, 1.0, s - t, 0.0, drift=s - t, den=1.0)
     if mode == "churn":
-        return churn_step(x.float(), v, t, s, gamma, noise), None, v
-    x_s, _, _, lp = sde_step(x.float(), v, t, s, noise, noise_level, sigma_max)
-    return x_s, lp, v
+        r = s / (1 + gamma - gamma * s)
+        drift, den = r - t, 1 + gamma * r
+        return StepCoefficients(mode, 1 / den, drift / den, r * math.sqrt((1 + gamma) ** 2 - 1) / den, 0.0, drift, den)
+    g = sde_std(t, noise_level, sigma_max)
+    c_x, c_v = _sde_mean_coefficients(t, s, g)
+    std = g * math.sqrt(t - s)
+    return StepCoefficients(mode, c_x, c_v, std, math.log(std))
+
+
+# Training side: the SDE step's mean and log-prob recomputed under the policy being trained, one (t, s, g) per item.
+def sde_mean(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO Euler–Maruyama mean μ = x·c_x + v·c_v for float64 t, s, g broadcastable to x (one value per item).
+
+    The coefficients come from the formula `step_coefficients` uses, in double, and are applied in fp32 as the
+    reference step applies its scalar ones: given the same velocity, the per-item mean is bit-identical to the
+    reference step's μ (tests/test_sampling.py::test_sde_step_hand_example).
+    """
+    c_x, c_v = _sde_mean_coefficients(t, s, g)
+    return x * c_x.float() + v.float() * c_v.float()
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
+    """log N(x; μ, std²) averaged over all non-batch elements -> [B] (fp32; bf16 overflows here)."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    lp = -((x.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference: the formulas in torch from the step's coefficients, with the noise as an input
+# ---------------------------------------------------------------------------------------------------------------
+def sampler_step_ref(x, v_c, v_u, coefs: StepCoefficients, cfg_scale=1.0, noise=None):
+    """(x_s fp32, log-prob [B] or None, v fp32) for one step with coefficients `coefs`."""
+    v = v_c.float() if v_u is None else v_u.float() + cfg_scale * (v_c.float() - v_u.float())
+    x = x.float()
+    if coefs.mode == "sde":
+        mean = x * coefs.c_x + v * coefs.c_v
+        x_s = mean + coefs.c_n * noise
+        return x_s, gaussian_log_prob(x_s, mean, coefs.c_n), v
+    x_s = x + coefs.drift * v
+    if coefs.mode == "churn":
+        x_s = x_s / coefs.den + coefs.c_n * noise
+    return x_s, None, v
 
 
 def philox_noise(seeds: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The kernel's noise for `stream`, regenerated on the CPU: [B, *shape] fp32."""
     n = int(np.prod(shape))
     return philox_randn(seeds, stream * n + np.arange(n, dtype=np.int64)).view(len(seeds), *shape)
-
-
-def step_coefficients(mode: str, t: float, s: float, gamma: float, noise_level: float, sigma_max: float):
-    """(c_x, c_v, c_ε, log std) of x_s = c_x·x + c_v·v + c_ε·ε, in double precision."""
-    if mode == "euler":
-        return 1.0, s - t, 0.0, 0.0
-    if mode == "churn":
-        r = s / (1 + gamma - gamma * s)
-        den = 1 + gamma * r
-        return 1 / den, (r - t) / den, r * math.sqrt((1 + gamma) ** 2 - 1) / den, 0.0
-    g = sde_std(t, noise_level, sigma_max)
-    dt = s - t
-    std = g * math.sqrt(-dt)
-    return 1 + g**2 * dt / (2 * t), (1 + g**2 * (1 - t) / (2 * t)) * dt, std, math.log(std)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,10 +229,12 @@ BLOCK = 1024
 CHUNK = 8192
 
 
-def sampler_step_fwd(x, v_c, v_u, seeds, stream, coefs, cfg_scale, mode, x_out=None, v_out=None, export_noise=False):
+def sampler_step_fwd(
+    x, v_c, v_u, seeds, stream, coefs: StepCoefficients, cfg_scale, x_out=None, v_out=None, export_noise=False
+):
     """Triton launch: returns (x_s, log-prob [B] or None, noise or None); writes v into `v_out` when given."""
     kernel = _kernel()
-    c_x, c_v, c_n, log_std = coefs
+    mode = coefs.mode
     b = x.shape[0]
     n_cols = x[0].numel()
     chunk = min(CHUNK, max(BLOCK, 1 << (n_cols - 1).bit_length()))
@@ -174,9 +257,9 @@ def sampler_step_fwd(x, v_c, v_u, seeds, stream, coefs, cfg_scale, mode, x_out=N
         n_chunks,
         stream,
         float(cfg_scale),
-        float(c_x),
-        float(c_v),
-        float(c_n),
+        float(coefs.c_x),
+        float(coefs.c_v),
+        float(coefs.c_n),
         CHUNK=chunk,
         BLOCK=min(BLOCK, chunk),
         HAS_NOISE=has_noise,
@@ -188,12 +271,13 @@ def sampler_step_fwd(x, v_c, v_u, seeds, stream, coefs, cfg_scale, mode, x_out=N
     )
     lp = None
     if log_prob:
-        lp = -0.5 * lp_part.sum(1) / n_cols - log_std - 0.5 * math.log(2 * math.pi)
+        lp = -0.5 * lp_part.sum(1) / n_cols - coefs.log_std - 0.5 * math.log(2 * math.pi)
     return x_out, lp, (noise if export_noise and has_noise else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Custom op (one opaque node for torch.compile / CUDA graphs; no autograd: sampling runs under no_grad)
+# Custom op (one opaque node for torch.compile / CUDA graphs; no autograd: sampling runs under no_grad). It takes
+# the step's own parameters and forms the coefficients inside, as the reference path does.
 # ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fdfo_fast::sampler_step", mutates_args=("x_out", "v_out"))
 def _sampler_step_op(
@@ -204,25 +288,28 @@ def _sampler_step_op(
     x_out: torch.Tensor,
     v_out: torch.Tensor,
     kind: str,  # euler | churn | sde ("mode" is reserved by torch.library's dispatch)
+    t: float,
+    s: float,
+    gamma: float,
+    noise_level: float,
+    sigma_max: float,
     stream: int,
     cfg_scale: float,
-    c_x: float,
-    c_v: float,
-    c_n: float,
-    log_std: float,
 ) -> torch.Tensor:
+    coefs = step_coefficients(kind, t, s, gamma, noise_level, sigma_max)
     store_v = v_out.numel() > 0
-    _, lp, _ = sampler_step_fwd(
-        x, v_c, v_u, seeds, stream, (c_x, c_v, c_n, log_std), cfg_scale, kind, x_out, v_out if store_v else None
-    )
+    _, lp, _ = sampler_step_fwd(x, v_c, v_u, seeds, stream, coefs, cfg_scale, x_out, v_out if store_v else None)
     return lp if lp is not None else x.new_empty(0)
 
 
 @_sampler_step_op.register_fake
-def _(x, v_c, v_u, seeds, x_out, v_out, kind, stream, cfg_scale, c_x, c_v, c_n, log_std):
+def _(x, v_c, v_u, seeds, x_out, v_out, kind, t, s, gamma, noise_level, sigma_max, stream, cfg_scale):
     return x.new_empty(x.shape[0]) if kind == "sde" else x.new_empty(0)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------------------------
 def sampler_step(
     x: torch.Tensor,
     v_c: torch.Tensor,
@@ -240,14 +327,14 @@ def sampler_step(
     v_out: torch.Tensor | None = None,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One sampler step for the whole batch -> (x_s fp32, log-prob [B] for "sde" else None).
+    """One sampler step t -> s of `mode` for the whole batch -> (x_s fp32, log-prob [B] for "sde" else None).
 
     The noise of sample b is Philox(seeds[b], stream) on both paths (the reference regenerates it on the CPU),
     so "ref" and "triton" give the same trajectories. `v_out` (e.g. a trajectory buffer slot) receives the
     CFG-combined velocity; `x_out` receives x_s.
     """
     if mode not in MODES:
-        raise FdfoError(f"sampler_step: mode must be one of {tuple(MODES)}, got {mode!r}")
+        raise FdfoError(f"sampler_step: mode must be one of {MODES}, got {mode!r}")
     if x.dtype != torch.float32:
         raise FdfoError(f"sampler_step: the state x must be float32 (the update is fp32), got {x.dtype}")
     for name, v in (("v_c", v_c), ("v_u", v_u)):
@@ -257,7 +344,6 @@ def sampler_step(
         raise FdfoError(f"sampler_step: mode {mode!r} needs int64 seeds of shape [{x.shape[0]}]")
     tensors = (x, v_c) + ((v_u,) if v_u is not None else ())
     if choose_impl("sampler_step", impl, *tensors) == "triton":
-        coefs = step_coefficients(mode, t, s, gamma, noise_level, sigma_max)
         x_out = torch.empty_like(x) if x_out is None else x_out
         v_buf = v_out if v_out is not None else x.new_empty(0)
         lp = _sampler_step_op(
@@ -268,13 +354,18 @@ def sampler_step(
             x_out,
             v_buf,
             mode,
+            float(t),
+            float(s),
+            float(gamma),
+            float(noise_level),
+            float(sigma_max),
             int(stream),
             float(cfg_scale),
-            *(float(c) for c in coefs),
         )
         return x_out, (lp if mode == "sde" else None)
+    coefs = step_coefficients(mode, t, s, gamma, noise_level, sigma_max)
     noise = philox_noise(seeds, stream, tuple(x.shape[1:])).to(x.device) if mode != "euler" else None
-    x_new, lp, v = sampler_step_ref(x, v_c, v_u, t, s, mode, cfg_scale, gamma, noise_level, sigma_max, noise)
+    x_new, lp, v = sampler_step_ref(x, v_c, v_u, coefs, cfg_scale, noise)
     if v_out is not None:
         v_out.copy_(v)
     if x_out is not None:

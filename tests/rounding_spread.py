@@ -52,7 +52,7 @@ def run_training(preset: str, out: Path, overrides: dict, monkeypatch, perturb_s
                 x_new.add_(x_new.abs() * U32 * sign)  # in place: x_new may be the caller's x_out buffer
                 return x_new, lp
 
-            # run_sampler imports sampler_step from the module at call time, so this reaches every step
+            # Sampler.run looks sampler_step up on this module at every step, so this reaches every step
             m.setattr(step_mod, "sampler_step", perturbed_step)
         train(make_config(preset, overrides=dict(out=str(out), **overrides)))
     return train_records(out)

@@ -7,17 +7,18 @@ import torch
 
 from fdfo_fast.algorithms.ddpo import DDPO, PerPromptStatTracker
 from fdfo_fast.algorithms.fdfo import FDFO, fd_direction
-from fdfo_fast.algorithms.flow_grpo import FlowGRPO, clipped_policy_loss, group_advantages, prompt_advantages
+from fdfo_fast.algorithms.flow_grpo import FlowGRPO, group_advantages, prompt_advantages
+from fdfo_fast.algorithms.sde_policy import clipped_policy_loss
+from fdfo_fast.builder import make_context
 from fdfo_fast.config import make_config
 from fdfo_fast.kernels.fd_loss import fd_loss_ref
 from fdfo_fast.models.toy_flow import ToyFlowConfig, ToyFlowModel
-from fdfo_fast.train import make_context
 
 SMALL = ToyFlowConfig(base_channels=8, channel_mult=(1, 2), attn_levels=(1,), text_dim=16, emb_dim=16)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# FDFO (method.md §1.2–1.3)
+# FDFO (docs/method.md §1.2–1.3)
 # --------------------------------------------------------------------------------------------------------------
 def test_fd_direction_hand_example():
     # one pair, 2 elements: R_A = 3, R_B = 1; x₀^A = [1, 3], x₀^B = [1, -1]
@@ -51,7 +52,7 @@ def test_fdfo_loss_hand_example():
 
 
 def test_fd_direction_keeps_the_regulariser_for_close_pairs():
-    """d = δ/(mean δ² + 1e-6) (method.md §1.2) on pairs whose δ is so small that the 1e-6 is half the denominator;
+    """d = δ/(mean δ² + 1e-6) (docs/method.md §1.2) on pairs whose δ is so small that the 1e-6 is half the denominator;
     the expected values are the formula in fp64 on the same fp32 inputs."""
     x0 = torch.tensor([[2e-3, 0.0, 1e-3], [0.0, 2e-3, 1e-3], [0.5, 1.5, -1.0], [0.25, 1.0, -1.5]])
     rewards = torch.tensor([0.25, 1.0, 2.0, -1.0])
@@ -80,7 +81,7 @@ def test_fdfo_gradient_at_reference_is_the_finite_difference():
     assert torch.equal(rho, torch.ones(2))
     loss.sum().backward()
     n = 3 * 5 * 7
-    # expected from method.md §1.2 in fp64, not from fd_direction: a_A = (0.9 − 0.2)/2, δ_A = (x₀^A − x₀^B)/2
+    # expected from docs/method.md §1.2 in fp64, not from fd_direction: a_A = (0.9 − 0.2)/2, δ_A = (x₀^A − x₀^B)/2
     delta_A = (x0[0].double() - x0[1].double()) / 2
     d_A = delta_A / (delta_A.pow(2).mean() + 1e-6)
     a_A = (0.9 - 0.2) / 2
@@ -116,24 +117,24 @@ class _Linear(torch.nn.Module):
 def _scripted(algorithm, rewards, **over):
     """(RunContext, algorithm) on the `_Linear` field whose reward returns `rewards` (one per sample)."""
     from fdfo_fast.algorithms import make_algorithm
+    from fdfo_fast.algorithms.base import RunContext
     from fdfo_fast.sampling import sigma_schedule
-    from fdfo_fast.train import RunContext
 
     cfg = make_config(overrides=dict(dict(algorithm=algorithm, num_steps=3), **over))
     model = _Linear()
     reward = lambda images, prompts, seeds=None: {"reward": torch.tensor(rewards, dtype=torch.float32)}  # noqa: E731
-    ctx = RunContext(cfg, model, None, reward, {"any": ("p0", "p1", "p2")}, model.latent_shape,
-                     sigma_schedule(cfg.num_steps))  # fmt: skip
+    ctx = RunContext(model=model, reference=None, reward=reward, prompt_pool={"any": ("p0", "p1", "p2")},
+                     sigmas=sigma_schedule(cfg.sampling.num_steps), sampling=cfg.sampling)  # fmt: skip
     return ctx, make_algorithm(cfg)
 
 
 def test_fdfo_loss_through_the_algorithm_is_the_published_formula():
-    """FDFO.rollout + FDFO.loss with the default ε on a moved policy (ρ ≠ 1), item by item, against method.md
+    """FDFO.rollout + FDFO.loss with the default ε on a moved policy (ρ ≠ 1), item by item, against docs/method.md
     §1.2–1.3 in fp64 from the recorded trajectory: a = ±(R_A − R_B)/2, d = δ/(mean δ² + 1e-6), ρ = exp(L_ref − L_θ)
     with L_θ = mean (v_θ − (v_ref − d))², ℓ = −a·ρ + (|a|/(2·0.03))·(ρ − 1)²; and, at θ = θ_ref, dℓ/dv_θ = 2·a·d/N."""
     rewards = [3.0, 1.0, 0.5, 2.0]
     ctx, algo = _scripted("fdfo", rewards, pairs_per_epoch=2)
-    assert algo.cfg.trust_eps == 0.03  # the paper's ε (method.md §1.3), taken from the defaults
+    assert algo.cfg.trust_eps == 0.03  # the paper's ε (docs/method.md §1.3), taken from the defaults
     ro = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
     T, n = 3, 3
     assert ro.items.tolist() == [[i, k] for i in range(4) for k in range(T)]
@@ -148,7 +149,7 @@ def test_fdfo_loss_through_the_algorithm_is_the_published_formula():
 
     # at θ = θ_ref: ρ = 1 and d(Σℓ)/dw = Σ_items Σ_elements (2·a·d/N)·x (v_θ = w·x)
     loss, stats = algo.loss(ctx, ro, ro.items, first_step=True)
-    assert stats["rho_dev_first_max"] == 0.0
+    assert stats.maxima["rho_dev_first_max"] == 0.0
     (g,) = torch.autograd.grad(loss, [ctx.model.w])
     g_hand = sum(float((2 * a[i] * d[i] / n * states[k, i]).sum()) for i in range(4) for k in range(T))
     assert g.item() == pytest.approx(g_hand, rel=1e-5)  # fp32 sums over 12 items: measured rel 6e-8
@@ -170,7 +171,7 @@ def test_fdfo_loss_through_the_algorithm_is_the_published_formula():
             # fp32 ℓ of O(1), Δ = v_θ − v_ref cancelling to ~0.02·|x|: measured |err| ≤ 7e-8
             assert got.item() == pytest.approx(ell, abs=2e-6), (i, k)
             assert abs(abs(rho - 1) - 0.03) > 1e-4  # no item within ρ's fp32 error (~1e-7) of the ε boundary
-            assert st["rho_beyond_eps"] == float(abs(rho - 1) > 0.03)
+            assert st.counts["rho_beyond_eps"] == float(abs(rho - 1) > 0.03)
             beyond += abs(rho - 1) > 0.03
     assert 0 < beyond < 4 * T  # items inside and beyond ε: the (ρ − 1)²/(2ε) term weighs on the sum
 
@@ -179,14 +180,12 @@ def test_fdfo_rollout_skips_exactly_the_tied_pairs():
     """The active-items filter (FDFO.rollout's `active`, base.active_items): the items of both branches of every
     pair with R_A ≠ R_B stay (a_A > 0 or a_B > 0), the items of a tied pair are dropped; with the velocity penalty
     on nothing is dropped."""
-    from fdfo_fast.algorithms.base import active_items
-
     # pair 0 tied, pair 1 R_A < R_B (a_A < 0), pair 2 R_A > R_B
     rewards = [1.0, 1.0, 0.5, 2.0, 4.0, 3.0]
     ctx, algo = _scripted("fdfo", rewards, pairs_per_epoch=3)
     ro = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
     assert ro.advantages.tolist() == [0.0, 0.0, -0.75, 0.75, 0.5, -0.5]
-    kept = active_items(ro, ro.items)
+    kept = ro.active_items(ro.items)
     assert kept.tolist() == [[i, k] for i in (2, 3, 4, 5) for k in range(3)]
     # the dropped items carry ℓ = 0 however the policy moved
     with torch.no_grad():
@@ -196,11 +195,11 @@ def test_fdfo_rollout_skips_exactly_the_tied_pairs():
     assert full.item() != 0.0 and part.item() == pytest.approx(full.item(), rel=1e-6)  # only the sum order differs
     ctx, algo = _scripted("fdfo", rewards, pairs_per_epoch=3, velocity_penalty=0.1)
     ro = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
-    assert torch.equal(active_items(ro, ro.items), ro.items)
+    assert torch.equal(ro.active_items(ro.items), ro.items)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Flow-GRPO / DDPO (method.md §2–3)
+# Flow-GRPO / DDPO (docs/method.md §2–3)
 # --------------------------------------------------------------------------------------------------------------
 def test_group_advantages_are_normalised_per_group_and_clipped():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0])
@@ -240,16 +239,16 @@ def test_ddpo_tracker_per_prompt_with_batch_fallback():
 def test_ddpo_per_prompt_statistics_start_at_exactly_min_count():
     """ddpo-pytorch's PerPromptStatTracker: `if len(self.stats[prompt]) < self.min_count:` the batch's mean and
     np.std, else the prompt's buffer's; (R − mean)/(std + 1e-6) in fp64, rounded once to fp32 (≤ 2⁻²⁴ relative).
-    Through DDPO._advantages with stat_min_count 3: a prompt holding exactly 3 rewards uses its own statistics,
+    Through DDPO.advantages with stat_min_count 3: a prompt holding exactly 3 rewards uses its own statistics,
     one holding 2 the batch's."""
-    algo = DDPO(make_config(overrides=dict(algorithm="ddpo", stat_buffer=4, stat_min_count=3)))
-    adv = algo._advantages(["a", "a", "a", "b", "b"], torch.tensor([1.0, 2.0, 6.0, 0.0, 10.0]))
+    algo = DDPO(make_config(overrides=dict(algorithm="ddpo", stat_buffer=4, stat_min_count=3)).sde)
+    adv = algo.advantages(["a", "a", "a", "b", "b"], torch.tensor([1.0, 2.0, 6.0, 0.0, 10.0]))
     own_a = ((1 - 3) / (math.sqrt(14 / 3) + 1e-6), (2 - 3) / (math.sqrt(14 / 3) + 1e-6), 3 / (math.sqrt(14 / 3) + 1e-6))
     # "b" (2 rewards): batch mean 19/5, population variance 141/5 − (19/5)² = 13.76
     batch_b = ((0 - 3.8) / (math.sqrt(13.76) + 1e-6), (10 - 3.8) / (math.sqrt(13.76) + 1e-6))
     assert adv.tolist() == pytest.approx([*own_a, *batch_b], rel=2**-23, abs=0)
     # one more reward: "b" holds [0, 10, 4], exactly 3, and switches to its own statistics (the batch's would give 0)
-    adv = algo._advantages(["b"], torch.tensor([4.0]))
+    adv = algo.advantages(["b"], torch.tensor([4.0]))
     mean = 14 / 3
     std = math.sqrt(((0 - mean) ** 2 + (10 - mean) ** 2 + (4 - mean) ** 2) / 3)
     assert adv.item() == pytest.approx((4 - mean) / (std + 1e-6), rel=2**-23, abs=0)
@@ -257,12 +256,12 @@ def test_ddpo_per_prompt_statistics_start_at_exactly_min_count():
 
 def test_ddpo_advantages_are_clipped_to_exactly_adv_clip():
     """An outlier among 36 rewards of one prompt has advantage (1 − 1/36)/(√35/36 + 1e-6) ≈ √35 ≈ 5.92: clipped to
-    exactly ±5 (the default adv_clip, method.md §3); the others, −1/√35 ≈ −0.169, are untouched."""
-    algo = DDPO(make_config(overrides=dict(algorithm="ddpo", stat_buffer=64, stat_min_count=2)))
+    exactly ±5 (the default adv_clip, docs/method.md §3); the others, −1/√35 ≈ −0.169, are untouched."""
+    algo = DDPO(make_config(overrides=dict(algorithm="ddpo", stat_buffer=64, stat_min_count=2)).sde)
     assert algo.cfg.adv_clip == 5.0
     r = torch.zeros(72)
     r[35], r[71] = 1.0, -1.0
-    adv = algo._advantages(["p"] * 36 + ["q"] * 36, r)
+    adv = algo.advantages(["p"] * 36 + ["q"] * 36, r)
     assert adv[35].item() == 5.0 and adv[71].item() == -5.0
     rest = (1 / 36) / (math.sqrt(35) / 36 + 1e-6)
     assert adv[:35].tolist() == pytest.approx([-rest] * 35, rel=2**-23, abs=0)
@@ -271,10 +270,10 @@ def test_ddpo_advantages_are_clipped_to_exactly_adv_clip():
 
 def test_ddpo_non_finite_rewards_never_enter_the_buffers():
     cfg = make_config(overrides=dict(algorithm="ddpo", stat_buffer=4, stat_min_count=2))
-    algo = DDPO(cfg)
-    adv = algo._advantages(["a", "a"], torch.tensor([1.0, float("nan")]))
+    algo = DDPO(cfg.sde)
+    adv = algo.advantages(["a", "a"], torch.tensor([1.0, float("nan")]))
     assert torch.isnan(adv).all() and algo.tracker.stats == {}
-    adv = algo._advantages(["a", "a"], torch.tensor([1.0, 3.0]))
+    adv = algo.advantages(["a", "a"], torch.tensor([1.0, 3.0]))
     assert torch.isfinite(adv).all() and list(algo.tracker.stats["a"]) == [1.0, 3.0]
 
 
@@ -304,7 +303,7 @@ def test_ratio_is_one_and_clipped_gradient_is_policy_gradient_on_first_inner_ste
     rollout = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
     items = rollout.items
     loss_sum, stats = algo.loss(ctx, rollout, items, first_step=True)
-    assert stats["ratio_dev_first_max"] < 1e-5
+    assert stats.maxima["ratio_dev_first_max"] < 1e-5
     g_clip = torch.autograd.grad(loss_sum, params)
     # plain policy gradient: −Σ A·∇logπ_θ
     lp, _, _ = algo.step_log_probs(ctx, rollout, items)
@@ -321,7 +320,7 @@ def test_flow_grpo_kl_is_zero_at_the_reference_and_uses_g_squared():
     ctx, algo, params = _context("flow_grpo", kl_beta=0.5)
     rollout = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
     _, stats = algo.loss(ctx, rollout, rollout.items, first_step=True)
-    assert stats["kl_sum"] < 1e-8
+    assert stats.sums["kl"] < 1e-8
     with torch.no_grad():
         for p in params:
             p.add_(0.01)
@@ -335,23 +334,19 @@ def test_flow_grpo_kl_is_zero_at_the_reference_and_uses_g_squared():
     with torch.no_grad():
         dv = policy_velocity(ctx.model, rollout, item, 1.0) - policy_velocity(ctx.reference, rollout, item, 1.0)
     kl_hand = (c_v**2 * dv.double().pow(2).mean() / (2 * g**2)).item()
-    assert stats["kl_sum"] > 0 and stats["kl_sum"] == pytest.approx(kl_hand, rel=1e-4)
-    # the penalty enters the loss with a plus sign, β·KL on top of the clipped objective (method.md §2): the same
+    assert stats.sums["kl"] > 0 and stats.sums["kl"] == pytest.approx(kl_hand, rel=1e-4)
+    # the penalty enters the loss with a plus sign, β·KL on top of the clipped objective (docs/method.md §2): the same
     # item's loss without the KL term is lower by exactly β·KL (two fp32 roundings of terms ≤ |loss|)
     loss_kl, _ = algo.loss(ctx, rollout, item, first_step=False)
     import dataclasses
 
-    from fdfo_fast.algorithms import make_algorithm
-
-    algo_no_kl = make_algorithm(dataclasses.replace(algo.cfg, kl_beta=0.0))
+    algo_no_kl = type(algo)(dataclasses.replace(algo.cfg, kl_beta=0.0))
     loss_plain, _ = algo_no_kl.loss(ctx, rollout, item, first_step=False)
     diff = float(loss_kl.detach()) - float(loss_plain.detach())
     assert diff > 0 and diff == pytest.approx(0.5 * kl_hand, rel=1e-4, abs=4 * 2**-24 * abs(float(loss_kl)))
 
 
 def test_skipping_zero_advantage_items_leaves_the_gradient_unchanged():
-    from fdfo_fast.algorithms.base import active_items
-
     ctx, algo, params = _context("fdfo", churn=0.05)
     rollout = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
     rollout.advantages[0:2] = 0.0  # pair 0 ties
@@ -359,9 +354,9 @@ def test_skipping_zero_advantage_items_leaves_the_gradient_unchanged():
     chunk = rollout.items
     full, _ = algo.loss(ctx, rollout, chunk, first_step=False)
     g_full = torch.autograd.grad(full / len(chunk), params, allow_unused=True)
-    part, _ = algo.loss(ctx, rollout, active_items(rollout, chunk), first_step=False)
+    part, _ = algo.loss(ctx, rollout, rollout.active_items(chunk), first_step=False)
     g_part = torch.autograd.grad(part / len(chunk), params, allow_unused=True)
-    assert len(active_items(rollout, chunk)) < len(chunk)
+    assert len(rollout.active_items(chunk)) < len(chunk)
     for a, b in zip(g_full, g_part):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-7, rtol=1e-5)
 
@@ -369,12 +364,12 @@ def test_skipping_zero_advantage_items_leaves_the_gradient_unchanged():
 def test_fdfo_rollout_pairs_and_rho_is_one_on_first_step():
     ctx, algo, params = _context("fdfo", churn=0.05)
     rollout = algo.rollout(ctx, 0, torch.Generator().manual_seed(0))
-    T = ctx.cfg.num_steps
+    T = ctx.sampling.num_steps
     assert len(rollout.prompts) == 6 and rollout.prompts[0] == rollout.prompts[1]
     assert rollout.items.shape == (6 * T, 2)  # every (sample, step) is an item
     assert torch.equal(rollout.advantages[0::2], -rollout.advantages[1::2])
     _, stats = algo.loss(ctx, rollout, rollout.items, first_step=True)
-    assert stats["rho_dev_first_max"] < 1e-6
+    assert stats.maxima["rho_dev_first_max"] < 1e-6
 
 
 def test_algorithms_are_chosen_by_config():
@@ -386,7 +381,7 @@ def test_algorithms_are_chosen_by_config():
 # --------------------------------------------------------------------------------------------------------------
 # Flow-GRPO / DDPO reference-code behaviour (issue 15)
 # --------------------------------------------------------------------------------------------------------------
-def _reference_grpo_loss(model, rollout, items, cfg, detach_uncond, old_log_prob=None):
+def _reference_grpo_loss(model, rollout, items, ctx, algo, detach_uncond, old_log_prob=None):
     """Transcription of yifan123/flow_grpo: scripts/train_sd3.py `compute_log_prob` (one batched call on
     [uncond, cond], `noise_pred_uncond.detach()` when training with CFG, v = v_u + w·(v_c − v_u)),
     flow_grpo/diffusers_patch/sd3_sde_with_logprob.py `sde_step_with_logprob` and the GRPO clipped loss; in the
@@ -403,7 +398,8 @@ def _reference_grpo_loss(model, rollout, items, cfg, detach_uncond, old_log_prob
     v_u, v_c = out.chunk(2)
     if detach_uncond:
         v_u = v_u.detach()
-    v = v_u + cfg.cfg_scale * (v_c - v_u)
+    cfg = algo.cfg  # the SDE policy section
+    v = v_u + ctx.sampling.cfg_scale * (v_c - v_u)
     sigma, sigma_prev, sigma_max = t.view(-1, 1, 1, 1), sigmas[k + 1].view(-1, 1, 1, 1), sigmas[1]
     dt = sigma_prev - sigma
     std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * cfg.noise_level
@@ -438,12 +434,12 @@ def test_cfg_training_gradient_matches_the_reference_code(algorithm, detached):
     model64 = copy.deepcopy(ctx.model).double()
     params64 = [dict(model64.named_parameters())[names[id(p)]] for p in params]
     g_ours = _flat_grad(algo.loss(ctx, rollout, items, first_step=True)[0], params)
-    g32 = _flat_grad(_reference_grpo_loss(ctx.model, rollout, items, ctx.cfg, detached)[0], params)
+    g32 = _flat_grad(_reference_grpo_loss(ctx.model, rollout, items, ctx, algo, detached)[0], params)
     truth = {}
     for det in (True, False):
         with torch.no_grad():  # at θ = θ_old the ratio is exactly 1: old = the fp64 log-prob itself
-            _, lp64 = _reference_grpo_loss(model64, rollout, items, ctx.cfg, det)
-        truth[det] = _flat_grad(_reference_grpo_loss(model64, rollout, items, ctx.cfg, det, lp64)[0], params64)
+            _, lp64 = _reference_grpo_loss(model64, rollout, items, ctx, algo, det)
+        truth[det] = _flat_grad(_reference_grpo_loss(model64, rollout, items, ctx, algo, det, lp64)[0], params64)
     ref_err = (g32 - truth[detached]).norm()
     # measured: err(ours) / err(fp32 transcription) = 1.00 (seeds 0-2, both algorithms; the two fp32 paths share
     # the rounding of the stored trajectory); the other choice is 1.5e4-5e4 x err away
@@ -465,15 +461,15 @@ def test_global_std_advantages_are_the_reference_stat_tracker():
     assert adv.tolist() == pytest.approx(expected, rel=2**-23, abs=0)  # one fp32 rounding: ≤ 2⁻²⁴ relative
     assert prompt_advantages(prompts, torch.tensor(rewards), clip=0.5).abs().max().item() == 0.5
     # the algorithm: grpo_std global pools a prompt drawn twice (two groups of the batch) into one mean
-    algo = FlowGRPO(make_config(overrides=dict(algorithm="flow_grpo", group_size=2, grpo_std="global")))
-    adv = algo._advantages(["x", "x", "y", "y", "x", "x"], torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))
+    algo = FlowGRPO(make_config(overrides=dict(algorithm="flow_grpo", group_size=2, grpo_std="global")).sde)
+    adv = algo.advantages(["x", "x", "y", "y", "x", "x"], torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))
     # "x" pools 0, 1, 4, 5 (mean 2.5), "y" 2, 3 (mean 2.5); std of 0…5 as above
     expected = [(r - 2.5) / std for r in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)]
     assert adv.tolist() == pytest.approx(expected, rel=2**-23, abs=0)
-    group = FlowGRPO(make_config(overrides=dict(algorithm="flow_grpo", group_size=2)))  # the default: per group
+    group = FlowGRPO(make_config(overrides=dict(algorithm="flow_grpo", group_size=2)).sde)  # the default: per group
     # groups [0, 1], [2, 3], [4, 5]: mean ± 1/2, std 1/2 -> ∓0.5/(0.5 + 1e-4), whatever the prompts (fp32)
     half = 0.5 / (0.5 + 1e-4)
-    assert group._advantages(["x"] * 6, torch.arange(6.0)).tolist() == pytest.approx([-half, half] * 3, rel=2**-21)
+    assert group.advantages(["x"] * 6, torch.arange(6.0)).tolist() == pytest.approx([-half, half] * 3, rel=2**-21)
 
 
 @pytest.mark.parametrize("algorithm", ["flow_grpo", "ddpo"])
@@ -483,7 +479,7 @@ def test_timestep_selection_first_and_random(algorithm):
     T = 4
     first_ctx, first, _ = _context(algorithm, train_timestep_fraction=0.99, timestep_selection="first")
     items = first.rollout(first_ctx, 0, torch.Generator().manual_seed(0)).items
-    B = first_ctx.cfg.prompts_per_epoch * first_ctx.cfg.group_size
+    B = first.cfg.prompts_per_epoch * first.cfg.group_size
     k = 3  # int(4 · 0.99): the last step is dropped (round() would keep all 4)
     assert items.tolist() == [[i, j] for i in range(B) for j in range(k)]
     rand_ctx, rand, _ = _context(algorithm, train_timestep_fraction=0.5)

@@ -5,39 +5,35 @@ import pytest
 import torch
 from rounding_spread import assert_within_rounding_spread, perturbed_reference_runs, run_training
 
-from fdfo_fast.cuda_graph import CudaGraphSampler, graphs_wanted
+from fdfo_fast.cuda_graph import CudaGraphSampler
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.sampling import run_sampler, sample_fdfo_pairs, sample_sde, sigma_schedule
+from fdfo_fast.sampling import Sampler, cond_map, run_eager, sample_fdfo_pairs, sample_sde, sigma_schedule
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
 
-def test_graph_decision_rule():
-    assert graphs_wanted("auto", GPU, None, 0) and graphs_wanted("auto", GPU, "triton", 2)
-    assert not graphs_wanted("auto", CPU, None, 0)
-    assert not graphs_wanted("auto", GPU, "ref", 0) and not graphs_wanted("auto", GPU, None, 3)
-    assert not graphs_wanted("off", GPU, None, 0)
-    with pytest.raises(FdfoError, match="sampling runs on the CPU"):
-        graphs_wanted("on", CPU, None, 0)
-    with pytest.raises(FdfoError, match="ZeRO-3"):
-        graphs_wanted("on", GPU, None, 3)
+def test_the_graph_sampler_needs_cuda_tensors():
+    # (whether a run samples through graphs: backends.cuda_graphs_choice, tests/test_backends.py)
     with pytest.raises(FdfoError, match="needs CUDA tensors"):
-        CudaGraphSampler()(None, torch.zeros(1, 1), sigma_schedule(2), {})
+        CudaGraphSampler()(Sampler("euler", sigma_schedule(2)), None, torch.zeros(1, 1), {})
 
 
 def test_samplers_route_through_a_runner():
-    """The rollouts' samplers take any run_sampler-compatible runner (how the trainer plugs the graph in)."""
+    """The rollouts' samplers take any runner(sampler, model, x1, cond, uncond, seeds) (how the trainer plugs the
+    graph in)."""
     calls = []
 
-    def runner(*args, **kw):
-        calls.append(args[6])  # kind
-        return run_sampler(*args, **kw)
+    def runner(sampler, *args):
+        calls.append(sampler.kind)
+        return run_eager(sampler, *args)
 
     model = lambda x, s, c: -x * c["c"].view(-1, 1, 1, 1)
     cond = {"c": torch.tensor([0.5, 1.5])}
-    a = sample_fdfo_pairs(model, cond, None, [1, 2], (1, 3, 3), sigma_schedule(3), gamma=0.05, runner=runner)
-    b = sample_fdfo_pairs(model, cond, None, [1, 2], (1, 3, 3), sigma_schedule(3), gamma=0.05)
-    c = sample_sde(model, cond, None, [1, 2], (1, 3, 3), sigma_schedule(3), runner=runner)
+    churn = Sampler("churn", sigma_schedule(3), gamma=0.05, record=True)
+    sde = Sampler("sde", sigma_schedule(3), record=True)
+    a = sample_fdfo_pairs(model, churn, cond, None, [1, 2], (1, 3, 3), runner=runner)
+    b = sample_fdfo_pairs(model, churn, cond, None, [1, 2], (1, 3, 3))
+    c = sample_sde(model, sde, cond, None, [1, 2], (1, 3, 3), runner)
     assert calls == ["churn", "sde"] and torch.equal(a.x0, b.x0) and c.log_probs.shape == (3, 2)
 
 
@@ -56,14 +52,16 @@ def test_graph_replay_equals_eager(kind):
         g = torch.Generator(device="cuda").manual_seed(seed)
         x1 = torch.randn(4, *model.latent_shape, device="cuda", generator=g)
         seeds = torch.randint(0, 2**62, (4,), device="cuda", generator=g)
-        args = (model, x1, sigmas, cond, uncond, 2.0, kind, seeds, 0.05, 0.7, True, "triton")
-        eager, replay = run_sampler(*args), graphed(*args)
+        sampler = Sampler(kind, sigmas, 2.0, 0.05, 0.7, True, "triton")
+        eager, replay = sampler.run(model, x1, cond, uncond, seeds), graphed(sampler, model, x1, cond, uncond, seeds)
         torch.testing.assert_close(replay.states, eager.states, rtol=0, atol=0)
         torch.testing.assert_close(replay.x0, eager.x0, rtol=0, atol=0)
         if kind == "sde":
             torch.testing.assert_close(replay.log_probs, eager.log_probs, rtol=0, atol=0)
     assert graphed.captures == 1
-    graphed(model, x1[:2], sigmas, {k: v[:2] for k, v in cond.items()}, None, 1.0, kind, seeds[:2], 0.05, 0.7, True)
+    graphed(
+        Sampler(kind, sigmas, 1.0, 0.05, 0.7, True), model, x1[:2], cond_map(lambda v: v[:2], cond), None, seeds[:2]
+    )
     assert graphed.captures == 2  # a new static shape is a new capture
 
 
@@ -116,14 +114,13 @@ class _EagerGraphStandIn(_CountingGraphSampler):
     """CPU stand-in with the real capture key (so static shapes and weight addresses across epochs are checked):
     'capture' = the first call per key, 'replay' = the eager sampler."""
 
-    def __call__(self, model, x1, sigmas, cond, uncond=None, cfg_scale=1.0, kind="euler", seeds=None, gamma=0.0,
-                 noise_level=0.7, record=False, impl=None):  # fmt: skip
-        key = self._key(model, x1, sigmas, cond, uncond, cfg_scale, kind, gamma, noise_level, record, impl)
+    def __call__(self, sampler, model, x1, cond, uncond=None, seeds=None):
+        key = self._key(sampler, model, x1, cond, uncond)
         if key not in self.graphs:
             self.graphs[key] = _CountedGraph(type("NoGraph", (), {"replay": lambda self: None})(), self)
             self.captures += 1
         self.graphs[key].replay()
-        return run_sampler(model, x1, sigmas, cond, uncond, cfg_scale, kind, seeds, gamma, noise_level, record, impl)
+        return sampler.run(model, x1, cond, uncond, seeds)
 
 
 def _graph_run_matches_eager(preset, device, tmp_path, monkeypatch):
@@ -139,15 +136,15 @@ def _graph_run_matches_eager(preset, device, tmp_path, monkeypatch):
     sampler state perturbed by one rounding unit, + n·u·magnitude for the logged n-term mean). On the CPU the
     stand-in runs the eager sampler and every logged value must be equal.
     """
-    import fdfo_fast.train as train_mod
+    import fdfo_fast.builder as builder
 
     algo, extra, n_items = GRAPH_RUNS[preset]
     impl = "triton" if device == "cuda" else "ref"  # the capture needs the Triton step
     made = []
     sampler_cls = _CountingGraphSampler if device == "cuda" else _EagerGraphStandIn
-    monkeypatch.setattr(train_mod, "CudaGraphSampler", lambda: made.append(sampler_cls()) or made[-1])
+    monkeypatch.setattr(builder, "CudaGraphSampler", lambda: made.append(sampler_cls()) or made[-1])
     if device != "cuda":  # --cuda-graph on refuses CPU sampling; the stand-in takes the graph's place
-        monkeypatch.setattr(train_mod, "graphs_wanted", lambda choice, *args: choice == "on")
+        monkeypatch.setattr(builder, "cuda_graphs_choice", lambda choice, *args: choice == "on")
     common = dict(TINY_RUN, **extra, device=device, impl=impl)
 
     graph = run_training(preset, tmp_path / "graph", dict(common, cuda_graph="on"), monkeypatch)
@@ -159,7 +156,7 @@ def _graph_run_matches_eager(preset, device, tmp_path, monkeypatch):
     assert sampler.replays == epochs >= 2, sampler.replays
     eager = run_training(preset, tmp_path / "eager", dict(common, cuda_graph="off"), monkeypatch)
     assert len(made) == 1 and sampler.replays == epochs  # the eager run never touched a graph sampler
-    assert {r["impl"] for r in graph + eager} == {impl}
+    assert {r["backends"]["sampler_step"] for r in graph + eager} == {impl}
     rewards = [k for k in eager[0] if k.startswith("reward/")]
     assert rewards and {k: graph[0][k] for k in rewards} == {k: eager[0][k] for k in rewards}
     assert not any("skipped" in r for r in graph + eager)

@@ -7,6 +7,7 @@ clear error."""
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,11 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from tiny_diffusers import build_tiny_sd35  # noqa: E402
 
+import fdfo_fast.builder as builder  # noqa: E402
 import fdfo_fast.train as train_mod  # noqa: E402
 from fdfo_fast.config import make_config  # noqa: E402
 from fdfo_fast.errors import FdfoError  # noqa: E402
 from fdfo_fast.models.diffusers_flow import FluxFlowModel, SD3FlowModel, pack_latents, unpack_latents  # noqa: E402
-from fdfo_fast.sampling import sample_euler, sigma_schedule  # noqa: E402
+from fdfo_fast.sampling import Sampler, sample_euler, sigma_schedule  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,14 @@ def sd35_dir(tmp_path_factory):
 
 def _load(cls, path, **kw):
     return cls.from_pretrained(path, dtype=torch.float32, resolution=32, max_sequence_length=16, **kw).eval()
+
+
+def _ft(mode, rank, alpha, targets=None):
+    """The fine-tuning fields of a config, as setup_finetune reads them (targets None = the recipe, "auto")."""
+    spec = ",".join(targets) if targets else "auto"
+    return SimpleNamespace(
+        finetune=mode, lora_rank=rank, lora_alpha=alpha, lora_targets=spec, gradient_checkpointing=False
+    )
 
 
 def test_pack_unpack_match_flux_pipeline():
@@ -91,13 +101,13 @@ def _train_cfg(tmp_path, model, path, algorithm, **kw):
 def _train_and_keep_model(cfg, monkeypatch):
     """Run train() and return the model object it trained (to compare its weights with the base)."""
     held = {}
-    real = train_mod.load_model
+    real = builder.load_model
 
     def load(c):
         held["model"] = real(c)
         return held["model"]
 
-    monkeypatch.setattr(train_mod, "load_model", load)
+    monkeypatch.setattr(builder, "load_model", load)
     summary = train_mod.train(cfg)
     return held["model"], summary
 
@@ -132,7 +142,8 @@ def _outputs(model, x, cond):
     """One velocity and a 3-step Euler sample decoded to an image."""
     with torch.no_grad():
         v = model(x, torch.tensor([0.6]), cond)
-        return v, model.decode(sample_euler(model, cond, None, [7], model.latent_shape, sigma_schedule(3)).x0)
+        x0 = sample_euler(model, Sampler("euler", sigma_schedule(3)), cond, None, [7], model.latent_shape).x0
+        return v, model.decode(x0)
 
 
 def _check_exported_lora(model, cls, path, folder, kind, tmp_path, require_effect):
@@ -238,7 +249,7 @@ def test_lora_training_changes_only_lora_and_exports(kind, algorithm, extra, sd3
 
     # best_lora/ (the best held-out epoch) gets the same export: it loads to exactly the weights best.pt holds
     best = _load(cls, path)
-    best.setup_finetune("lora", 4, 8.0)
+    best.setup_finetune(_ft("lora", 4, 8.0))
     best.load_trainable_state_dict(torch.load(run / "best.pt", weights_only=True)["model"], "best.pt")
     _check_exported_lora(best, cls, path, run / "best_lora", kind, tmp_path, require_effect=False)
 
@@ -250,8 +261,8 @@ def test_the_lora_reference_model_is_the_base_transformer(kind, sd3_dir, flux_di
     model's differs, and the adapters are back on after the reference call."""
     path, cls = (sd3_dir, SD3FlowModel) if kind == "sd3" else (flux_dir, FluxFlowModel)
     cfg = _train_cfg(tmp_path, kind, path, "fdfo", velocity_penalty=0.1)
-    model = train_mod.load_model(cfg).eval()
-    ctx, _, params = train_mod.make_context(cfg, model)
+    model = builder.load_model(cfg.model).eval()
+    ctx, _, params = builder.make_context(cfg, model)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.transformer.named_parameters():
@@ -288,7 +299,7 @@ def test_lora_targets_are_the_recipes_as_peft_applies_them(kind, sd35_dir, flux_
 
     def ours(targets=None):
         model = _load(cls, path)
-        model.setup_finetune("lora", 4, 8.0, targets)
+        model.setup_finetune(_ft("lora", 4, 8.0, targets))
         return _adapted(model.transformer)
 
     recipe_set = peft_reference(RECIPE_TARGETS[recipe])
@@ -346,9 +357,9 @@ def test_bad_models_give_one_clear_error(sd3_dir, flux_dir, tmp_path, monkeypatc
         make_config(overrides=dict(finetune="lora"))
     model = _load(SD3FlowModel, sd3_dir)
     with pytest.raises(FdfoError, match="match no module"):
-        model.setup_finetune("lora", 4, 4.0, ("no_such_proj",))
+        model.setup_finetune(_ft("lora", 4, 4.0, ("no_such_proj",)))
     with pytest.raises(FdfoError, match="--lora-targets norm1: Target module AdaLayerNormZero"):  # not a Linear
-        _load(SD3FlowModel, sd3_dir).setup_finetune("lora", 4, 4.0, ("norm1",))
+        _load(SD3FlowModel, sd3_dir).setup_finetune(_ft("lora", 4, 4.0, ("norm1",)))
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if the extra were not installed
     with pytest.raises(FdfoError, match=r"pip install 'fdfo_fast\[diffusers\]'"):
         SD3FlowModel.from_pretrained(sd3_dir)
@@ -361,8 +372,8 @@ def test_real_model_presets_resolve_and_their_reward_specs_parse(preset, capsys)
     from fdfo_fast.rewards.hf_models import load_reward_models
 
     cfg = make_config(preset)
-    assert cfg.model in ("sd3", "flux") and cfg.finetune == "lora" and cfg.lora_rank == 32
+    assert cfg.model.model in ("sd3", "flux") and cfg.model.finetune == "lora" and cfg.model.lora_rank == 32
     train_mod.main(["--preset", preset, "--dry-run"])
-    assert f'"model": "{cfg.model}"' in capsys.readouterr().out
+    assert f'"model": "{cfg.model.model}"' in capsys.readouterr().out
     with pytest.raises(FdfoError, match="cannot load"):
-        load_reward_models(cfg.reward_models)
+        load_reward_models(cfg.rewards.reward_models)

@@ -246,9 +246,9 @@ def test_shipped_deepspeed_configs_load():
 
     cfg = make_config("toy-fdfo")
     for name, stage in (("ds_z3.json", 3), ("ds_z2.json", 2)):
-        ds = load_ds_config(str(ROOT / name), cfg)
+        ds = load_ds_config(str(ROOT / name), cfg.optim)
         assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
-        assert ds["gradient_clipping"] == cfg.grad_clip and "optimizer" not in ds
+        assert ds["gradient_clipping"] == cfg.optim.grad_clip and "optimizer" not in ds
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by the GPU validation issue)")
@@ -260,7 +260,8 @@ def test_zero3_single_gpu_toy_run(tmp_path):
     proc = _launch(cmd, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = _train_records(tmp_path / "run")
-    assert len(records) == 2 and all(r["impl"] == "triton" for r in records)
+    assert len(records) == 2 and all(set(r["backends"].values()) == {"triton"} for r in records)
+    assert records[0]["backends"]["sampler_step"] == "triton"
 
 
 def test_zero3_lora_on_a_tiny_sd3_matches_one_process(tmp_path):

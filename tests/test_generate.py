@@ -55,7 +55,7 @@ def test_sd3_grid_is_the_pipelines(sd3_dir):
     for steps in (1, 4, 40):
         model.pipe.scheduler.set_timesteps(steps)  # what StableDiffusion3Pipeline.__call__ does (no mu, no sigmas)
         assert torch.equal(model.sigma_schedule(steps), model.pipe.scheduler.sigmas)
-    assert 0.0089 < model.sigma_schedule(40)[-2] < 0.009  # shift 3: the last nonzero σ (method.md §1.1)
+    assert 0.0089 < model.sigma_schedule(40)[-2] < 0.009  # shift 3: the last nonzero σ (docs/method.md §1.1)
 
 
 def test_generate_sd3_equals_the_pipeline_with_its_defaults(sd3_dir, tmp_path):
@@ -159,7 +159,7 @@ def test_the_transformer_gets_the_pipelines_timesteps(kind, sd3_dir, flux_dir):
     """bf16 weights: the timesteps our sampler hands the transformer are the very tensors (values and dtype) the
     diffusers pipeline hands it — SD3 the fp32 scheduler timesteps (a bf16 copy was off by up to 2 units), FLUX
     the pipeline's (σ·1000 in the latents' dtype)/1000."""
-    from fdfo_fast.sampling import model_sigma_schedule, run_sampler
+    from fdfo_fast.sampling import Sampler
 
     cls, path = (SD3FlowModel, sd3_dir) if kind == "sd3" else (FluxFlowModel, flux_dir)
     model = cls.from_pretrained(path, dtype=torch.bfloat16, resolution=32).eval()
@@ -173,7 +173,7 @@ def test_the_transformer_gets_the_pipelines_timesteps(kind, sd3_dir, flux_dir):
     lat = pack_latents(x1) if kind == "flux" else x1
     model.pipe(prompts, num_inference_steps=steps, latents=lat.to(torch.bfloat16), output_type="latent", **extra)
     theirs, seen[:] = list(seen), []
-    run_sampler(model, x1, model_sigma_schedule(model, steps), model.encode_prompts(prompts))
+    Sampler("euler", model.sigma_schedule(steps)).run(model, x1, model.encode_prompts(prompts))
     hook.remove()
     assert len(seen) == len(theirs) == steps
     for ours, ref in zip(seen, theirs, strict=True):

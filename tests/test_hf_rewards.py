@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub miss must fail at once, not after minutes of retries
 
@@ -347,7 +348,7 @@ def test_vlm_answer_tokens_and_question(vlm_dir, vlm):
     vocab = vlm.processor.tokenizer.get_vocab()
     # "yes"/" yes" share an id, "Yes" has its own, "No" is unknown and dropped.
     assert vlm.yes_ids == [vocab["yes"], vocab["Yes"]] and vlm.no_ids == [vocab["no"]]
-    assert vlm.texts(["a red circle"]) == [  # the FDFO paper's question (method.md §1.4)
+    assert vlm.texts(["a red circle"]) == [  # the FDFO paper's question (docs/method.md §1.4)
         'USER: <image> Does this image match the caption "a red circle"? Answer Yes or No. ASSISTANT:'
     ]
     images = _images(2)
@@ -370,9 +371,9 @@ def test_vlm_without_chat_template_uses_the_image_token(vlm_dir):
 
 
 def _published_vlm_by_hand(vlm_dir, images, prompts):
-    """The FDFO paper's VLM reward (method.md §1.4), one unpadded image at a time: the float image in [0, 1] resized
-    bilinearly with torch to 504² before the processor, whose own resize and rescale are off; the paper's question
-    through the chat template; 100·sigmoid(logit("Yes") − logit("No")) of the next-token logits."""
+    """The FDFO paper's VLM reward (docs/method.md §1.4), one unpadded image at a time: the float image in [0, 1]
+    resized bilinearly with torch to 504² before the processor, whose own resize and rescale are off; the paper's
+    question through the chat template; 100·sigmoid(logit("Yes") − logit("No")) of the next-token logits."""
     model = transformers.LlavaForConditionalGeneration.from_pretrained(vlm_dir).eval()
     processor = transformers.AutoProcessor.from_pretrained(vlm_dir)
     vocab = processor.tokenizer.get_vocab()
@@ -419,8 +420,8 @@ def test_vlm_logit_diff_needs_single_yes_and_no_tokens(vlm_dir):
 
 def test_reward_dtype_loads_the_weights_in_that_dtype(clip_dir, vlm504_dir):
     """`;dtype=` per entry overrides the `dtype` argument (the config's --reward-dtype) for that model only."""
+    from fdfo_fast.builder import make_reward
     from fdfo_fast.config import make_config
-    from fdfo_fast.train import make_reward
 
     weights = lambda m: {p.dtype for p in m.model.parameters()}
     vlm, hps, pick = load_reward_models(
@@ -433,14 +434,14 @@ def test_reward_dtype_loads_the_weights_in_that_dtype(clip_dir, vlm504_dir):
     (fp32,) = load_reward_models(f"hps={clip_dir};dtype=fp32", dtype="bf16")
     assert weights(fp32) == {torch.float32}
     cfg = make_config(overrides=dict(reward="hps:1", reward_models=f"hps={clip_dir}", reward_dtype="bf16"))
-    (model,) = make_reward(cfg, torch.device("cpu")).models
+    (model,) = make_reward(cfg.rewards, cfg.human, Path(cfg.run.out), cfg.run.seed, torch.device("cpu")).models
     assert weights(model) == {torch.bfloat16}
     with pytest.raises(FdfoError, match="--reward-dtype must be fp32, bf16 or fp16"):
         make_config(overrides=dict(reward_dtype="int8"))
 
 
 def test_pickscore_preprocesses_float_images_as_the_torchvision_processor(clip_dir, clip_rewards):
-    """PickScore's default input is the float image without 8-bit rounding (the FDFO reference, method.md §1.4):
+    """PickScore's default input is the float image without 8-bit rounding (the FDFO reference, docs/method.md §1.4):
     what transformers' CLIPImageProcessor does to float tensors with do_rescale=False on its torchvision backend.
     That backend (TorchvisionBackend._preprocess) resizes with torchvision's resize, which for float32 is
     torch's interpolate(bicubic, align_corners=False, antialias=True), centre-crops at int((h - ch) / 2) and

@@ -11,14 +11,16 @@ import pytest
 import torch
 from rounding_spread import FIRST_STEP_KEY
 
+import fdfo_fast.builder as builder
+import fdfo_fast.run_state as run_state
 import fdfo_fast.train as train_mod
 from fdfo_fast.algorithms import FDFO
 from fdfo_fast.checkpoint import read_checkpoint
 from fdfo_fast.config import make_config
-from fdfo_fast.engine import DeepSpeedEngine, PlainEngine
+from fdfo_fast.engine import EMA, DeepSpeedEngine, PlainEngine
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.sampling import Trajectory, derive_seed
-from fdfo_fast.train import EMA, RunContext
+from fdfo_fast.models.base import load_model
+from fdfo_fast.sampling import derive_seed
 
 # Tiny toy runs: 3 sampling steps, 4 samples (2 FDFO pairs, or 1 prompt × 4 for Flow-GRPO / DDPO), one epoch.
 TINY = dict(
@@ -53,7 +55,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.steps, self.rollouts = [], []
-        real_context, real_step = train_mod.make_context, PlainEngine.step
+        real_context, real_step = builder.make_context, PlainEngine.step
 
         def make_context(*args, **kw):
             self.ctx, self.algo, self.params = real_context(*args, **kw)
@@ -76,12 +78,12 @@ class Spy:
             self.steps.append(rec)
             return rec["norm"], rec["stepped"]
 
-        monkeypatch.setattr(train_mod, "make_context", make_context)
+        monkeypatch.setattr(builder, "make_context", make_context)
         monkeypatch.setattr(PlainEngine, "step", step)
 
     def run(self, cfg):
         train_mod.train(cfg)
-        self.records = _train_records(cfg.out)
+        self.records = _train_records(cfg.run.out)
         return self
 
 
@@ -89,13 +91,15 @@ def _adamw_reference(cfg, start, grads):
     """torch.nn.utils.clip_grad_norm_ + a fresh torch.optim.AdamW with the run's settings, applied to `grads` (one
     list per step) from the weights `start`; the weights after each step."""
     params = [torch.nn.Parameter(v.clone()) for v in start]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
+    )
     out = []
     for step_grads in grads:
         for p, g in zip(params, step_grads, strict=True):
             p.grad = g.clone()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
         out.append([p.detach().clone() for p in params])
     return out
@@ -116,7 +120,7 @@ def test_every_micro_batch_of_a_step_contributes_to_its_gradient(tmp_path, monke
     (step,) = spy.steps
     (rollout,) = spy.rollouts
     items = rollout.items
-    passes = train_mod.active_items(rollout, items)
+    passes = rollout.active_items(items)
     assert len(passes) >= 3 * 2  # at least three micro-batches of 2 in the step
     with torch.no_grad():
         for p, v in zip(spy.params, step["before"], strict=True):
@@ -142,7 +146,7 @@ def test_a_step_clips_the_gradient_before_adamw_and_logs_the_norm_before_clippin
     spy = Spy(monkeypatch).run(cfg)
     assert [s["stepped"] for s in spy.steps] == [True, True]
     norms = [_global_norm(s["grad"]) for s in spy.steps]
-    assert min(norms) > 1e4 * cfg.grad_clip  # the clip is active
+    assert min(norms) > 1e4 * cfg.optim.grad_clip  # the clip is active
     assert [s["norm"] for s in spy.steps] == pytest.approx(norms, rel=1e-5)
     (record,) = spy.records
     assert record["grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-5)  # the logged norm: before clipping
@@ -179,7 +183,7 @@ def test_the_checkpointed_ema_follows_the_optimiser_steps(tmp_path, monkeypatch)
     spy = Spy(monkeypatch).run(cfg)
     p0, (p1, p2) = spy.steps[0]["before"], [s["after"] for s in spy.steps]
     b = 0.9
-    ema = read_checkpoint(Path(cfg.out) / "checkpoint.pt")["ema"]
+    ema = read_checkpoint(Path(cfg.run.out) / "checkpoint.pt")["ema"]
     for e, a, x, y in zip(ema, p0, p1, p2, strict=True):
         want = b * (b * a.double() + (1 - b) * x.double()) + (1 - b) * y.double()  # two updates, in float64
         torch.testing.assert_close(e.double(), want, rtol=0, atol=1e-6)  # float32 lerp rounding: ≲ 1e-7·|w|
@@ -227,7 +231,7 @@ def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights_and_optimis
     for got, w in zip(second["after"], want, strict=True):
         torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-9)
     assert torch.isfinite(torch.tensor(record["loss"])) and torch.isfinite(torch.tensor(record["grad_norm"]))
-    saved = read_checkpoint(Path(cfg.out) / "checkpoint.pt")["model"]
+    saved = read_checkpoint(Path(cfg.run.out) / "checkpoint.pt")["model"]
     names = [n for n, p in spy.ctx.model.named_parameters() if p.requires_grad]
     assert all(torch.equal(saved[n], w) for n, w in zip(names, second["after"], strict=True))
 
@@ -248,37 +252,14 @@ def test_a_non_finite_model_never_reaches_the_checkpoint(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, epochs=2, save_every=1)
     with pytest.raises(FdfoError, match="refusing to write a checkpoint from a non-finite model at epoch 2"):
         train_mod.train(cfg)
-    state = read_checkpoint(Path(cfg.out) / "checkpoint.pt")
+    state = read_checkpoint(Path(cfg.run.out) / "checkpoint.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling in chunks
 # ---------------------------------------------------------------------------------------------------------------
-def test_cat_trajectories_joins_the_sample_dimension():
-    T, C = 3, 2
-    sizes = [2, 1, 2]  # samples per chunk
-    trajs = [
-        Trajectory(
-            sigmas=torch.linspace(1, 0, T + 1),
-            x0=torch.randn(b, C),
-            states=torch.randn(T, b, C),
-            velocities=torch.randn(T, b, C),
-            log_probs=torch.randn(T, b),
-            step_std=torch.ones(T),
-        )
-        for b in sizes
-    ]
-    joined = RunContext.cat_trajectories(trajs)
-    assert joined.states.shape == (T, 5, C) and joined.log_probs.shape == (T, 5) and joined.x0.shape == (5, C)
-    where = [(c, j) for c, b in enumerate(sizes) for j in range(b)]  # global sample -> (chunk, local index)
-    for n, (c, j) in enumerate(where):
-        assert torch.equal(joined.x0[n], trajs[c].x0[j])
-        for name in ("states", "velocities", "log_probs"):
-            assert torch.equal(getattr(joined, name)[:, n], getattr(trajs[c], name)[:, j]), name
-    assert RunContext.cat_trajectories(trajs[:1]) is trajs[0]
-    fdfo_like = [Trajectory(sigmas=t.sigmas, x0=t.x0, states=t.states, velocities=t.velocities) for t in trajs]
-    assert RunContext.cat_trajectories(fdfo_like).log_probs is None
+# (Trajectory.cat, which joins the chunks: tests/test_sampling.py)
 
 
 @pytest.mark.parametrize("algorithm", ["fdfo", "flow_grpo"])
@@ -287,8 +268,8 @@ def test_a_rollout_sampled_in_chunks_is_the_one_chunk_rollout(tmp_path, algorith
 
     def rollout(sample_batch):
         cfg = _cfg(tmp_path, algorithm=algorithm, sample_batch=sample_batch)
-        ctx, algo, _ = train_mod.make_context(cfg, train_mod.load_model(cfg))
-        return algo.rollout(ctx, 0, torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0)))
+        ctx, algo, _ = builder.make_context(cfg, load_model(cfg.model))
+        return algo.rollout(ctx, 0, torch.Generator().manual_seed(derive_seed(cfg.run.seed, 0, 0)))
 
     whole, chunked = rollout(256), rollout(2)
     assert whole.traj.states.shape[:2] == (3, 4)
@@ -310,7 +291,7 @@ def test_with_cfg_the_first_step_of_every_epoch_reproduces_the_sampling_policy(t
     forward that drops the guidance or feeds the prompt as the unconditional input is off by ~1e-3."""
     cfg = _cfg(tmp_path, algorithm=algorithm, cfg_scale=2.0, epochs=2, opt_steps_per_epoch=2, lr=1e-3)
     train_mod.train(cfg)
-    records = _train_records(cfg.out)
+    records = _train_records(cfg.run.out)
     assert [r[FIRST_STEP_KEY[algorithm]] for r in records] == [0.0, 0.0]
     assert all(r["train_passes"] > 0 for r in records)
 
@@ -329,16 +310,18 @@ def _shard_tags(out: Path):
 
 
 class _RecordingEngine(PlainEngine):
-    """The plain optimiser behind DeepSpeedEngine's checkpoint interface: `save` writes a stand-in shard folder,
-    `prune` is DeepSpeedEngine.prune; every call is recorded with the tag checkpoint.pt names at that moment."""
+    """The plain optimiser behind DeepSpeedEngine's checkpoint interface: `prepare_checkpoint` writes a stand-in
+    shard folder and returns its tag, `prune` is DeepSpeedEngine.prune; every call is recorded with the tag
+    checkpoint.pt names at that moment."""
 
-    kind = "deepspeed"
     events: list = []
 
-    def save(self, out, tag):
+    def prepare_checkpoint(self, out, epoch):
+        tag = f"epoch_{epoch:06d}"
         self.events.append(("save", tag, _state_tag(out), _shard_tags(out)))
         (out / "deepspeed" / tag).mkdir(parents=True)
         (out / "deepspeed" / tag / "mp_rank_00_model_states.pt").write_bytes(b"shard")
+        return tag
 
     def prune(self, out, keep):
         self.events.append(("prune", keep, _state_tag(out), _shard_tags(out)))
@@ -348,8 +331,8 @@ class _RecordingEngine(PlainEngine):
 def test_deepspeed_checkpoint_writes_shards_then_the_state_file_then_prunes(tmp_path, monkeypatch):
     events = []
     monkeypatch.setattr(_RecordingEngine, "events", events)
-    monkeypatch.setattr(train_mod, "make_engine", lambda *args: _RecordingEngine(*args))
-    real_save = train_mod.atomic_save
+    monkeypatch.setattr(builder, "make_engine", lambda *args: _RecordingEngine(*args))
+    real_save = run_state.atomic_save
 
     def atomic_save(obj, path):
         path = Path(path)
@@ -357,7 +340,7 @@ def test_deepspeed_checkpoint_writes_shards_then_the_state_file_then_prunes(tmp_
             events.append(("state", obj["deepspeed_tag"], _state_tag(path.parent), _shard_tags(path.parent)))
         real_save(obj, path)
 
-    monkeypatch.setattr(train_mod, "atomic_save", atomic_save)
+    monkeypatch.setattr(run_state, "atomic_save", atomic_save)
     cfg = _cfg(tmp_path, epochs=2, save_every=1)
     train_mod.train(cfg)
     e1, e2 = "epoch_000001", "epoch_000002"
@@ -369,6 +352,6 @@ def test_deepspeed_checkpoint_writes_shards_then_the_state_file_then_prunes(tmp_
         ("state", e2, e1, [e1, e2]),  # the tag the previous state names is still there
         ("prune", e2, e2, [e1, e2]),  # pruning only once the new state file is in place
     ]
-    out = Path(cfg.out)
+    out = Path(cfg.run.out)
     assert _shard_tags(out) == [e2] and _state_tag(out) == e2  # the older tag pruned
     assert read_checkpoint(out / "checkpoint.pt")["model"] is None  # the weights live in the shards

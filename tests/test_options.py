@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from fdfo_fast.algorithms import make_algorithm
+from fdfo_fast.algorithms.base import RunContext
 from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT, load_toy_model, read_checkpoint
-from fdfo_fast.config import PRESETS, TrainConfig, make_config
+from fdfo_fast.config import PRESETS, FDFOConfig, make_config
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.evaluation import sample_diversity
 from fdfo_fast.sampling import derive_seed, sigma_schedule
-from fdfo_fast.train import RunContext, train
+from fdfo_fast.train import train
 
 TINY = dict(num_steps=4, pairs_per_epoch=3, eval_per_category=1, eval_num_steps=2, progress=False, tensorboard=False,
             diversity_prompts=2, diversity_samples=3)  # fmt: skip
@@ -62,11 +63,13 @@ def test_step_subsampling_draws_every_step_with_probability_k_over_t():
     cfg = make_config(overrides=dict(algorithm="fdfo", num_steps=T, pairs_per_epoch=pairs, steps_per_sample=k))
     model = _HalfVelocity()
     rewards = lambda images, prompts, seeds=None: {"reward": torch.arange(2.0 * pairs)}  # noqa: E731
-    ctx = RunContext(cfg, model, None, rewards, {"any": ("p0", "p1")}, model.latent_shape, sigma_schedule(T))
+    ctx = RunContext(
+        model=model, reference=None, reward=rewards, prompt_pool={"any": ("p0", "p1")}, sigmas=sigma_schedule(T)
+    )
     algo = make_algorithm(cfg)
     counts = torch.zeros(T, dtype=torch.long)
     for epoch in range(epochs):
-        items = algo.rollout(ctx, epoch, torch.Generator().manual_seed(derive_seed(cfg.seed, 0, epoch))).items
+        items = algo.rollout(ctx, epoch, torch.Generator().manual_seed(derive_seed(cfg.run.seed, 0, epoch))).items
         assert items[:, 0].tolist() == [i for i in range(2 * pairs) for _ in range(k)]
         assert all(len(set(items[items[:, 0] == i, 1].tolist()) & set(range(T))) == k for i in range(2 * pairs))
         counts += torch.bincount(items[:, 1], minlength=T)
@@ -75,11 +78,12 @@ def test_step_subsampling_draws_every_step_with_probability_k_over_t():
 
 
 def test_fdfo_trust_region_eps_is_the_papers():
-    """ε = 0.03 (method.md §1.3) by default and in every preset (the loss at a given ρ: tests/test_algorithms.py)."""
-    (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "trust_eps"]
+    """ε = 0.03 (docs/method.md §1.3) by default and in every preset (the loss at a given ρ:
+    tests/test_algorithms.py)."""
+    (field,) = [f for f in dataclasses.fields(FDFOConfig) if f.name == "trust_eps"]
     assert field.default == 0.03
     for name in PRESETS:
-        assert make_config(name).trust_eps == 0.03, name
+        assert make_config(name).fdfo.trust_eps == 0.03, name
 
 
 def test_diversity_metric():
@@ -95,6 +99,9 @@ def test_diversity_metric():
 
         def decode(self, x0):
             return x0.clamp(-1, 1)
+
+        def sigma_schedule(self, num_steps, shift=None):
+            return model.sigma_schedule(num_steps, shift)
 
         def forward(self, x, sigma, cond):
             return x  # v = x: the Euler ODE drives every start to 0
@@ -169,14 +176,25 @@ def test_flow_grpo_and_ddpo_presets_follow_their_reference_configs():
     batches = int(48 / (gpus * per_gpu / k))  # sample.num_batches_per_epoch = 4
     accumulation = batches // 2  # train.gradient_accumulation_steps (num_inner_epochs 1): 2 optimiser steps
     cfg = make_config("sd35m-flow-grpo")
-    assert cfg.group_size == k and cfg.prompts_per_epoch * k == gpus * per_gpu * batches
-    assert cfg.opt_steps_per_epoch == batches // accumulation == 2
-    assert (cfg.num_steps, cfg.eval_num_steps, cfg.cfg_scale, cfg.noise_level) == (10, 40, 4.5, 0.7)
-    assert (cfg.train_timestep_fraction, cfg.timestep_selection, cfg.grpo_std) == (0.99, "first", "global")
-    assert (cfg.lr, cfg.clip_range, cfg.adv_clip, cfg.kl_beta, cfg.weight_decay) == (3e-4, 1e-4, 5.0, 0.01, 1e-4)
-    assert (cfg.ema_decay, cfg.ema_every) == (0.9, 8)  # EMAModuleWrapper(decay=0.9, update_step_interval=8)
-    assert cfg.max_sequence_length == 128 == make_config("sd35m-fdfo").max_sequence_length
+    assert cfg.sde.group_size == k and cfg.sde.prompts_per_epoch * k == gpus * per_gpu * batches
+    assert cfg.optim.opt_steps_per_epoch == batches // accumulation == 2
+    assert (cfg.sampling.num_steps, cfg.eval.eval_num_steps, cfg.sampling.cfg_scale, cfg.sde.noise_level) == (
+        10,
+        40,
+        4.5,
+        0.7,
+    )
+    assert (cfg.sde.train_timestep_fraction, cfg.sde.timestep_selection, cfg.sde.grpo_std) == (0.99, "first", "global")
+    assert (cfg.optim.lr, cfg.sde.clip_range, cfg.sde.adv_clip, cfg.sde.kl_beta, cfg.optim.weight_decay) == (
+        3e-4,
+        1e-4,
+        5.0,
+        0.01,
+        1e-4,
+    )
+    assert (cfg.optim.ema_decay, cfg.optim.ema_every) == (0.9, 8)  # EMAModuleWrapper(decay=0.9, update_step_interval=8)
+    assert cfg.model.max_sequence_length == 128 == make_config("sd35m-fdfo").model.max_sequence_length
     toy = make_config("toy-flow-grpo")  # the toy preset takes the reference's choices too
-    assert (toy.train_timestep_fraction, toy.timestep_selection, toy.grpo_std) == (0.99, "first", "global")
+    assert (toy.sde.train_timestep_fraction, toy.sde.timestep_selection, toy.sde.grpo_std) == (0.99, "first", "global")
     ddpo = make_config("toy-ddpo")  # per_prompt_stat_tracking buffer_size 16, min_count 16
-    assert (ddpo.stat_buffer, ddpo.stat_min_count, ddpo.timestep_selection) == (16, 16, "random")
+    assert (ddpo.sde.stat_buffer, ddpo.sde.stat_min_count, ddpo.sde.timestep_selection) == (16, 16, "random")

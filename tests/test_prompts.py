@@ -12,7 +12,8 @@ import pytest
 from fdfo_fast import coco_prompts
 from fdfo_fast.config import PRESETS, make_config
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.train import load_eval_items, load_prompt_pool, main, read_prompt_file
+from fdfo_fast.prompts import load_eval_items, load_prompt_pool, read_prompt_file
+from fdfo_fast.train import main
 
 # -- transcribed from djghosh13/geneval prompts/object_names.txt and prompts/create_prompts.py ----------------------
 GENEVAL_CLASSES = [  # object_names.txt, one name per line there
@@ -150,7 +151,7 @@ def test_dry_run_of_real_presets_shows_the_coco_prompts(preset, capsys):
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p.startswith("toy-")])
 def test_toy_presets_keep_the_worlds_splits(preset):
     cfg = make_config(preset)
-    assert (cfg.prompts, cfg.eval_prompts) == ("train", "heldout")
+    assert (cfg.run.prompts, cfg.eval.eval_prompts) == ("train", "heldout")
 
 
 REAL = dict(model="sd3", model_path="someone/model", reward="pickscore:1")
@@ -158,8 +159,8 @@ REAL = dict(model="sd3", model_path="someone/model", reward="pickscore:1")
 
 def test_real_models_default_to_the_coco_prompts():
     cfg = make_config(overrides=REAL)
-    assert (cfg.prompts, cfg.eval_prompts) == ("geneval-coco:train", "geneval-coco:test")
-    assert (make_config().prompts, make_config().eval_prompts) == ("train", "heldout")
+    assert (cfg.run.prompts, cfg.eval.eval_prompts) == ("geneval-coco:train", "geneval-coco:test")
+    assert (make_config().run.prompts, make_config().eval.eval_prompts) == ("train", "heldout")
 
 
 @pytest.mark.parametrize(
@@ -210,8 +211,13 @@ def test_prompt_files_text_and_jsonl(tmp_path):
         '{"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats"}\n'
     )
     cfg = make_config(overrides={**REAL, "prompts": str(jsonl), "eval_prompts": str(text)})
-    assert load_prompt_pool(cfg.prompts, world_grammar=False) == {"file": ("a photo of a bench", "a photo of two cats")}
-    assert [p for p, _ in load_eval_items(cfg.eval_prompts, 4, cfg.seed)] == ["a photo of a cat", "a photo of two dogs"]
+    assert load_prompt_pool(cfg.run.prompts, world_grammar=False) == {
+        "file": ("a photo of a bench", "a photo of two cats")
+    }
+    assert [p for p, _ in load_eval_items(cfg.eval.eval_prompts, 4, cfg.run.seed)] == [
+        "a photo of a cat",
+        "a photo of two dogs",
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"caption": "x"}\n')
     with pytest.raises(FdfoError, match=r'bad.jsonl, line 2: needs a non-empty string "prompt" field'):

@@ -41,7 +41,7 @@ def _train_record(out):
     ],
 )
 def test_bf16_model_with_cfg_has_an_exact_first_step_ratio(algorithm, extra, key, sd3_dir, tmp_path):
-    """θ = θ_ref on an epoch's first optimiser step, so ρ (FDFO) and the PPO ratio must be exactly 1 (method.md
+    """θ = θ_ref on an epoch's first optimiser step, so ρ (FDFO) and the PPO ratio must be exactly 1 (docs/method.md
     §1.3). With a bf16 model and CFG the sampler's guided velocity is an fp32 combine of bf16 outputs: stored in
     the model's dtype it was rounded while training recombines in fp32 (measured before the fix: FDFO's first-step
     |ρ − 1| = 2.2e-4 on this tiny model). Flow-GRPO's ratio reads only the stored states: exact either way."""

@@ -83,11 +83,11 @@ def test_toy_world_terms_are_the_terms_that_parse_the_grammar():
 
 
 def test_sd35m_fdfo_reward_is_pickscore_plus_a_tenth_of_the_papers_vlm_score():
-    """method.md §1.4: combined = PickScore + 0.1·VLM with VLM = 100·sigmoid(logit Yes − logit No), the vlm_yes
+    """docs/method.md §1.4: combined = PickScore + 0.1·VLM with VLM = 100·sigmoid(logit Yes − logit No), the vlm_yes
     term's default form (its entry in the preset sets no form=)."""
     from fdfo_fast.config import make_config
 
     cfg = make_config("sd35m-fdfo")
-    assert parse_weights(cfg.reward, {"pickscore": None, "vlm_yes": None}) == {"pickscore": 1.0, "vlm_yes": 0.1}
-    vlm_entry = cfg.reward_models.split(",vlm_yes=")[1]
+    assert parse_weights(cfg.rewards.reward, {"pickscore": None, "vlm_yes": None}) == {"pickscore": 1.0, "vlm_yes": 0.1}
+    vlm_entry = cfg.rewards.reward_models.split(",vlm_yes=")[1]
     assert "form=" not in vlm_entry

@@ -6,15 +6,24 @@ import pytest
 import torch
 
 from fdfo_fast.errors import FdfoError
+from fdfo_fast.kernels.sampler_step import (
+    gaussian_log_prob,
+    philox_noise,
+    sampler_step_ref,
+    sde_mean,
+    sde_std,
+    step_coefficients,
+)
 from fdfo_fast.sampling import (
     NoiseStream,
-    gaussian_log_prob,
+    Sampler,
+    Trajectory,
+    cond_cat,
+    cond_map,
     guided_velocity,
-    run_sampler,
     sample_euler,
     sample_fdfo_pairs,
     sample_sde,
-    sde_std,
     sigma_schedule,
 )
 
@@ -25,11 +34,20 @@ def _cond(b):
     return {"dummy": torch.zeros(b)}
 
 
+def _churn(sigmas, gamma):
+    """The recording churn sampler FDFO's rollouts use."""
+    return Sampler("churn", sigmas, gamma=gamma, record=True)
+
+
+def _sde(sigmas, noise_level=0.7):
+    return Sampler("sde", sigmas, noise_level=noise_level, record=True)
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0, 2.5])
 @pytest.mark.parametrize("steps", [1, 2, 10, 40])
 def test_sigma_schedule_is_the_flow_match_schedulers_grid(shift, steps):
     """The toy world's grid is what diffusers' FlowMatchEulerDiscreteScheduler gives the SD3 pipeline through
-    retrieve_timesteps(scheduler, T) (method.md §1.1), bit for bit, without diffusers at run time."""
+    retrieve_timesteps(scheduler, T) (docs/method.md §1.1), bit for bit, without diffusers at run time."""
     diffusers = pytest.importorskip("diffusers")
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
@@ -56,7 +74,7 @@ def test_euler_on_linear_field_matches_closed_form():
     model = lambda x, sigma, cond: a * x + b  # noqa: E731
     sigmas = sigma_schedule(7, 2.0)
     x1 = torch.randn(5, *SHAPE)
-    out = run_sampler(model, x1, sigmas, _cond(5)).x0
+    out = Sampler("euler", sigmas).run(model, x1, _cond(5)).x0
     h = (sigmas[1:] - sigmas[:-1]).double()
     expected = x1.double() * torch.prod(1 + a * h)
     for k in range(len(h)):
@@ -65,7 +83,7 @@ def test_euler_on_linear_field_matches_closed_form():
     # and it converges to the exact ODE solution x(0) = e^{-a}(x₁ + b/a) − b/a at first order
     errs = []
     for n in (8, 16, 32):
-        xn = run_sampler(model, x1, sigma_schedule(n), _cond(5)).x0
+        xn = Sampler("euler", sigma_schedule(n)).run(model, x1, _cond(5)).x0
         exact = math.exp(-a) * (x1 + b / a) - b / a
         errs.append((xn - exact).abs().max().item())
     assert errs[0] > errs[1] > errs[2] and errs[1] / errs[2] == pytest.approx(2.0, rel=0.15)
@@ -73,7 +91,8 @@ def test_euler_on_linear_field_matches_closed_form():
 
 def test_euler_with_exact_dirac_velocity_lands_on_the_data(dirac):
     x0 = torch.randn(SHAPE)
-    traj = sample_euler(dirac(x0), _cond(6), None, list(range(6)), SHAPE, sigma_schedule(5), record=True)
+    euler = Sampler("euler", sigma_schedule(5), record=True)
+    traj = sample_euler(dirac(x0), euler, _cond(6), None, list(range(6)), SHAPE)
     assert torch.allclose(traj.x0, x0.expand(6, *SHAPE), atol=1e-5)
     # every intermediate state is exactly (1 − σ)·x₀ + σ·x₁
     x1 = traj.states[0]
@@ -83,12 +102,11 @@ def test_euler_with_exact_dirac_velocity_lands_on_the_data(dirac):
 
 @pytest.mark.parametrize("gamma", [0.0025, 0.05, 0.5])
 def test_fdfo_churn_lands_on_the_marginal(dirac, gamma):
-    """method.md §1.1: on a Dirac data distribution each churned state has mean (1 − σ)·x₀ and std σ."""
+    """docs/method.md §1.1: on a Dirac data distribution each churned state has mean (1 − σ)·x₀ and std σ."""
     x0 = torch.randn(SHAPE) * 0.5
     n_prompts = 2000
-    traj = sample_fdfo_pairs(
-        dirac(x0), _cond(n_prompts), None, list(range(n_prompts)), SHAPE, sigma_schedule(6), gamma=gamma
-    )
+    sampler = _churn(sigma_schedule(6), gamma)
+    traj = sample_fdfo_pairs(dirac(x0), sampler, _cond(n_prompts), None, list(range(n_prompts)), SHAPE)
     n = 2 * n_prompts
     for k, s in enumerate(traj.sigmas[:-1].tolist()):
         x = traj.states[k]  # [2P, C, H, W]
@@ -102,7 +120,7 @@ def test_fdfo_churn_lands_on_the_marginal(dirac, gamma):
 def test_fdfo_pairs_share_start_noise_and_have_independent_churn(dirac):
     x0 = torch.zeros(SHAPE)
     seeds = [11, 12, 13]
-    traj = sample_fdfo_pairs(dirac(x0), _cond(3), None, seeds, SHAPE, sigma_schedule(4), gamma=0.0025)
+    traj = sample_fdfo_pairs(dirac(x0), _churn(sigma_schedule(4), 0.0025), _cond(3), None, seeds, SHAPE)
     # velocities recorded at every step for both branches: [T, 2P, ...]
     assert traj.states.shape == (4, 6, *SHAPE) and traj.velocities.shape == (4, 6, *SHAPE)
     a, b = traj.states[0, 0::2], traj.states[0, 1::2]
@@ -112,23 +130,23 @@ def test_fdfo_pairs_share_start_noise_and_have_independent_churn(dirac):
     assert not torch.equal(a, b)
     assert (a[0] - a[1]).abs().mean() > 0.5  # different prompts, different x₁
     # replayable from the seed alone, and independent of the batch it ran in
-    again = sample_fdfo_pairs(dirac(x0), _cond(1), None, [12], SHAPE, sigma_schedule(4), gamma=0.0025)
+    again = sample_fdfo_pairs(dirac(x0), _churn(sigma_schedule(4), 0.0025), _cond(1), None, [12], SHAPE)
     assert torch.equal(again.states[:, :2], traj.states[:, 2:4])
 
 
 @pytest.mark.parametrize("gamma", [0.05, 0.25])
 def test_fdfo_pair_branches_decorrelate_at_every_churned_step(dirac, gamma):
-    """Per-step churn (method.md §1.1) on a Dirac data distribution, where plain Euler also keeps the marginal: write
-    x_σ = (1 − σ)·x₀ + σ·z. The churn step maps z -> (z + c·ε)/(1 + γ), c = √((1+γ)² − 1) (the overshoot to r is
-    exact for this velocity; (1 − r)/(1 + γr) = 1 − s), and so does the start churn. With q = (1 + γ)⁻², the two
+    """Per-step churn (docs/method.md §1.1) on a Dirac data distribution, where plain Euler also keeps the marginal:
+    write x_σ = (1 − σ)·x₀ + σ·z. The churn step maps z -> (z + c·ε)/(1 + γ), c = √((1+γ)² − 1) (the overshoot to r
+    is exact for this velocity; (1 − r)/(1 + γr) = 1 − s), and so does the start churn. With q = (1 + γ)⁻², the two
     branches' difference D_k = (x_k^A − x_k^B)/σ_k, independent of x₀, therefore has per-element variance
     V_k = 2·(1 − q^(k+1)) at state k (k churns so far, plus the start's): it grows at every step towards 2 (independent
-    branches). With the start churn alone it would stay at V_0. Estimator: mean(D²) over n = 60,000 elements
-    (D is Gaussian with mean 0): relative standard deviation √(2/n) ≈ 0.0058, bound 5 of them."""
+    branches). With the start churn alone it would stay at V_0. Estimator: mean(D²) over n = 60,000 elements (D is
+    Gaussian with mean 0): relative standard deviation √(2/n) ≈ 0.0058, bound 5 of them."""
     x0 = torch.randn(SHAPE) * 0.5
     n_pairs, steps = 1000, 6
     sigmas = sigma_schedule(steps)
-    traj = sample_fdfo_pairs(dirac(x0), _cond(n_pairs), None, list(range(n_pairs)), SHAPE, sigmas, gamma=gamma)
+    traj = sample_fdfo_pairs(dirac(x0), _churn(sigmas, gamma), _cond(n_pairs), None, list(range(n_pairs)), SHAPE)
     q = (1 + gamma) ** -2
     n = n_pairs * math.prod(SHAPE)
     for k, s in enumerate(sigmas[:-1].tolist()):
@@ -140,19 +158,17 @@ def test_fdfo_pair_branches_decorrelate_at_every_churned_step(dirac, gamma):
 
 
 def test_churn_steps_are_the_published_update_with_the_kernels_noise():
-    """Every step of the churn sampler, from the recorded state, against method.md §1.1 in fp64 with the noise the
+    """Every step of the churn sampler, from the recorded state, against docs/method.md §1.1 in fp64 with the noise the
     kernel draws (Philox stream 0 for the start churn, k + 1 for step k; kernels/sampler_step.py): start
     x ← x₁/(1+γ) + (c/(1+γ))·ε₀; step t -> s: r = s/(1 + γ − γs), x' = x + (r − t)·v,
     x_s = x'/(1 + γr) + (r·c/(1 + γr))·ε_{k+1}; last step plain Euler. On v = a·x + b (not the data's velocity).
     fp32: about six roundings of O(|x| + |v|) values per step: ≤ 8·2⁻²⁴·(1 + |x| + |v|) per element (measured
     ≤ 1.9·2⁻²⁴·(…))."""
-    from fdfo_fast.kernels.sampler_step import philox_noise
-
     a, b, gamma = -0.7, 0.3, 0.1
     model = lambda x, sigma, cond: a * x + b  # noqa: E731
     sigmas, seeds = sigma_schedule(5, 3.0), [3, 1 << 40, 12345]
     x1 = torch.randn(3, *SHAPE)
-    traj = run_sampler(model, x1, sigmas, _cond(3), kind="churn", seeds=seeds, gamma=gamma, record=True)
+    traj = _churn(sigmas, gamma).run(model, x1, _cond(3), seeds=seeds)
     c = math.sqrt((1 + gamma) ** 2 - 1)
     noise = lambda stream: philox_noise(torch.tensor(seeds), stream, SHAPE).double()  # noqa: E731
 
@@ -186,26 +202,39 @@ def test_sde_log_prob_matches_torch_normal():
 
 
 def test_sde_step_hand_example():
-    """x = 1, v = 2, t = 1/2, s = 1/4, a = 0.7: g = 0.7, μ = 1·(1 − 0.49/4) + 2·(1 + 0.49/2)·(−1/4) = 0.255."""
-    from fdfo_fast.sampling import sde_step
-
+    """x = 1, v = 2, t = 1/2, s = 1/4, a = 0.7: g = 0.7, μ = 1·(1 − 0.49/4) + 2·(1 + 0.49/2)·(−1/4) = 0.255;
+    the training side's per-item mean (float64 t, s, g) is bit-identical to the reference step's."""
     g = sde_std(0.5, 0.7, 0.9)
     assert g == pytest.approx(0.7)
     assert sde_std(1.0, 0.7, 0.9) == pytest.approx(0.7 * math.sqrt(1 / (1 - 0.9)))  # t = 1 guard
     x, v = torch.ones(1, 2), torch.full((1, 2), 2.0)
-    x_s, mean, std, lp = sde_step(x, v, 0.5, 0.25, torch.zeros(1, 2), 0.7, 0.9)
-    assert torch.allclose(mean, torch.full((1, 2), 0.255)) and torch.equal(x_s, mean)
-    assert std == pytest.approx(0.35)
+    coefs = step_coefficients("sde", 0.5, 0.25, 0.0, 0.7, 0.9)
+    x_s, lp, _ = sampler_step_ref(x, v, None, coefs, noise=torch.zeros(1, 2))  # ε = 0: x_s = μ
+    assert torch.allclose(x_s, torch.full((1, 2), 0.255))
+    assert coefs.c_n == pytest.approx(0.35) and coefs.log_std == math.log(coefs.c_n)
     assert lp.item() == pytest.approx(-math.log(0.35) - 0.5 * math.log(2 * math.pi), rel=1e-6)
+    item = lambda value: torch.full((1, 1), value, dtype=torch.float64)
+    assert torch.equal(sde_mean(x, v, item(0.5), item(0.25), item(g)), x_s)
+
+
+def test_churn_coefficients_expand_the_references_grouping():
+    """The kernel's c_x, c_v are the reference's 1/den, drift/den, from the same double values (module docstring of
+    kernels/sampler_step.py); Euler is drift = c_v = s − t."""
+    c = step_coefficients("churn", 0.7, 0.6, 0.05, 0.7, 0.9)
+    r = 0.6 / (1 + 0.05 - 0.05 * 0.6)
+    assert (c.drift, c.den) == (r - 0.7, 1 + 0.05 * r) and (c.c_x, c.c_v) == (1 / c.den, c.drift / c.den)
+    assert c.c_n == r * math.sqrt(1.05**2 - 1) / c.den
+    e = step_coefficients("euler", 0.7, 0.6, 0.05, 0.7, 0.9)
+    assert (e.c_x, e.c_v, e.c_n, e.drift, e.den) == (1.0, 0.6 - 0.7, 0.0, 0.6 - 0.7, 1.0)
 
 
 def test_sde_sampler_records_consistent_log_probs(dirac):
     x0 = torch.randn(SHAPE)
     sigmas = sigma_schedule(5)
-    traj = sample_sde(dirac(x0), _cond(3), None, [1, 2, 3], SHAPE, sigmas, noise_level=0.7)
+    traj = sample_sde(dirac(x0), _sde(sigmas), _cond(3), None, [1, 2, 3], SHAPE)
     sig = sigmas.tolist()
     for k in range(5):
-        # method.md §2 in fp64: g = a·√(t/(1 − t)) (at t = 1 the denominator uses σ_1), dt = s − t,
+        # docs/method.md §2 in fp64: g = a·√(t/(1 − t)) (at t = 1 the denominator uses σ_1), dt = s − t,
         # μ = x·(1 + g²·dt/(2t)) + v·(1 + g²(1 − t)/(2t))·dt, std g·√(−dt)
         t, s = sig[k], sig[k + 1]
         g = 0.7 * math.sqrt(t / (1 - (sig[1] if t == 1.0 else t)))
@@ -215,7 +244,7 @@ def test_sde_sampler_records_consistent_log_probs(dirac):
         std = g * math.sqrt(-dt)
         ref = torch.distributions.Normal(mean, std).log_prob(traj.next_states[k].double()).flatten(1).mean(1)
         assert torch.allclose(traj.log_probs[k].double(), ref, atol=1e-4)
-        assert traj.step_std[k].item() == pytest.approx(std)
+        assert step_coefficients("sde", t, s, 0.0, 0.7, sig[1]).c_n == pytest.approx(std)
 
 
 def test_sde_marginal_error_shrinks_with_step_count(dirac):
@@ -225,7 +254,7 @@ def test_sde_marginal_error_shrinks_with_step_count(dirac):
     errs = []
     for steps in (4, 8, 16, 32):
         sigmas = sigma_schedule(steps)
-        traj = sample_sde(dirac(x0), _cond(len(seeds)), None, seeds, SHAPE, sigmas)
+        traj = sample_sde(dirac(x0), _sde(sigmas), _cond(len(seeds)), None, seeds, SHAPE)
         mid = traj.states[steps // 2]  # σ = 1/2
         err_mid = (mid.std(0) - 0.5).abs().mean() + (mid.mean(0) - 0.5 * x0).abs().mean()
         err_end = traj.x0.std(0).mean() + (traj.x0.mean(0) - x0).abs().mean()
@@ -256,6 +285,44 @@ def test_noise_stream_rows_depend_only_on_their_seed():
 
 def test_bad_sampler_arguments_are_clear():
     with pytest.raises(FdfoError, match="sampler kind"):
-        run_sampler(lambda x, s, c: x, torch.zeros(1, 1), sigma_schedule(2), _cond(1), kind="heun")
+        Sampler("heun", sigma_schedule(2))
     with pytest.raises(FdfoError, match="seeds"):
-        run_sampler(lambda x, s, c: x, torch.zeros(1, 1), sigma_schedule(2), _cond(1), kind="sde")
+        Sampler("sde", sigma_schedule(2)).run(lambda x, s, c: x, torch.zeros(1, 1), _cond(1))
+    model, sigmas = (lambda x, s, c: x), sigma_schedule(2)
+    with pytest.raises(FdfoError, match="'churn' Sampler, got kind 'sde'"):
+        sample_fdfo_pairs(model, _sde(sigmas), _cond(1), None, [1], SHAPE)
+    with pytest.raises(FdfoError, match="recording Sampler"):
+        sample_sde(model, Sampler("sde", sigmas), _cond(1), None, [1], SHAPE)
+    with pytest.raises(FdfoError, match="'euler' Sampler"):
+        sample_euler(model, _churn(sigmas, 0.1), _cond(1), None, [1], SHAPE)
+
+
+def test_cond_helpers():
+    a, b = {"c": torch.arange(2.0), "m": torch.ones(2, 3)}, {"c": torch.arange(2.0) + 5, "m": torch.zeros(2, 3)}
+    assert cond_map(lambda v: v * 2, None) is None
+    doubled = cond_map(lambda v: v * 2, a)
+    assert doubled.keys() == a.keys() and torch.equal(doubled["c"], torch.tensor([0.0, 2.0]))
+    joined = cond_cat(a, b)
+    assert torch.equal(joined["c"], torch.tensor([0.0, 1.0, 5.0, 6.0])) and joined["m"].shape == (4, 3)
+
+
+def test_trajectory_cat_joins_the_sample_dimension():
+    """Chunked rollouts: x0 joins on dim 0, states / velocities / log-probs ([T, B, ...]) on the sample dim 1."""
+    T, sigmas = 3, sigma_schedule(3)
+    trajs = [
+        Trajectory(
+            sigmas,
+            torch.full((b, 2), float(j)),
+            torch.full((T, b, 2), float(j)),
+            torch.full((T, b, 2), 10.0 + j),
+            torch.full((T, b), 20.0 + j),
+        )  # fmt: skip
+        for j, b in enumerate((2, 1))
+    ]
+    joined = Trajectory.cat(trajs)
+    assert joined.sigmas is sigmas and joined.x0.shape == (3, 2) and joined.states.shape == (T, 3, 2)
+    assert torch.equal(joined.states[:, 2], torch.ones(T, 2)) and torch.equal(joined.x0[:2], torch.zeros(2, 2))
+    assert joined.velocities.shape == (T, 3, 2) and torch.equal(joined.log_probs[:, 2], torch.full((T,), 21.0))
+    assert Trajectory.cat(trajs[:1]) is trajs[0]
+    fdfo_like = [Trajectory(t.sigmas, t.x0, t.states, t.velocities) for t in trajs]
+    assert Trajectory.cat(fdfo_like).log_probs is None

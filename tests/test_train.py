@@ -47,7 +47,7 @@ def _strip_time(records):
 
 def test_presets_resolve_and_bad_values_are_one_clear_error(tmp_path):
     for name in PRESETS:
-        assert make_config(name).algorithm in ("fdfo", "flow_grpo", "ddpo")
+        assert make_config(name).run.algorithm in ("fdfo", "flow_grpo", "ddpo")
     with pytest.raises(FdfoError, match="--lr must be a positive number"):
         make_config("toy-fdfo", overrides={"lr": -1.0})
     with pytest.raises(FdfoError, match="unknown preset"):
@@ -75,7 +75,7 @@ def test_presets_resolve_and_bad_values_are_one_clear_error(tmp_path):
     good_yaml = tmp_path / "good.yaml"
     good_yaml.write_text("lr: 1.0e-4\nchurn: 0.05\n")
     cfg = make_config("toy-fdfo", str(good_yaml), {"churn": 0.01})
-    assert cfg.lr == 1e-4 and cfg.churn == 0.01  # preset < YAML < CLI
+    assert cfg.optim.lr == 1e-4 and cfg.fdfo.churn == 0.01  # preset < YAML < CLI
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na dog\n")
     with pytest.raises(FdfoError, match="prompt 2: prompt 'a dog'"):

@@ -1,4 +1,7 @@
-"""What every RL algorithm shares: the rollout record, item batching, and the algorithm interface."""
+"""What every RL algorithm shares: the run context it samples and trains in, the rollout record, the rollout
+skeleton (draw → encode → sample in chunks → decode → score), the step-subset draw, loss statistics, and the
+algorithm interface. Nothing here reaches back into the trainer: the loop builds a `RunContext` and hands it over.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +9,93 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fdfo_fast.sampling import guided_velocity, model_velocities
+from fdfo_fast.config import SamplingConfig
+from fdfo_fast.distributed import DistEnv
+from fdfo_fast.models.base import FlowModel
+from fdfo_fast.rewards import CompositeReward
+from fdfo_fast.sampling import Trajectory, cond_map, guided_velocity, model_velocities
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The run as the algorithms see it
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunContext:
+    """The policy and everything a rollout or a loss needs besides the algorithm's own options."""
+
+    model: FlowModel  # the policy being trained
+    reference: FlowModel | None  # frozen base model (KL / velocity penalty), None when no loss reads it
+    reward: CompositeReward
+    prompt_pool: dict[str, tuple[str, ...]]  # category (or "file") -> prompts
+    sigmas: torch.Tensor  # the training σ grid [T + 1] (the model's own scheduler's)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    impl: str | None = None  # fused ops: None = auto, "ref", "triton"
+    env: DistEnv = field(default_factory=DistEnv)
+    runner: object = None  # runs a Sampler (a CudaGraphSampler on CUDA); None = eager
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.model.latent_shape)
+
+    def draw_prompts(self, n: int, generator: torch.Generator) -> tuple[list[str], list[int]]:
+        """This rank's shard of n globally drawn prompts (uniform over categories, then over the category's
+        prompts) with one seed each; the draw is the same on every rank, so the global batch does not depend on
+        the number of processes."""
+        cats = list(self.prompt_pool)
+        prompts = []
+        for _ in range(n):
+            pool = self.prompt_pool[cats[int(torch.randint(len(cats), (1,), generator=generator))]]
+            prompts.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+        seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+        mine = self.env.shard(n)
+        return prompts[mine], seeds[mine]
+
+    def global_advantages(self, fn, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """`fn(prompts, rewards)` over the whole batch of all ranks (statistics that span ranks, e.g. DDPO's
+        per-prompt tracker, see every reward in the same order everywhere), returning this rank's part."""
+        if not self.env.enabled:
+            return fn(prompts, rewards)
+        all_prompts = [p for part in self.env.all_gather_objects(list(prompts)) for p in part]
+        adv = fn(all_prompts, self.env.cat_from_all(rewards.float()))
+        return adv[self.env.shard(len(all_prompts))]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[dict, dict | None]:
+        """Text conditioning (frozen text encoder) and the empty-prompt conditioning when CFG is on."""
+        cond = self.model.encode_prompts(prompts)
+        uncond = self.model.encode_prompts([""] * len(prompts)) if self.sampling.cfg_scale != 1.0 else None
+        return cond, uncond
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images of the epoch's samples, decoded `sample_batch` at a time as they were sampled: one VAE call over
+        every sample of an epoch is the largest activation spike of a real-model run (432 pairs at 1024² on
+        SD3.5). Model rewards then score in their own fixed-size micro-batches."""
+        chunk = max(1, self.sampling.sample_batch)
+        if len(x0) <= chunk:
+            return self.model.decode(x0)
+        return torch.cat([self.model.decode(x0[j : j + chunk]) for j in range(0, len(x0), chunk)])
+
+    def sample_in_chunks(self, sample, cond: dict, uncond: dict | None, seeds: list[int], chunk: int) -> Trajectory:
+        """Run `sample(cond, uncond, seeds)` on slices of at most `chunk` prompts and join the trajectories."""
+        trajs = []
+        for j in range(0, len(seeds), chunk):
+            rows = lambda v, j=j: v[j : j + chunk]  # noqa: E731
+            trajs.append(sample(cond_map(rows, cond), cond_map(rows, uncond), seeds[j : j + chunk]))
+        return Trajectory.cat(trajs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a rollout produced, and what a loss reports
+# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
     """One epoch's samples. B samples, T steps; `items` are the (sample, step) pairs the loss trains on."""
 
     prompts: list[str]  # [B]
-    seeds: list[int]  # [B]
     cond: dict  # conditioning of the B samples (text encoder frozen, so computed once)
     uncond: dict | None  # the empty prompt, B rows (CFG)
-    traj: object  # sampling.Trajectory
-    images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
+    traj: Trajectory
     rewards: dict[str, torch.Tensor]  # name -> [B]; "reward" is the trained one
     advantages: torch.Tensor  # [B]
     items: torch.Tensor  # [N, 2] long: (sample i, step k)
@@ -27,20 +104,63 @@ class Rollout:
     stats: dict = field(default_factory=dict)  # logged per epoch
 
     def select_cond(self, idx: torch.Tensor) -> tuple[dict, dict | None]:
-        cond = {k: v[idx] for k, v in self.cond.items()}
-        uncond = None if self.uncond is None else {k: v[idx] for k, v in self.uncond.items()}
-        return cond, uncond
+        return cond_map(lambda v: v[idx], self.cond), cond_map(lambda v: v[idx], self.uncond)
+
+    def active_items(self, items: torch.Tensor) -> torch.Tensor:
+        """The items of a chunk that need a forward/backward pass."""
+        return items if self.active is None else items[self.active[items[:, 0]]]
 
 
-def split_items(items: torch.Tensor, n_steps: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffle the epoch's items and split them into `n_steps` near-equal optimiser-step chunks."""
-    perm = torch.randperm(len(items), generator=generator)
-    return [c for c in items[perm].tensor_split(n_steps) if len(c)]
+@dataclass
+class LossStats:
+    """Statistics of a loss over a set of items, merged over micro-batches, ranks and optimiser steps.
+
+    `sums` are per-item sums (logged as means over the items, overall and per optimiser step), `counts` per-item
+    counts (logged as fractions of the items), `maxima` maxima (the first step's |ρ − 1|, which must be 0).
+    """
+
+    items: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    maxima: dict[str, float] = field(default_factory=dict)
+
+    def merge(self, other: LossStats) -> LossStats:
+        """The statistics of the union of both item sets (sums and counts add up, maxima take the max)."""
+
+        def add(a: dict, b: dict, op) -> dict:
+            out = dict(a)
+            for k, v in b.items():
+                out[k] = op(out[k], float(v)) if k in out else float(v)
+            return out
+
+        return LossStats(
+            self.items + other.items,
+            add(self.sums, other.sums, float.__add__),
+            add(self.counts, other.counts, float.__add__),
+            add(self.maxima, other.maxima, max),
+        )
 
 
-def active_items(rollout: Rollout, items: torch.Tensor) -> torch.Tensor:
-    """The items of a chunk that need a forward/backward pass."""
-    return items if rollout.active is None else items[rollout.active[items[:, 0]]]
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces of the algorithms
+# ---------------------------------------------------------------------------------------------------------------
+def draw_step_items(
+    n_local: int, T: int, k: int, selection: str, generator: torch.Generator, env: DistEnv, n_global: int
+) -> torch.Tensor:
+    """The (sample, step) items [n_local·k, 2] an epoch trains on, k steps of each of this rank's samples.
+
+    selection "all": every step (k = T); "first": steps 0 … k − 1 (Flow-GRPO's reference); "random": a uniform
+    k-subset of each sample's T steps (a per-sample randperm), drawn for all `n_global` samples of the global
+    batch with the shared generator and sharded, so the subsets do not depend on the number of ranks.
+    """
+    if selection == "all":
+        return torch.cartesian_prod(torch.arange(n_local), torch.arange(T))
+    if selection == "first":
+        steps = torch.arange(k).expand(n_local, k)
+    else:
+        steps = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in range(n_global)])
+        steps = steps[env.shard(n_global)]  # [n_local, k]
+    return torch.stack([torch.arange(n_local).repeat_interleave(k), steps.flatten()], dim=1)
 
 
 def policy_velocity(
@@ -64,20 +184,68 @@ def policy_velocity(
     return v_u.float() + cfg_scale * (v_c.float() - v_u.float())  # guided_velocity's combine, same op order
 
 
+@dataclass
+class Samples:
+    """What the rollout skeleton produced before the algorithm turns it into a Rollout."""
+
+    prompts: list[str]  # [P] encoded prompts
+    seeds: list[int]  # [P] their seeds
+    cond: dict
+    uncond: dict | None
+    traj: Trajectory  # [P · rows_per_prompt] sampled rows
+    rewards: dict[str, torch.Tensor]  # name -> [P · rows_per_prompt]
+
+
 class Algorithm:
-    """An RL objective on top of the shared loop: `rollout` samples & scores, `loss` trains on items."""
+    """An RL objective on top of the shared loop: `rollout` samples & scores, `loss` trains on items.
+
+    A subclass supplies `draw` (this rank's prompts and seeds), `sample` (one chunk of them), `finish` (samples
+    -> advantages and the items to train on) and `loss`; `rollout` is the shared skeleton.
+    """
 
     name = "base"
-    needs_reference = False  # True when the loss reads the frozen base model
+    config_section = ""  # the TrainConfig section the algorithm receives
+    rows_per_prompt = 1  # sampled rows per drawn prompt (FDFO: 2, the branches of a pair)
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        self.cfg = cfg  # the algorithm's own config section
 
-    def rollout(self, ctx, epoch: int, generator: torch.Generator) -> Rollout:
+    @property
+    def needs_reference(self) -> bool:
+        """True when the loss reads the frozen base model."""
+        return False
+
+    # -- the rollout skeleton ------------------------------------------------------------------------------------
+    def rollout(self, ctx: RunContext, epoch: int, generator: torch.Generator) -> Rollout:
+        prompts, seeds = self.draw(ctx, generator)
+        cond, uncond = ctx.encode(prompts)
+        chunk = max(1, ctx.sampling.sample_batch // self.rows_per_prompt)  # both branches of a pair in one batch
+        traj = ctx.sample_in_chunks(lambda c, u, sd: self.sample(ctx, c, u, sd), cond, uncond, seeds, chunk)
+        images = ctx.decode(traj.x0)
+        rows = self.rows_per_prompt
+        rewards = ctx.reward(
+            images, [p for p in prompts for _ in range(rows)], seeds=self.score_seeds(seeds)
+        )  # fmt: skip
+        return self.finish(ctx, Samples(prompts, seeds, cond, uncond, traj, rewards), generator)
+
+    def draw(self, ctx: RunContext, generator: torch.Generator) -> tuple[list[str], list[int]]:
         raise NotImplementedError
 
-    def loss(self, ctx, rollout: Rollout, items: torch.Tensor, first_step: bool) -> tuple[torch.Tensor, dict]:
-        """Sum of per-item losses over `items` (the caller divides by the chunk size) and stats to log."""
+    def sample(self, ctx: RunContext, cond: dict, uncond: dict | None, seeds: list[int]) -> Trajectory:
+        raise NotImplementedError
+
+    def score_seeds(self, seeds: list[int]) -> list[int] | None:
+        """The per-row seeds handed to the reward (the human term shows them; None = not needed)."""
+        return None
+
+    def finish(self, ctx: RunContext, samples: Samples, generator: torch.Generator) -> Rollout:
+        raise NotImplementedError
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def loss(
+        self, ctx: RunContext, rollout: Rollout, items: torch.Tensor, first_step: bool
+    ) -> tuple[torch.Tensor, LossStats]:
+        """Sum of per-item losses over `items` (the caller divides by the chunk size) and its statistics."""
         raise NotImplementedError
 
     def reward_queries(self, rollout: Rollout) -> int:

@@ -1,4 +1,4 @@
-"""DDPO-IS (method.md §3) on the Flow-GRPO SDE policy: per-prompt running advantage statistics, PPO clip, no KL."""
+"""DDPO-IS (docs/method.md §3) on the Flow-GRPO SDE policy: per-prompt running advantage statistics, PPO clip, no KL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import deque
 
 import torch
 
-from fdfo_fast.algorithms.flow_grpo import SDEPolicyGradient
+from fdfo_fast.algorithms.sde_policy import SDEPolicyGradient
 
 
 class PerPromptStatTracker:
@@ -40,7 +40,6 @@ class PerPromptStatTracker:
 
 class DDPO(SDEPolicyGradient):
     name = "ddpo"
-    needs_reference = False
     # ddpo-pytorch (scripts/train.py) combines v_u + w·(v_c − v_u) without detaching: both CFG passes are trained.
     detach_uncond = False
 
@@ -48,7 +47,7 @@ class DDPO(SDEPolicyGradient):
         super().__init__(cfg)
         self.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
 
-    def _advantages(self, prompts, rewards):
+    def advantages(self, prompts, rewards):
         if not torch.isfinite(rewards).all():
             # Keep non-finite rewards out of the running buffers: the loop skips this epoch and counts it.
             return torch.full_like(rewards, float("nan"))

@@ -1,12 +1,18 @@
-"""FDFO (method.md §1): paired rollouts, finite-difference direction, SPO trust-region loss on every step."""
+"""FDFO (arXiv 2603.12893; docs/method.md §1): paired rollouts, finite-difference direction, SPO trust-region loss
+on every step."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from fdfo_fast.algorithms.base import Algorithm, Rollout, policy_velocity
+from fdfo_fast.algorithms.base import Algorithm, LossStats, Rollout, draw_step_items, policy_velocity
 from fdfo_fast.kernels.fd_loss import fd_loss
-from fdfo_fast.sampling import sample_fdfo_pairs
+from fdfo_fast.sampling import Sampler, Trajectory, cond_map, sample_fdfo_pairs
+
+if TYPE_CHECKING:
+    from fdfo_fast.algorithms.base import RunContext, Samples
 
 
 def fd_direction(x0: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,40 +33,36 @@ def fd_direction(x0: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor,
 
 class FDFO(Algorithm):
     name = "fdfo"
+    config_section = "fdfo"  # FDFOConfig
+    rows_per_prompt = 2  # row 2p + b: prompt p, branch b (§1.1)
 
     @property
     def needs_reference(self) -> bool:
         return self.cfg.velocity_penalty > 0
 
-    def rollout(self, ctx, epoch: int, generator: torch.Generator) -> Rollout:
-        cfg = self.cfg
-        prompts, seeds = ctx.draw_prompts(cfg.pairs_per_epoch, generator)
-        cond, uncond = ctx.encode(prompts)
-        traj = ctx.sample_in_chunks(
-            lambda c, u, sd: sample_fdfo_pairs(
-                ctx.model, c, u, sd, ctx.shape, ctx.sigmas, cfg.cfg_scale, cfg.churn, cfg.impl_or_none, ctx.runner
-            ),
-            cond,
-            uncond,
-            seeds,
-            max(1, cfg.sample_batch // 2),  # pairs per call: both branches in one batch
-        )
-        images = ctx.decode(traj.x0)
-        pair_prompts = [p for p in prompts for _ in (0, 1)]
-        rewards = ctx.score(images, pair_prompts, seeds=[s for s in seeds for _ in (0, 1)])
+    def draw(self, ctx: RunContext, generator: torch.Generator):
+        return ctx.draw_prompts(self.cfg.pairs_per_epoch, generator)
+
+    def sample(self, ctx: RunContext, cond: dict, uncond: dict | None, seeds: list[int]) -> Trajectory:
+        sampler = Sampler("churn", ctx.sigmas, ctx.sampling.cfg_scale, gamma=self.cfg.churn, record=True, impl=ctx.impl)
+        return sample_fdfo_pairs(ctx.model, sampler, cond, uncond, seeds, ctx.shape, ctx.runner)
+
+    def score_seeds(self, seeds: list[int]) -> list[int]:
+        return [s for s in seeds for _ in (0, 1)]
+
+    def finish(self, ctx: RunContext, samples: Samples, generator: torch.Generator) -> Rollout:
+        cfg, traj, rewards = self.cfg, samples.traj, samples.rewards
         a, d = fd_direction(traj.x0, rewards["reward"])
         T, B = traj.states.shape[:2]
-        items = torch.cartesian_prod(torch.arange(B), torch.arange(T))  # all steps, uniform weight (§1.3)
+        # All steps with uniform weight (§1.3); or, beyond the paper, a uniform random k-subset of each sample's T
+        # steps re-drawn every epoch: the loop averages the loss over the items it trains on, so this is an
+        # unbiased estimate of the all-steps loss at k/T of the forward+backward passes.
         k = cfg.steps_per_sample
-        if 0 < k < T:
-            # Beyond the paper: train on a uniform random k-subset of each sample's T steps, re-drawn every epoch.
-            # The loop averages the loss over the items it trains on, so this is an unbiased estimate of the
-            # all-steps loss at k/T of the forward+backward passes. Drawn for the whole global batch (rank-count
-            # invariant), then sharded.
-            n_global = 2 * cfg.pairs_per_epoch
-            picks = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in range(n_global)])
-            picks = picks[ctx.env.shard(n_global)]  # [B, k]
-            items = torch.stack([torch.arange(B).repeat_interleave(k), picks.flatten()], dim=1)
+        random_subset = 0 < k < T
+        items = draw_step_items(
+            B, T, k if random_subset else T, "random" if random_subset else "all", generator, ctx.env,
+            2 * cfg.pairs_per_epoch,
+        )  # fmt: skip
         # Samples with a = 0 have ℓ ≡ 0 and zero gradient unless the velocity penalty is on: their passes are
         # skipped (the loop still divides by the full chunk size, so the update is unchanged).
         active = a != 0 if cfg.velocity_penalty == 0 else None
@@ -69,13 +71,12 @@ class FDFO(Algorithm):
             "fdfo/pairs_with_reward_gap": float((r[:, 0] != r[:, 1]).float().mean()),
             "fdfo/mean_abs_advantage": float(a.abs().mean()),
         }
-        ro = Rollout(
-            prompts=pair_prompts,
-            seeds=[s for s in seeds for _ in (0, 1)],
-            cond={k: v.repeat_interleave(2, 0) for k, v in cond.items()},
-            uncond=None if uncond is None else {k: v.repeat_interleave(2, 0) for k, v in uncond.items()},
+        pair_rows = lambda v: v.repeat_interleave(2, 0)  # noqa: E731
+        return Rollout(
+            prompts=[p for p in samples.prompts for _ in (0, 1)],
+            cond=cond_map(pair_rows, samples.cond),
+            uncond=cond_map(pair_rows, samples.uncond),
             traj=traj,
-            images=images,
             rewards=rewards,
             advantages=a,
             items=items,
@@ -83,16 +84,16 @@ class FDFO(Algorithm):
             extras={"d": d},
             stats=stats,
         )
-        return ro
 
-    def loss(self, ctx, rollout: Rollout, items: torch.Tensor, first_step: bool):
+    def loss(self, ctx: RunContext, rollout: Rollout, items: torch.Tensor, first_step: bool):
         i, k = items[:, 0], items[:, 1]
-        v_theta = policy_velocity(ctx.model, rollout, items, self.cfg.cfg_scale)
+        cfg_scale = ctx.sampling.cfg_scale
+        v_theta = policy_velocity(ctx.model, rollout, items, cfg_scale)
         v_ref = rollout.traj.velocities[k, i]
         v_base = None
         if self.cfg.velocity_penalty > 0:
             with torch.no_grad():
-                v_base = policy_velocity(ctx.reference, rollout, items, self.cfg.cfg_scale)
+                v_base = policy_velocity(ctx.reference, rollout, items, cfg_scale)
         # §1.3 per item (ℓ, ρ): the fused Triton op on CUDA, its reference (kernels/fd_loss.py) elsewhere
         loss, rho = fd_loss(
             v_theta,
@@ -102,15 +103,13 @@ class FDFO(Algorithm):
             self.cfg.trust_eps,
             v_base,
             self.cfg.velocity_penalty,
-            impl=self.cfg.impl_or_none,
+            impl=ctx.impl,
         )
         dev = (rho.detach() - 1).abs()
-        stats = {
-            "loss_abs_sum": float(loss.detach().abs().sum()),  # the scale of the (cancelling) loss sum's terms
-            "rho_dev_sum": float(dev.sum()),
-            "rho_beyond_eps": float((dev > self.cfg.trust_eps).sum()),
-            "n": len(items),
-        }
-        if first_step:
-            stats["rho_dev_first_max"] = float(dev.max())
+        stats = LossStats(
+            items=len(items),
+            sums={"loss_abs": float(loss.detach().abs().sum()), "rho_dev": float(dev.sum())},
+            counts={"rho_beyond_eps": float((dev > self.cfg.trust_eps).sum())},
+            maxima={"rho_dev_first_max": float(dev.max())} if first_step else {},
+        )  # loss_abs: the scale of the (cancelling) loss sum's terms
         return loss.sum(), stats

@@ -1,11 +1,11 @@
 """Stable Diffusion 3 / 3.5 and FLUX.1 behind the flow-model interface the samplers and the trainer use.
 
-The interface (shared with `ToyFlowModel`): `encode_prompts(prompts) -> cond dict` (batch-first tensors),
-`forward(x, sigma, cond) -> v` with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀ (SD3's rectified-flow convention, which
-diffusers' SD3 and FLUX transformers predict), `decode(x₀) -> images in [-1, 1]`, `latent_shape`, and
-`sigma_schedule(T)`: the σ grid the diffusers pipeline samples with (its own scheduler, set as its __call__ sets
-it). Sampling therefore runs the same samplers and fused kernels in latent space ([B, C, H, W]; FLUX's 2×2 packing
-happens inside `forward`), and `forward` hands the transformer the pipeline's own timesteps.
+The interface (`fdfo_fast.models.base.FlowModel`, shared with `ToyFlowModel`): `encode_prompts(prompts) -> cond
+dict` (batch-first tensors), `forward(x, sigma, cond) -> v` with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀ (SD3's
+rectified-flow convention, which diffusers' SD3 and FLUX transformers predict), `decode(x₀) -> images in [-1, 1]`,
+`latent_shape`, and `sigma_schedule(T)`: the σ grid the diffusers pipeline samples with (its own scheduler, set as
+its __call__ sets it). Sampling therefore runs the same samplers and fused kernels in latent space ([B, C, H, W];
+FLUX's 2×2 packing happens inside `forward`), and `forward` hands the transformer the pipeline's own timesteps.
 
 - Prompt embeddings come from the pipeline's own `encode_prompt` once per distinct prompt and are cached on the CPU
   (the text encoders are frozen; FDFO re-uses a prompt's conditioning across its pair and all steps).
@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fdfo_fast.config import torch_dtype
 from fdfo_fast.errors import FdfoError
+from fdfo_fast.models.base import FlowModel
 
 _log = logging.getLogger("fdfo_fast")
 # The recipes' LoRA target_modules per model (peft matches each as a module-name suffix), from Flow-GRPO's
@@ -40,7 +42,11 @@ DEFAULT_LORA_TARGETS = {
     "sd3": _ATTN_LORA_TARGETS,
     "flux": _ATTN_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_lora_targets(spec: str) -> tuple[str, ...]:
+    """--lora-targets "a,b" -> ("a", "b") (blanks dropped); ("auto",) stands for the model's recipe."""
+    return tuple(t.strip() for t in spec.split(",") if t.strip())
 
 
 def _matching_lora_targets(transformer: nn.Module, targets) -> list[str]:
@@ -103,7 +109,7 @@ def _load_pipeline(cls_name: str, path: str, dtype: torch.dtype, what: str):
     return pipe
 
 
-class DiffusersFlowModel(nn.Module):
+class DiffusersFlowModel(FlowModel):
     """What SD3 and FLUX share: the embedding cache, VAE decode, fine-tuning setup, reference view, LoRA export."""
 
     kind = "diffusers"
@@ -130,7 +136,23 @@ class DiffusersFlowModel(nn.Module):
         self.latent_channels = int(self.vae.config.latent_channels)
         self.latent_shape = (self.latent_channels, resolution // self.vae_scale, resolution // self.vae_scale)
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.lora = False
+        self._lora = False
+
+    @classmethod
+    def load(cls, mc) -> DiffusersFlowModel:
+        """`from_pretrained` with the config's path, dtype, resolution and T5 length (and what `_load_options` adds)."""
+        return cls.from_pretrained(
+            mc.model_path, dtype=torch_dtype(mc.dtype), resolution=mc.resolution,
+            max_sequence_length=mc.max_sequence_length, **cls._load_options(mc),
+        )  # fmt: skip
+
+    @classmethod
+    def _load_options(cls, mc) -> dict:
+        return {}
+
+    @property
+    def lora(self) -> bool:
+        return self._lora
 
     @property
     def pipe(self):
@@ -207,35 +229,31 @@ class DiffusersFlowModel(nn.Module):
         return images.float().clamp(-1, 1)
 
     # -- fine-tuning -------------------------------------------------------------------------------------
-    def setup_finetune(
-        self,
-        mode: str,
-        lora_rank: int = 32,
-        lora_alpha: float = 64.0,
-        lora_targets: tuple[str, ...] | None = None,
-        gradient_checkpointing: bool = False,
-    ) -> list[nn.Parameter]:
+    def setup_finetune(self, mc) -> list[nn.Parameter]:
         """Freeze what is not trained; return the trainable parameters (LoRA factors, or the whole transformer).
 
-        `lora_targets`: peft target_modules (module-name suffixes); None or ("auto",) = this model's recipe list
-        (DEFAULT_LORA_TARGETS). Targets that match no module are dropped with a warning; none matching is an error."""
+        mc.finetune full | lora; mc.lora_rank, mc.lora_alpha; mc.lora_targets: comma-separated peft target_modules
+        (module-name suffixes), "auto" = this model's recipe list (DEFAULT_LORA_TARGETS). Targets that match no
+        module are dropped with a warning; none matching is an error. mc.gradient_checkpointing."""
+        mode = mc.finetune
         self.requires_grad_(False)
         if mode == "lora":
             try:
                 from peft import LoraConfig
             except ImportError:
                 raise FdfoError("--finetune lora needs peft: pip install 'fdfo_fast[diffusers]'") from None
-            if lora_targets is None or tuple(lora_targets) == ("auto",):
+            lora_targets = parse_lora_targets(mc.lora_targets)
+            if lora_targets == ("auto",):
                 lora_targets = DEFAULT_LORA_TARGETS.get(self.kind, _ATTN_LORA_TARGETS)
             targets = _matching_lora_targets(self.transformer, lora_targets)
             config = LoraConfig(
-                r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=targets
+                r=mc.lora_rank, lora_alpha=mc.lora_alpha, init_lora_weights="gaussian", target_modules=targets
             )
             try:
                 self.transformer.add_adapter(config)
             except ValueError as err:  # e.g. a target that names a module peft cannot adapt (not a Linear)
                 raise FdfoError(f"--lora-targets {','.join(lora_targets)}: {err}") from None
-            self.lora = True
+            self._lora = True
             # LoRA factors train in fp32 even when the frozen base is bf16 (optimizer state and updates need it)
             for name, p in self.transformer.named_parameters():
                 if "lora_" in name:
@@ -245,7 +263,7 @@ class DiffusersFlowModel(nn.Module):
             self.transformer.requires_grad_(True)
         else:
             raise FdfoError(f"--finetune must be full or lora, got {mode!r}")
-        if gradient_checkpointing:
+        if mc.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -278,17 +296,20 @@ class DiffusersFlowModel(nn.Module):
     def _init_kwargs(self) -> dict:
         return {"resolution": self.resolution, "max_sequence_length": self.max_sequence_length, "path": self.path}
 
-    def reference_model(self) -> nn.Module:
+    def reference_model(self) -> FlowModel:
         """The frozen base model: LoRA -> this model with adapters off (no copy); full -> a frozen copy of the
         transformer sharing the pipeline, the VAE and the prompt cache."""
         if self.lora:
-            return _AdaptersOff(self)
+            return _AdaptersOff(self).requires_grad_(False).eval()
         import copy
 
         frozen = copy.deepcopy(self.transformer).requires_grad_(False).eval()
         ref = type(self)(self.pipe, transformer=frozen, **self._init_kwargs())
         ref._cache = self._cache
-        return ref
+        return ref.requires_grad_(False).eval()
+
+    def _apply_attention_backend(self, chosen: str) -> None:
+        self.transformer.set_attention_backend({"sdpa": "native", "flash": "flash", "xformers": "xformers"}[chosen])
 
     def export_lora(self, directory: str | Path) -> Path:
         """Write the LoRA into `directory` in both formats the recipes load, each with its r, α and targets:
@@ -343,12 +364,22 @@ def _dynamic_shift_mu(scheduler, image_seq_len: int, default_max_shift: float) -
     )
 
 
-class _AdaptersOff(nn.Module):
-    """Calls a LoRA model with its adapters disabled: the frozen base model without a second copy of the weights."""
+class _AdaptersOff(FlowModel):
+    """Calls a LoRA model with its adapters disabled: the frozen base model without a second copy of the weights.
+    It owns no parameters (they belong to the policy), so it has nothing to train, load or checkpoint."""
 
     def __init__(self, model: DiffusersFlowModel):
         super().__init__()
         self._model = [model]  # not a registered submodule: its parameters belong to the policy
+        self.latent_shape = model.latent_shape
+
+    @property
+    def kind(self) -> str:
+        return self._model[0].kind
+
+    @classmethod
+    def load(cls, mc):
+        raise FdfoError("the LoRA reference model comes from the policy's reference_model(), it is not loaded")
 
     def forward(self, x, sigma, cond):
         model = self._model[0]
@@ -357,6 +388,33 @@ class _AdaptersOff(nn.Module):
 
     def encode_prompts(self, prompts):
         return self._model[0].encode_prompts(prompts)
+
+    def decode(self, x0):
+        return self._model[0].decode(x0)
+
+    def sigma_schedule(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        return self._model[0].sigma_schedule(num_steps, shift)
+
+    def _frozen(self, what: str):
+        raise FdfoError(f"{what}: the LoRA reference model is frozen (it is the policy with its adapters off)")
+
+    def setup_finetune(self, mc):
+        self._frozen("setup_finetune")
+
+    def trainable_state_dict(self):
+        self._frozen("trainable_state_dict")
+
+    def load_trainable_state_dict(self, state, where):
+        self._frozen("load_trainable_state_dict")
+
+    def reference_model(self):
+        return self
+
+    def set_attention_backend(self, choice: str) -> str:  # the policy's transformer is this model's
+        return self._model[0].set_attention_backend(choice)
+
+    def describe(self) -> dict:
+        return {**self._model[0].describe(), "adapters": "off"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,6 +506,10 @@ class FluxFlowModel(DiffusersFlowModel):
         pipe = _load_pipeline(cls.pipeline_class, path, dtype, "FLUX model")
         return cls(pipe, resolution, max_sequence_length, path, guidance=guidance)
 
+    @classmethod
+    def _load_options(cls, mc) -> dict:
+        return {"guidance": mc.flux_guidance}  # the distilled guidance scale fed to the model
+
     def describe(self) -> dict:
         return {**super().describe(), "guidance": self.guidance}
 
@@ -489,6 +551,3 @@ class FluxFlowModel(DiffusersFlowModel):
             return_dict=False,
         )[0]
         return unpack_latents(out, (c, h, w))
-
-
-MODEL_KINDS = {"sd3": SD3FlowModel, "flux": FluxFlowModel}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -9,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdfo_fast import sampling
+from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT, load_state_dict_strict, load_toy_model
 from fdfo_fast.errors import FdfoError
+from fdfo_fast.models.base import FlowModel
 from fdfo_fast.world.grammar import vocabulary
 
 PAD, NULL = "<pad>", "<null>"
@@ -138,8 +142,11 @@ class CrossAttention(nn.Module):
         return x + o.transpose(1, 2).reshape(b, c, h, w)
 
 
-class ToyFlowModel(nn.Module):
+class ToyFlowModel(FlowModel):
     """v_θ(x_σ, σ, c): predicts the rectified-flow velocity ε − x₀ (SD3 convention) for [B, 3, S, S] images."""
+
+    kind = "toy"
+    has_world_metric = True  # trained and evaluated in the shapes world: GenEval-style accuracy applies
 
     def __init__(self, cfg: ToyFlowConfig = ToyFlowConfig()):
         super().__init__()
@@ -186,6 +193,42 @@ class ToyFlowModel(nn.Module):
 
     def describe(self) -> dict:
         return {"kind": "toy", **self.cfg.to_dict()}
+
+    @classmethod
+    def load(cls, mc) -> ToyFlowModel:
+        """The shipped toy base model, or --base-checkpoint (eval mode)."""
+        return load_toy_model(mc.base_checkpoint or TOY_BASE_CHECKPOINT)
+
+    def save_weights(self, path, meta: dict) -> None:
+        """A plain toy checkpoint (checkpoint.load_toy_model reads it; fdfo-demo and --base-checkpoint take it)."""
+        from fdfo_fast.checkpoint import save_toy_model
+
+        save_toy_model(self, path, meta)
+
+    def sigma_schedule(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        """`sampling.sigma_schedule` (diffusers' FlowMatchEulerDiscreteScheduler grid); shift None or 0 = 1."""
+        return sampling.sigma_schedule(num_steps, shift or 1.0)
+
+    # -- fine-tuning -------------------------------------------------------------------------------------
+    def setup_finetune(self, mc) -> list[nn.Parameter]:
+        """Full fine-tuning of everything but the text encoder (the `text.` parameters stay frozen)."""
+        if mc.finetune != "full":
+            raise FdfoError(f"--finetune must be 'full' for the toy model, got {mc.finetune!r}")
+        self.requires_grad_(False)
+        for name, p in self.named_parameters():
+            p.requires_grad_(not name.startswith("text."))
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model (a checkpoint of the toy model is all of it)."""
+        return self.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], where: str) -> None:
+        load_state_dict_strict(self, state, where)
+
+    def reference_model(self) -> ToyFlowModel:
+        """A frozen copy of the current weights."""
+        return copy.deepcopy(self).requires_grad_(False).eval()
 
     # -- conditioning ------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -27,19 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fdfo_fast.config import DTYPES as CONFIG_DTYPES
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.rewards.base import ModelReward, Reward, check_images, score_in_micro_batches, to_uint8_hwc
 from fdfo_fast.rewards.preprocess import ImageInputSpec
 
 _log = logging.getLogger("fdfo_fast")
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+# --reward-dtype's names and torch's own (a reward entry's ';dtype=' takes either)
+DTYPES = {name: dtype for short, long in CONFIG_DTYPES.items() for name in (long, short)
+          for dtype in (getattr(torch, long),)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,7 +276,7 @@ class PickScoreReward(ClipSimilarityReward):
 
     PickScore_v1 ships without tokenizer or image processor; its authors load them from the CLIP-H it was
     fine-tuned from, which is the fallback here when the model folder has none (or pass processor=...). The FDFO
-    reference scores the decoded float images without 8-bit rounding (method.md §1.4): `uint8=false` by default.
+    reference scores the decoded float images without 8-bit rounding (docs/method.md §1.4): `uint8=false` by default.
     """
 
     names = ("pickscore",)
@@ -425,7 +421,7 @@ class VLMYesNoReward(Reward):
 
     Two forms (`form=`):
 
-    logit_diff (default, the FDFO paper's, method.md §1.4): 100·sigmoid(logit("Yes") − logit("No")) ∈ [0, 100] from
+    logit_diff (default, the FDFO paper's, docs/method.md §1.4): 100·sigmoid(logit("Yes") − logit("No")) ∈ [0, 100] from
         the next-token logits of the single tokens "Yes" and "No". The float image in [0, 1] is resized bilinearly
         (torch's `interpolate`, align_corners=False, no antialias) to `size`² (504) and handed to the processor with
         its own resize and rescale off, so no 8-bit rounding happens anywhere.

@@ -18,7 +18,6 @@ PIL's fixed-point weights (tests/test_preprocess.py).
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
 
@@ -26,13 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fdfo_fast.backends import resolve
 from fdfo_fast.errors import FdfoError
 
-_log = logging.getLogger("fdfo_fast")
 RESAMPLE_MODES = ("bilinear", "bicubic")
 PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values HF processors store
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLS = (None, "ref", "ext")
 
 
 @dataclass(frozen=True)
@@ -201,7 +199,7 @@ def _tables(spec: ImageInputSpec, h: int, w: int, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference and dispatch
+# Reference, and the choice between it and the extension (backends.resolve)
 # ---------------------------------------------------------------------------------------------------------------
 def _snap8(p: torch.Tensor) -> torch.Tensor:
     return torch.floor(p.clamp(0, 1) * 255 + 0.5) * (1.0 / 255)
@@ -245,28 +243,6 @@ def check_images(images: torch.Tensor) -> None:
         raise FdfoError(f"reward preprocessing needs float images in [-1, 1] or uint8, got dtype {images.dtype}")
 
 
-_warned_fallback = False
-
-
-def choose_preprocess_impl(impl: str | None) -> str:
-    """ "ext" | "ref" for this call; an explicit "ext" that cannot be had raises, auto falls back with one warning."""
-    global _warned_fallback
-    if impl not in IMPLS:
-        raise FdfoError(f"reward preprocessing: impl must be one of None, 'ref', 'ext'; got {impl!r}")
-    if impl == "ref":
-        return "ref"
-    from fdfo_fast._ext import extension_status, load_extension
-
-    if impl == "ext":
-        load_extension()  # raises FdfoError with the reason
-        return "ext"
-    ok, why = extension_status()
-    if not ok and not _warned_fallback:
-        _warned_fallback = True
-        _log.warning("reward preprocessing uses the PyTorch reference: %s", why)
-    return "ext" if ok else "ref"
-
-
 def preprocess_images(
     images: torch.Tensor,
     specs: list[ImageInputSpec],
@@ -286,7 +262,7 @@ def preprocess_images(
     shapes = [(images.shape[0], 3, *spec.output_hw(h, w)) for spec in specs]  # validates crops early
     if out is not None and [tuple(o.shape) for o in out] != shapes:
         raise FdfoError(f"preallocated outputs have shapes {[tuple(o.shape) for o in out]}, expected {shapes}")
-    if choose_preprocess_impl(impl) == "ref":
+    if resolve("reward_preprocess", impl, images) == "ref":
         outs, u8 = preprocess_reference(images, specs, uint8)
         if out is not None:
             for o, r in zip(out, outs, strict=True):

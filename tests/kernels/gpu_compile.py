@@ -108,8 +108,7 @@ def sampler_step_variants():
         seeds = torch.arange(b, dtype=torch.int64) + 3
         v_out = torch.empty(b, *shape, dtype=vdtype) if store_v else None
         coefs = step_coefficients(mode, 0.9, 0.6, 0.05, 0.7, 0.95)
-        sampler_step_fwd(x, v_c, v_u, seeds, stream, coefs, 4.5 if cfg else 1.0, mode, v_out=v_out,
-                         export_noise=export_noise)  # fmt: skip
+        sampler_step_fwd(x, v_c, v_u, seeds, stream, coefs, 4.5 if cfg else 1.0, v_out=v_out, export_noise=export_noise)
         return dict(op="sampler_step", mode=mode, cfg=cfg, vdtype=str(vdtype), store_v=store_v, stream=stream,
                     n_cols=int(torch.Size(shape).numel()), export_noise=export_noise)  # fmt: skip
 

@@ -14,8 +14,8 @@ import torch
 from conftest import DEVICE
 from test_sampler_step import U32, gpu_noise_error
 
-from fdfo_fast.kernels.sampler_step import step_coefficients
-from fdfo_fast.sampling import largest_sigma_below_one, sample_euler, sample_fdfo_pairs, sample_sde, sigma_schedule
+from fdfo_fast.kernels.sampler_step import largest_sigma_below_one, step_coefficients
+from fdfo_fast.sampling import Sampler, sample_euler, sample_fdfo_pairs, sample_sde, sigma_schedule
 
 SHAPE = (3, 5, 7)  # odd C×H×W
 COND, UNCOND, CFG, GAMMA, NOISE_LEVEL = [0.5, -1.0, 1.5], 0.1, 2.5, 0.05, 0.7
@@ -39,11 +39,9 @@ def _cond(values):
 def _run(kind, impl, dtype):
     model, cond, uncond, seeds = _field(dtype), _cond(COND), _cond([UNCOND] * 3), [7, 8, 9]
     sigmas = sigma_schedule(6, shift=3.0)
-    if kind == "euler":
-        return sample_euler(model, cond, uncond, seeds, SHAPE, sigmas, cfg_scale=CFG, record=True, impl=impl)
-    if kind == "churn":
-        return sample_fdfo_pairs(model, cond, uncond, seeds, SHAPE, sigmas, cfg_scale=CFG, gamma=GAMMA, impl=impl)
-    return sample_sde(model, cond, uncond, seeds, SHAPE, sigmas, cfg_scale=CFG, noise_level=NOISE_LEVEL, impl=impl)
+    sampler = Sampler(kind, sigmas, CFG, gamma=GAMMA, noise_level=NOISE_LEVEL, record=True, impl=impl)
+    sample = {"euler": sample_euler, "churn": sample_fdfo_pairs, "sde": sample_sde}[kind]
+    return sample(model, sampler, cond, uncond, seeds, SHAPE)
 
 
 def _state_bounds(ref, kind, dtype):
@@ -68,7 +66,7 @@ def _state_bounds(ref, kind, dtype):
     noise_err = float(gpu_noise_error(torch.tensor(EPS_MAX)).max())
 
     def local(coefs, k):
-        c_x, c_v, c_n, _ = coefs
+        c_x, c_v, c_n = coefs.c_x, coefs.c_v, coefs.c_n
         v = v_abs[k] if k is not None else 0.0
         x = x_abs[k] if k is not None else x_abs[0]
         return 8 * U32 * (abs(c_x) * x + abs(c_v) * v + abs(c_n) * EPS_MAX) + abs(c_n) * noise_err
@@ -84,7 +82,7 @@ def _state_bounds(ref, kind, dtype):
         branch = (abs(CFG) * (c.abs() + 0.3 * c**2 * x_abs[k] + 0.1)
                   + abs(1 - CFG) * (UNCOND + 0.3 * UNCOND**2 * x_abs[k] + 0.1))  # fmt: skip
         dv[k] = lip * e[k] + torch.where(e[k] > 0, rel_round * branch, torch.zeros_like(branch))
-        e[k + 1] = abs(coefs[0]) * e[k] + abs(coefs[1]) * dv[k] + local(coefs, k)
+        e[k + 1] = abs(coefs.c_x) * e[k] + abs(coefs.c_v) * dv[k] + local(coefs, k)
     return e, dv
 
 
@@ -111,12 +109,11 @@ def test_sampling_loop_ref_vs_triton(kind, dtype):
         n = math.prod(SHAPE)
         sig, sigma_max = ref.sigmas.tolist(), largest_sigma_below_one(ref.sigmas)
         for k in range(len(sig) - 1):
-            std = step_coefficients("sde", sig[k], sig[k + 1], GAMMA, NOISE_LEVEL, sigma_max)[2]
+            std = step_coefficients("sde", sig[k], sig[k + 1], GAMMA, NOISE_LEVEL, sigma_max).c_n
             x_abs = ref.states[k].flatten(1).abs().max(1).values.double().cpu()
             bound = (n * U32 * (EPS_MAX**2 / 2 + abs(math.log(std)) + 1) + 8 * U32 * x_abs * EPS_MAX / std
                      + EPS_MAX * float(gpu_noise_error(torch.tensor(EPS_MAX))))  # fmt: skip
             assert ((tri.log_probs[k] - ref.log_probs[k]).abs().double().cpu() <= bound).all(), (k, bound)
-        torch.testing.assert_close(tri.step_std, ref.step_std, rtol=0, atol=0)  # host-side, the same formula
     if kind == "churn":  # both branches of a pair start from one x₁ but churn differently
         assert not torch.allclose(tri.states[0, 0], tri.states[0, 1])
     assert torch.isfinite(tri.x0).all()

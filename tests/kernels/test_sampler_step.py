@@ -31,7 +31,7 @@ def state_bound(x, v, noise, coefs):
     operations each plus the fp32 rounding of the double-precision coefficients: first order, each side is within
     4u·Σ|terms| of the exact value, so the two are within 8u·(|c_x·x| + |c_v·v| + |c_ε·ε|). Holds with or without
     FMA contraction and for any reduction order (there is none here)."""
-    c_x, c_v, c_n, _ = coefs
+    c_x, c_v, c_n = coefs.c_x, coefs.c_v, coefs.c_n
     terms = (c_x * x).abs() + (c_v * v.float()).abs() + ((c_n * noise).abs() if noise is not None else 0)
     gpu_noise = abs(c_n) * gpu_noise_error(noise) if noise is not None else 0
     return 8 * U32 * terms + gpu_noise + 1e-38
@@ -88,7 +88,7 @@ def test_step_matches_reference_with_the_same_noise(shape, vdtype, mode, cfg):
         # (x_s − μ)²/(2·std²) from its fp32 x_s and μ (each within 4u·|x|-ish, so ε is off by ≤ 8u·|x|/std). Each is
         # an fp32 mean of n terms (≤ n·u·mean|term|, Higham's worst case), so the two are within
         # n·u·mean(ε²/2 + |log std| + 1) + 8u·max|x|·max|ε|/std.
-        n, std = x[0].numel(), step_coefficients(mode, t, s, 0.05, 0.7, 0.95)[2]
+        n, std = x[0].numel(), step_coefficients(mode, t, s, 0.05, 0.7, 0.95).c_n
         eps = noise.flatten(1)
         terms = (eps**2 / 2 + abs(math.log(std)) + 1).mean(1)
         cancel = 8 * U32 * x.flatten(1).abs().max(1).values * eps.abs().max(1).values / std
@@ -108,7 +108,7 @@ def test_in_kernel_noise_is_standard_normal_and_independent():
     coefs = step_coefficients("churn", 0.7, 0.6, 0.05, 0.7, 0.9)
     noises = []
     for stream in (1, 2):
-        _, _, eps = sampler_step_fwd(x, v, None, seeds, stream, coefs, 1.0, "churn", export_noise=True)
+        _, _, eps = sampler_step_fwd(x, v, None, seeds, stream, coefs, 1.0, export_noise=True)
         noises.append(eps.flatten(1).cpu())
     all_eps = torch.cat(noises)  # [8, 768]: 4 samples (pair members are separate samples) x 2 steps
     assert abs(all_eps.mean().item()) < 0.05 and abs(all_eps.std().item() - 1) < 0.05
@@ -162,7 +162,7 @@ def test_sde_log_prob_reduces_every_chunk_of_a_long_row():
     """A row of 3·8192 + 5 elements spans four 8192-element programs (an SD3.5 latent spans eight): the log-prob
     must be the mean over all of them. Expected value: the Gaussian log density log N(x_s; μ, std²) averaged over
     the elements, transcribed in float64 from the same noise ε (x_s − μ = std·ε), with std = g·√(t − s) and
-    g = a·√(t / (1 − t)) (Flow-GRPO, sampling.sde_std) written out here."""
+    g = a·√(t / (1 − t)) (Flow-GRPO, sampler_step.sde_std) written out here."""
     b, n, t, s, a = 2, 3 * 8192 + 5, 0.9, 0.55, 0.7
     n_chunks = -(-n // sampler_step_mod.CHUNK)
     assert n_chunks >= 4  # the row really spans several programs

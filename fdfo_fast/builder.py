@@ -1,0 +1,149 @@
+"""Setup of a training run: config → device and processes, model, reward, prompts, algorithm, engine, context,
+checkpoint state, metrics log and evaluator. Small constructors, each handed its own config section; `build_run`
+calls them in the order the run's randomness depends on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fdfo_fast.algorithms import make_algorithm
+from fdfo_fast.algorithms.base import Algorithm, RunContext
+from fdfo_fast.backends import cuda_graphs_choice
+from fdfo_fast.config import HumanConfig, RewardConfig, TrainConfig, save_resolved
+from fdfo_fast.cuda_graph import CudaGraphSampler
+from fdfo_fast.distributed import DistEnv, init_distributed
+from fdfo_fast.engine import make_engine
+from fdfo_fast.errors import FdfoError
+from fdfo_fast.evaluation import RunEvaluator
+from fdfo_fast.metrics import MetricsLog, Progress
+from fdfo_fast.models.base import FlowModel, load_model
+from fdfo_fast.prompts import load_eval_items, load_prompt_pool
+from fdfo_fast.rewards import REWARD_TERMS, CompositeReward, parse_weights
+from fdfo_fast.run_state import RunCheckpoint, RunProgress, check_run_folder
+from fdfo_fast.sampling import derive_seed
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FdfoError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def make_reward(rc: RewardConfig, hc: HumanConfig, out: Path, seed: int, device: torch.device) -> CompositeReward:
+    """The configured reward terms; network rewards (--reward-models) are loaded and the labelling page for the
+    `human` term is started here."""
+    models = []
+    if rc.reward_models:
+        from fdfo_fast.rewards.hf_models import load_reward_models
+
+        models = load_reward_models(rc.reward_models, device=device, dtype=rc.reward_dtype)
+    if "human" in parse_weights(rc.reward, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}}):
+        from fdfo_fast.human import HumanPreferenceReward
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FdfoError("--reward human: label one process's pairs; run without torchrun / deepspeed")
+        auto = CompositeReward(hc.human_auto_label, models=models) if hc.human_auto_label else None
+        models.append(
+            HumanPreferenceReward(
+                out / "labels",
+                hc.human_fraction,
+                auto,
+                hc.human_host,
+                hc.human_port,
+                hc.human_token,
+                hc.human_timeout,
+                seed,
+            )  # fmt: skip
+        )
+    return CompositeReward(rc.reward, models=models)
+
+
+def make_eval_reward(reward: CompositeReward, world_metric: bool) -> CompositeReward:
+    """Evaluation scores with the training terms, never the human one (nobody labels held-out images); the toy
+    world adds its GenEval-style accuracy."""
+    weights = {k: v for k, v in reward.weights.items() if k != "human"}
+    if world_metric:
+        weights.setdefault("geneval", 0.0)
+    if weights == reward.weights:
+        return reward
+    return CompositeReward(weights or {"quality": 0.0}, models=[m for m in reward.models if "human" not in m.names])
+
+
+def make_context(
+    cfg: TrainConfig, model: FlowModel, device: torch.device | str = "cpu", env: DistEnv | None = None
+) -> tuple[RunContext, Algorithm, list[torch.nn.Parameter]]:
+    """(RunContext, algorithm, trainable parameters) for a loaded base model; freezes what is not trained."""
+    algo = make_algorithm(cfg)
+    torch.manual_seed(derive_seed(cfg.run.seed, 2))  # a LoRA init draws from the global generator: make it the run's
+    params = model.setup_finetune(cfg.model)
+    reference = model.reference_model() if algo.needs_reference else None  # LoRA: the adapters off; else a copy
+    ctx = RunContext(
+        model=model,
+        reference=reference,
+        reward=make_reward(cfg.rewards, cfg.human, Path(cfg.run.out), cfg.run.seed, torch.device(device)),
+        prompt_pool=load_prompt_pool(cfg.run.prompts, world_grammar=model.has_world_metric),
+        sigmas=model.sigma_schedule(cfg.sampling.num_steps, cfg.sampling.shift or None),
+        sampling=cfg.sampling,
+        impl=cfg.run.impl_or_none,
+        env=env or DistEnv(),
+    )
+    return ctx, algo, params
+
+
+@dataclass
+class Run:
+    """A built run: what the training loop reads and drives."""
+
+    cfg: TrainConfig
+    out: Path
+    env: DistEnv
+    model: FlowModel
+    algorithm: Algorithm
+    ctx: RunContext
+    engine: object  # fdfo_fast.engine.PlainEngine | DeepSpeedEngine
+    checkpoint: RunCheckpoint
+    progress: RunProgress
+    log: MetricsLog
+    bar: Progress
+    evaluate: RunEvaluator
+    resumed: bool
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+        self.ctx.reward.close()
+
+
+def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
+    """Everything a (new or resumed) run needs, in the order its randomness depends on."""
+    out = Path(cfg.run.out)
+    check_run_folder(out, resume)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    env = init_distributed(device)
+    if device.type == "cuda" and env.enabled:
+        device = torch.device("cuda", env.local_rank)
+    model = load_model(cfg.model).to(device)
+    model.set_attention_backend(cfg.model.attention)
+    ctx, algo, params = make_context(cfg, model, device, env)
+    eval_reward = make_eval_reward(ctx.reward, model.has_world_metric)
+    eval_items = load_eval_items(cfg.eval.eval_prompts, cfg.eval.eval_per_category, cfg.run.seed)
+    engine = make_engine(model, params, cfg.optim, env)
+    if cuda_graphs_choice(cfg.run.cuda_graph, device, cfg.run.impl_or_none, engine.zero_stage):
+        ctx.runner = CudaGraphSampler()
+    checkpoint = RunCheckpoint(cfg, env, model, engine, algo)
+    progress = checkpoint.load() if resume else RunProgress()
+    if env.is_main:
+        save_resolved(cfg, out)
+    log = MetricsLog(out, cfg.run.tensorboard and env.is_main, progress.metrics_lines, write=env.is_main)
+    bar = Progress(cfg.run.progress and env.is_main, cfg.run.epochs, progress.epoch, cfg.run.algorithm)
+    run = Run(cfg, out, env, model, algo, ctx, engine, checkpoint, progress, log, bar, None, resume)
+    run.evaluate = RunEvaluator(run, eval_items, eval_reward)
+    return run
