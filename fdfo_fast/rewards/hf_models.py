@@ -34,8 +34,8 @@ from fdfo_fast.rewards.preprocess import ImageInputSpec
 
 _log = logging.getLogger("fdfo_fast")
 # --reward-dtype's names and torch's own (a reward entry's ';dtype=' takes either)
-DTYPES = {name: dtype for short, long in CONFIG_DTYPES.items() for name in (long, short)
-          for dtype in (getattr(torch, long),)}  # fmt: skip
+DTYPES = {name: getattr(torch, CONFIG_DTYPES[short]) for short in ("fp32", "fp16", "bf16")
+          for name in (CONFIG_DTYPES[short], short)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
