@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_loop_guards import TINY as LOOP_TINY
 
 from fdfo_fast.algorithms import ALGORITHMS
 from fdfo_fast.algorithms.base import LossStats, RunContext, draw_step_items
@@ -47,25 +48,9 @@ from fdfo_fast.train import build_parser, train
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The tiny toy run of tests/test_loop_guards.py: 3 sampling steps, 2 FDFO pairs (or 1 prompt x 4), one epoch;
-# on the CPU with the reference ops.
-TINY = dict(
-    num_steps=3,
-    pairs_per_epoch=2,
-    prompts_per_epoch=1,
-    group_size=4,
-    epochs=1,
-    opt_steps_per_epoch=1,
-    eval_every=0,
-    eval_per_category=1,
-    eval_num_steps=2,
-    diversity_prompts=0,
-    reward="alignment:1,quality:1",  # quality is continuous: every FDFO pair has a reward gap (active items)
-    progress=False,
-    tensorboard=False,
-    impl="ref",
-    device="cpu",
-)
+# The tiny toy run of tests/test_loop_guards.py (3 sampling steps, 2 FDFO pairs or 1 prompt x 4, one epoch), on
+# the CPU with the reference ops.
+TINY = dict(LOOP_TINY, device="cpu", impl="ref")
 
 # The sections the README names, in its order.
 SECTION_NAMES = ["run", "model", "rewards", "human", "sampling", "fdfo", "sde", "optim", "eval"]
