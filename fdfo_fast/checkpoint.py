@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -15,21 +16,87 @@ TOY_FORMAT = "fdfo_fast.toy_flow"
 TOY_BASE_CHECKPOINT = Path(__file__).parent / "assets" / "toy_base.pt"
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def write_error(path: str | Path, err: BaseException) -> FdfoError:
+    """One line for a failed write of `path`: a full disk, a read-only filesystem, a missing permission, a path
+    under a file. torch.save buries ENOSPC in a long RuntimeError; its text is searched for the cause."""
+    errno_ = getattr(err, "errno", None)
+    text = str(err)
+    if errno_ == errno.ENOSPC or "No space left on device" in text:
+        return FdfoError(f"no space left on device while writing {path}")
+    if errno_ == errno.EROFS:
+        return FdfoError(f"cannot write {path}: read-only file system")
+    why = getattr(err, "strerror", None) or text.splitlines()[0][:200] if text else type(err).__name__
+    return FdfoError(f"cannot write {path}: {why}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: the directory entry lives in the directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """`write(file)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder: a crash leaves
+    the old file or the new one, never a partial one; on any error the temp file is removed and the old file kept."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise write_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, (OSError, RuntimeError)):
+            raise write_error(path, err) from None
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save, atomically (`_atomic_write`); FdfoError naming the path and the cause on a failed write."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """A text file (UTF-8), atomically (`_atomic_write`)."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+# What our atomic writes leave behind when a process dies mid-write: `.<name>.<random>.tmp` beside the file, and the
+# LoRA export's `<name>.tmp` / `<name>.old` folders (run_state.RunCheckpoint.export_lora).
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "config.yaml", "config.json")
+RUN_FOLDERS = ("lora", "best_lora")
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the partial files a killed run left in its folder (only our own patterns); returns what went."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = []
+    for p in folder.iterdir():
+        ours = any(p.name.startswith(f".{name}.") and p.name.endswith(".tmp") for name in RUN_FILES) and p.is_file()
+        ours_dir = p.is_dir() and any(p.name in (f"{n}.tmp", f"{n}.old") for n in RUN_FOLDERS)
+        if ours or ours_dir:
+            shutil.rmtree(p, ignore_errors=True) if ours_dir else p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def read_checkpoint(path: str | Path, expected_format: str | None = None) -> dict:

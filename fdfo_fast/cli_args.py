@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import sys
 import typing
 
 from fdfo_fast.errors import FdfoError
@@ -16,6 +18,31 @@ def _parse_bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error contract: a bad command line is one `error: ...` line (FdfoError, exit 2
+    through `errors.cli_entry`) naming the problem and --help, not a usage dump; `--lr -1e-3` is a value (argparse
+    takes "-1e-3" for an option because it only knows plain negative numbers)."""
+
+    def error(self, message: str):
+        raise FdfoError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        joined, i = [], 0
+        while i < len(args):  # "--opt -1e-3" -> "--opt=-1e-3"
+            tok = args[i]
+            if tok.startswith("--") and "=" not in tok and i + 1 < len(args) and _NEGATIVE_NUMBER.match(args[i + 1]):
+                joined.append(f"{tok}={args[i + 1]}")
+                i += 2
+                continue
+            joined.append(tok)
+            i += 1
+        return super().parse_args(joined, namespace)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:

@@ -56,6 +56,23 @@ IMPLS = ("auto", "ref", "triton")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "xformers")  # fdfo_fast.models.base.choose_attention_backend
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: a larger value overflows in the fp32 ops
+
+
+def _quoted(value, limit: int = 80) -> str:
+    """repr(value) for an error message, cut to `limit` characters (a hostile value never floods the terminal)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(text: str) -> float | None:
+    """A reward term's weight as `parse_weights` reads it ('' = 1), or None when it is not a number."""
+    try:
+        return float(text) if text else 1.0
+    except ValueError:
+        return None
+
+
 def _f(default, help: str, *, choices: tuple | None = None, ge=None, gt=None, lt=None, le=None, why: str = ""):
     """A field with its help text and the rule `validate` checks: one of `choices`, or within the bounds
     (`why` replaces the generated message)."""
@@ -241,7 +258,7 @@ class OptimConfig:
     optimizer: str = _f("adamw", "adamw | adamw8bit (bitsandbytes)", choices=OPTIMIZERS)
     opt_steps_per_epoch: int = _f(4, "optimiser steps per epoch (the epoch's items are shuffled and split)", ge=1)
     micro_batch: int = _f(256, "items per forward/backward (gradient accumulation inside a step)", ge=1)
-    lr: float = _f(3e-5, "AdamW learning rate", gt=0)
+    lr: float = _f(3e-5, "AdamW learning rate", gt=0, le=1)
     beta1: float = _f(0.9, "AdamW β1", ge=0, lt=1)
     beta2: float = _f(0.999, "AdamW β2", ge=0, lt=1)
     weight_decay: float = _f(1e-4, "AdamW weight decay", ge=0)
@@ -334,19 +351,26 @@ class TrainConfig:
         involve several options."""
 
         def bad(name, why):
-            raise FdfoError(f"--{name.replace('_', '-')} {why}, got {self.to_dict()[name]!r}")
+            raise FdfoError(f"--{name.replace('_', '-')} {why}, got {_quoted(self.to_dict()[name])}")
 
         for s in SECTIONS:
             section = getattr(self, s)
             for f in dataclasses.fields(section):
                 v = getattr(section, f.name)
-                if isinstance(v, float) and not math.isfinite(v):
-                    bad(f.name, "must be a finite number")
+                if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):
+                    bad(f.name, "must be a finite number (within float32's range)")
                 why = _rule_error(f.metadata, v)
                 if why:
                     bad(f.name, why)
         run, m, rw, hu, sm, fd, sde, opt, ev = (getattr(self, s) for s in SECTIONS)
         algo = run.algorithm
+        if not run.out.strip():
+            bad("out", "must name the run folder")
+        weights = [_number(p.partition(":")[2].strip()) for p in rw.reward.split(",") if p.strip()]
+        if any(w is None or not math.isfinite(w) for w in weights):
+            bad("reward", "needs a finite number as every term's weight (name:weight)")
+        if weights and all(w == 0 for w in weights):
+            bad("reward", "gives every term weight 0: the trained reward would be constant")
         if m.model == "toy" and m.finetune != "full":
             bad("finetune", "must be 'full' for the toy model (LoRA is for --model sd3 / flux)")
         if m.model != "toy" and not m.model_path:
@@ -560,7 +584,7 @@ def _coerce(name: str, value, typ):
             return str(value)
     except (TypeError, ValueError, OverflowError):
         pass
-    raise FdfoError(f"option {name!r} must be of type {typ.__name__}, got {value!r}")
+    raise FdfoError(f"option {name!r} must be of type {typ.__name__}, got {_quoted(value)}")
 
 
 def make_config(
@@ -598,6 +622,25 @@ def load_json_object(path: str | Path, what: str) -> dict:
     return obj
 
 
+MAX_YAML_BYTES = 1 << 20  # a config is a few kB; a larger file is a mistake or an attack
+
+
+def _make_no_alias_loader():
+    """yaml.SafeLoader without anchors/aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(
+                    f"aliases (*{event.anchor}) are not allowed in a config file (line {event.start_mark.line + 1})"
+                )
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 
@@ -605,9 +648,16 @@ def load_yaml(path: str) -> dict:
     if not p.is_file():
         raise FdfoError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+        if len(raw) > MAX_YAML_BYTES:
+            raise FdfoError(f"config file {path} is {len(raw)} bytes; a config is at most {MAX_YAML_BYTES}")
+        data = yaml.load(raw.decode("utf-8"), Loader=_make_no_alias_loader())
+    except UnicodeDecodeError as err:
+        raise FdfoError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise FdfoError(f"config file {path} cannot be read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
-        raise FdfoError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise FdfoError(f"config file {path} is not valid YAML: {str(err).splitlines()[0][:200]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -616,9 +666,11 @@ def load_yaml(path: str) -> dict:
 
 
 def save_resolved(cfg: TrainConfig, out: Path) -> None:
-    """The resolved config, as YAML (re-loadable with --config) and JSON."""
+    """The resolved config, as YAML (re-loadable with --config) and JSON, each replaced atomically (a resume reads
+    its config from checkpoint.pt, so these are for people and --config)."""
     import yaml
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    from fdfo_fast.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fdfo_fast.checkpoint import TOY_BASE_CHECKPOINT, load_toy_model
-from fdfo_fast.cli_args import add_dataclass_args, overrides_from_args, replace_checked
+from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args, replace_checked
 from fdfo_fast.config import make_config
 from fdfo_fast.errors import FdfoError, cli_entry
 from fdfo_fast.evaluation import evaluate
@@ -117,7 +116,7 @@ def post_train(cfg: DemoConfig) -> None:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fdfo-demo", description=__doc__)
+    parser = ArgumentParser(prog="fdfo-demo", description=__doc__)
     add_dataclass_args(parser, DemoConfig)
     cfg = replace_checked(DemoConfig(), overrides_from_args(parser.parse_args(argv), DemoConfig))
     cfg.validate()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo_fast.cli_args import add_dataclass_args, overrides_from_args, replace_checked
+from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args, replace_checked
 from fdfo_fast.errors import FdfoError, cli_entry
 
 
@@ -206,7 +206,7 @@ def write_outputs(cfg: GenerateConfig, result: dict) -> Path:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fdfo-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataclass_args(parser, GenerateConfig)

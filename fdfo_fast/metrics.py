@@ -10,7 +10,9 @@ import warnings
 from pathlib import Path
 
 from fdfo_fast.algorithms.base import LossStats
+from fdfo_fast.checkpoint import atomic_write_text
 from fdfo_fast.distributed import DistEnv
+from fdfo_fast.errors import FdfoError
 
 
 class MetricsLog:
@@ -19,13 +21,21 @@ class MetricsLog:
     def __init__(self, out: Path, tensorboard: bool, keep_lines: int | None, write: bool = True):
         self.path = out / "metrics.jsonl"
         self.enabled = write  # only rank 0 writes; every rank counts lines so checkpoints agree
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        if keep_lines is not None:  # resume: drop lines written after the checkpoint we resume from
-            lines = lines[:keep_lines]
-        else:
-            lines = []
-        if write:
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+        lines: list[str] = []
+        if keep_lines is not None and not write:  # other ranks only count (the file is rank 0's)
+            lines = [""] * keep_lines
+        elif keep_lines is not None:  # resume: drop lines written after the checkpoint we resume from
+            try:
+                lines = self.path.read_text(encoding="utf-8").splitlines()[:keep_lines] if self.path.exists() else []
+            except (OSError, UnicodeDecodeError) as err:
+                raise FdfoError(f"--resume: {self.path} cannot be read ({err})") from None
+            if len(lines) < keep_lines:
+                raise FdfoError(
+                    f"--resume: {self.path} holds {len(lines)} records, the checkpoint covers {keep_lines}: the run's "
+                    "history was lost (restore the file or start a new run)"
+                )
+        if write:  # replaced atomically: a kill here leaves the old history or the kept part, never an empty file
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in lines))
         self.lines = len(lines)
         self.writer = None
         if tensorboard:

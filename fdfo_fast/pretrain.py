@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from fdfo_fast.checkpoint import atomic_save, load_state_dict_strict, read_checkpoint, save_toy_model
-from fdfo_fast.cli_args import add_dataclass_args, overrides_from_args, replace_checked
+from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args, replace_checked
 from fdfo_fast.errors import FdfoError, cli_entry
 from fdfo_fast.evaluation import evaluate
 from fdfo_fast.models.toy_flow import ToyFlowConfig, ToyFlowModel
@@ -144,7 +143,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fdfo-pretrain", description=__doc__)
+    parser = ArgumentParser(prog="fdfo-pretrain", description=__doc__)
     add_dataclass_args(parser, PretrainConfig)
     ns = parser.parse_args(argv)
     cfg = replace_checked(PretrainConfig(), overrides_from_args(ns, PretrainConfig))

@@ -9,13 +9,14 @@ point resumes from the last complete state, never from a partial one.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fdfo_fast.checkpoint import atomic_save, read_checkpoint
+from fdfo_fast.checkpoint import atomic_save, read_checkpoint, remove_stale_temp_files
 from fdfo_fast.config import TrainConfig
 from fdfo_fast.distributed import DistEnv
 from fdfo_fast.errors import FdfoError
@@ -53,12 +54,32 @@ class RunProgress:
 
 
 def check_run_folder(out: Path, resume: bool) -> None:
-    """A new run never overwrites one; a resume needs one."""
+    """A new run never overwrites one; a resume needs one; --out must be a folder this process can write. Partial
+    files a killed run left behind (our own temp-file patterns only) are removed."""
     path = out / "checkpoint.pt"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # an existing file, a path under a file, a read-only filesystem, no permission
+        raise FdfoError(f"--out {out} cannot be used as the run folder: {err.strerror or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise FdfoError(f"--out {out} is not writable")
     if path.exists() and not resume:
         raise FdfoError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or pick --out")
     if resume and not path.exists():
-        raise FdfoError(f"--resume: {path} does not exist")
+        raise FdfoError(f"--resume: {path} does not exist (is --out the run folder?)")
+    remove_stale_temp_files(out)
+
+
+def saved_config(out: Path) -> dict:
+    """The options of the run in `out`, from checkpoint.pt (the state a resume continues; config.json beside it is
+    for people and may be damaged without harm)."""
+    path = out / "checkpoint.pt"
+    if not path.is_file():
+        raise FdfoError(f"--resume: {path} does not exist (is --out the run folder?)")
+    config = read_checkpoint(path, STATE_FORMAT).get("config")
+    if not isinstance(config, dict):
+        raise FdfoError(f"--resume: {path} holds no run config")
+    return config
 
 
 class RunCheckpoint:

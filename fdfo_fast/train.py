@@ -20,11 +20,12 @@ import torch
 from fdfo_fast import backends
 from fdfo_fast.algorithms.base import LossStats
 from fdfo_fast.builder import Run, build_run
-from fdfo_fast.cli_args import add_dataclass_args, overrides_from_args
-from fdfo_fast.config import PRESETS, SECTIONS, TrainConfig, load_json_object, make_config
+from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args
+from fdfo_fast.config import PRESETS, SECTIONS, TrainConfig, make_config
 from fdfo_fast.distributed import split_items_global
-from fdfo_fast.errors import FdfoError, cli_entry
+from fdfo_fast.errors import cli_entry
 from fdfo_fast.metrics import summarise_loss_stats
+from fdfo_fast.run_state import saved_config
 from fdfo_fast.sampling import derive_seed
 
 
@@ -124,7 +125,7 @@ def save_checkpoint(run: Run, epoch: int) -> None:
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fdfo-train", description=__doc__)
+    parser = ArgumentParser(prog="fdfo-train", description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named preset (options below override it)")
     parser.add_argument("--config", help="YAML file of options (applied after the preset)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
@@ -141,11 +142,8 @@ def main(argv=None):
     ns = build_parser().parse_args(argv)
     overrides = {k: v for s in SECTIONS.values() for k, v in overrides_from_args(ns, s).items()}
     base = None
-    if ns.resume:  # continue with the saved options; flags given now override them (then checked in train())
-        saved = Path(overrides.get("out", TrainConfig().run.out)) / "config.json"
-        if not saved.is_file():
-            raise FdfoError(f"--resume: {saved} does not exist (is --out the run folder?)")
-        base = load_json_object(saved, "--resume: the run's config")
+    if ns.resume:  # continue with the options checkpoint.pt holds; flags given now override them (checked in train())
+        base = saved_config(Path(overrides.get("out", TrainConfig().run.out)))
     cfg = make_config(ns.preset, ns.config, overrides, base=base)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(cfg.to_dict(), indent=1))

@@ -48,7 +48,7 @@ def _strip_time(records):
 def test_presets_resolve_and_bad_values_are_one_clear_error(tmp_path):
     for name in PRESETS:
         assert make_config(name).run.algorithm in ("fdfo", "flow_grpo", "ddpo")
-    with pytest.raises(FdfoError, match="--lr must be a positive number"):
+    with pytest.raises(FdfoError, match=r"--lr must be in \(0, 1\], got -1.0"):
         make_config("toy-fdfo", overrides={"lr": -1.0})
     with pytest.raises(FdfoError, match="unknown preset"):
         make_config("toy-nope")
@@ -185,7 +185,7 @@ def test_resume_from_the_command_line_needs_only_the_run_folder_and_never_goes_b
     proc = subprocess.run(
         [*run, "--resume", "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 2 and "config.json does not exist" in proc.stderr
+    assert proc.returncode == 2 and "checkpoint.pt does not exist (is --out the run folder?)" in proc.stderr
 
 
 def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fdfo_fast.errors import FdfoError
@@ -36,7 +38,7 @@ def parse_weights(spec: str | dict[str, float], known: dict[str, object] | None 
     for name, w in items:
         if name not in known:
             raise FdfoError(f"unknown reward term {name!r}; known: {', '.join(known)}")
-        if not isinstance(w, (int, float)) or w != w:
+        if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise FdfoError(f"reward weight for {name!r} must be a finite number, got {w!r}")
     return {name: float(w) for name, w in items}
 
