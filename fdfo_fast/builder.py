@@ -127,7 +127,7 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    env = init_distributed(device)
+    env = init_distributed(device, cfg.run.collective_timeout)
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
     model = load_model(cfg.model).to(device)

@@ -121,6 +121,12 @@ class RunConfig:
         "auto", "sampling under CUDA graphs: auto (on CUDA without ZeRO-3) | on | off", choices=("auto", "on", "off")
     )
     save_every: int = _f(10, "checkpoint every N epochs (and at the end)", ge=1)
+    collective_timeout: float = _f(
+        600.0,
+        "torchrun / deepspeed: seconds a rank waits for the others at a collective before the run stops with an "
+        "error naming the rank and the phase (a frozen or lost rank); above the longest phase between collectives",
+        gt=0,
+    )
     tensorboard: bool = _f(True, "write TensorBoard scalars when tensorboard is installed")
     progress: bool = _f(True, "show a progress bar")
 

@@ -24,6 +24,8 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    timeout_s: float = 600.0  # how long a collective waits for the other ranks (--collective-timeout)
+    phase: str = "setup"  # what the loop is doing (named in a collective-timeout error)
 
     @property
     def enabled(self) -> bool:
@@ -109,7 +111,7 @@ def split_items_global(items: torch.Tensor, n_local: int, env: DistEnv, n_steps:
     return out
 
 
-def init_distributed(device: torch.device) -> DistEnv:
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistEnv:
     """Join the process group the launcher describes (RANK / WORLD_SIZE / LOCAL_RANK), or run as one process.
 
     gloo on the CPU, nccl on CUDA (with the rank's local GPU). Gradients and reductions of CPU tensors always go
@@ -125,5 +127,18 @@ def init_distributed(device: torch.device) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
-    return DistEnv(rank, world, local)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    return DistEnv(rank, world, local, timeout_s)
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """A collective gave up waiting for another rank (gloo: "Timed out", nccl: "timeout" / a watchdog abort)."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def timeout_error(env: DistEnv) -> FdfoError:
+    return FdfoError(
+        f"rank {env.rank} of {env.world_size}: waited {env.timeout_s:g} s for the other ranks at a collective during "
+        f"{env.phase}; a rank is frozen or lost (--collective-timeout sets the wait)"
+    )

@@ -27,6 +27,7 @@ STATE_VERSION = 2
 # float rounding: a bit-identical resume needs the same ones (README, "Training").
 RESUMABLE_CHANGES = (
     "epochs", "progress", "tensorboard", "threads", "eval_every", "save_every", "out", "impl", "device",
+    "collective_timeout",
 )  # fmt: skip
 
 

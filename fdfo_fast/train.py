@@ -22,7 +22,7 @@ from fdfo_fast.algorithms.base import LossStats
 from fdfo_fast.builder import Run, build_run
 from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args
 from fdfo_fast.config import PRESETS, SECTIONS, TrainConfig, make_config
-from fdfo_fast.distributed import split_items_global
+from fdfo_fast.distributed import is_collective_timeout, split_items_global, timeout_error
 from fdfo_fast.errors import cli_entry
 from fdfo_fast.metrics import summarise_loss_stats
 from fdfo_fast.run_state import saved_config
@@ -32,6 +32,17 @@ from fdfo_fast.sampling import derive_seed
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run (or continue) a training run; returns the last evaluation summary."""
     run = build_run(cfg, resume)
+    try:
+        return run_loop(run)
+    except RuntimeError as err:  # a frozen or lost rank: one line naming this rank and the phase it waited in
+        if run.env.enabled and is_collective_timeout(err):
+            raise timeout_error(run.env) from None
+        raise
+
+
+def run_loop(run: Run) -> dict:
+    """The epochs of a built run (`builder.build_run`)."""
+    cfg = run.cfg
     env, model, algo, ctx, engine, progress = run.env, run.model, run.algorithm, run.ctx, run.engine, run.progress
     counters, start, epochs = progress.counters, progress.epoch, cfg.run.epochs
     cfg_factor = 2 if cfg.sampling.cfg_scale != 1.0 else 1  # model passes per sample or item (CFG: two)
@@ -41,6 +52,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         # (a resumed run already evaluated this boundary before writing the checkpoint it resumes from)
         due = epoch == 0 or (cfg.eval.eval_every and epoch % cfg.eval.eval_every == 0)
         if due and not (run.resumed and epoch == start):
+            env.phase = f"the evaluation at epoch {epoch}"
             run.evaluate(epoch)
         if cfg.eval.early_stop_patience and progress.best["since"] >= cfg.eval.early_stop_patience:
             best = progress.best
@@ -56,6 +68,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 0, epoch))
 
         # -- sample & score ---------------------------------------------------------------------------------
+        env.phase = f"epoch {epoch + 1}'s rollout"
         ctx.reward.begin_epoch(epoch)  # the human term labels this epoch's pairs
         model.eval()
         with engine.gathered():
@@ -72,6 +85,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             record["skipped"] = "non-finite rewards or advantages"
         else:
             # -- loss & backward & step (the engine also moves the EMA) -------------------------------------------
+            env.phase = f"epoch {epoch + 1}'s optimiser steps"
             step_stats: list[LossStats] = []  # this rank's statistics per optimiser step (merged over ranks below)
             losses, norms = [], []
             chunks = split_items_global(rollout.items, len(rollout.prompts), env, cfg.optim.opt_steps_per_epoch, gen)
@@ -109,6 +123,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     # -- final evaluation & checkpoint ------------------------------------------------------------------------
     else:  # (skipped after an early stop: that epoch's evaluation and checkpoint are the last)
+        env.phase = "the final evaluation"
         if start < epochs or not progress.last_eval:
             run.evaluate(epochs)
         save_checkpoint(run, epochs)
@@ -117,6 +132,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def save_checkpoint(run: Run, epoch: int) -> None:
+    run.env.phase = f"the checkpoint at epoch {epoch}"
     run.progress.epoch = epoch
     run.checkpoint.save(run.progress, run.log.lines)
 

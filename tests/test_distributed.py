@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fdfo_fast.checkpoint import read_checkpoint
 from fdfo_fast.config import make_config
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.train import train
@@ -283,3 +284,54 @@ def test_zero3_lora_on_a_tiny_sd3_matches_one_process(tmp_path):
 
     lora = load_file(tmp_path / "two" / "lora" / "pytorch_lora_weights.safetensors")
     assert lora and any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the worker with RANK=`rank` among the launcher's descendants (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=%d" % rank in env and int(stat[1]) != 1:
+            parent = int(stat[1])
+            while parent > 1:  # a descendant of this launch
+                if parent == launcher_pid:
+                    return int(proc.name)
+                try:
+                    parent = int((Path("/proc") / str(parent) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    break
+    return None
+
+
+def test_a_frozen_rank_ends_the_run_with_one_line_naming_the_rank_and_phase(tmp_path):
+    """SIGSTOP on rank 1 of a 2-rank torchrun once training is under way: within --collective-timeout rank 0 stops
+    with one error line naming itself and the phase it waited in (not the process group's 30-minute default), and
+    the launcher ends the run; the last complete checkpoint stays."""
+    out = tmp_path / "run"
+    cmd = [*TORCHRUN, "--nproc_per_node=2", f"--master_port={_port()}", TRAIN, *SMALL, "--out", str(out),
+           "--pairs-per-epoch", "2", "--epochs", "500", "--save-every", "1", "--collective-timeout", "20"]  # fmt: skip
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "checkpoint.pt").exists() and launcher.poll() is None:
+            time.sleep(0.5)
+        assert (out / "checkpoint.pt").exists(), launcher.stderr.read()[-3000:] if launcher.poll() is not None else ""
+        pid = _rank_pid(launcher.pid, 1)
+        assert pid is not None, "rank 1 not found"
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = launcher.communicate(timeout=240)
+        waited = time.time() - t0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: rank 0 of 2: waited 20 s for the other ranks")]
+    assert len(lines) == 1, err[-4000:]
+    assert "during epoch" in lines[0] or "during the" in lines[0]
+    assert launcher.returncode != 0 and waited < 200  # ended by the timeout, not by the 30-minute default
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
