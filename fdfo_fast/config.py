@@ -194,7 +194,7 @@ class HumanConfig:
         8765, "port of the labelling page (0 = any free port)", ge=0, lt=65536,
         why="must be a port number (0 = any free port)",
     )  # fmt: skip
-    human_token: str = _f("", "token the page URL must carry ('' = none on loopback, random elsewhere)")
+    human_token: str = _f("", "token the page URL must carry ('' = a random one per run, printed with the URL)")
     human_timeout: float = _f(
         0.0, "seconds to wait for an epoch's labels before stopping with an error (0 = forever)", ge=0
     )

@@ -6,9 +6,13 @@ FDFO's pairs fit pairwise judgement exactly (docs/method.md §1): for a pair (A,
 - `LabelStore`: an append-only JSONL file. Each label is one `os.write` of a complete line on an O_APPEND descriptor
   (then fsync), validated before it is written; undo appends an `undo` record. A line cut short by a crash is
   ignored and truncated away on the next open, so the file never holds a corrupt record that is read back.
-- `LabelServer`: a stdlib HTTP server (127.0.0.1 by default; a URL token is required on any other address) that
-  serves the page (`assets/label.html`), the epoch's pairs and images, and takes labels / undo as JSON posts;
-  malformed posts get a 4xx with a reason.
+- `LabelServer`: a stdlib HTTP server (127.0.0.1 by default) that serves the page (`assets/label.html`), the epoch's
+  pairs and images, and takes labels / undo as JSON posts. Every request needs the run's token (random and printed in
+  the URL, as Jupyter does, unless `--human-token` names one) and a Host header naming the bound address (no DNS
+  rebinding); a post must be same-origin (a foreign Origin / Referer is refused) `application/json`. Each connection
+  has a socket timeout and at most `MAX_CONNECTIONS` are served at once (503 beyond). Every bad request gets a 4xx
+  with a reason; a client that hangs up is logged at debug level, never as a traceback.
+- An epoch closes when the trainer takes its labels: a later label or undo for it is refused (409).
 - `HumanPreferenceReward`: the reward term `human`. For an epoch it saves the pairs' images, publishes them, and
   blocks until every pair shown to the human is labelled. Labels already in the file for the same epoch, pair,
   prompt and seed are reused, so a restarted trainer (or page) continues the epoch where the labels stop. Mixed
@@ -18,10 +22,13 @@ FDFO's pairs fit pairwise judgement exactly (docs/method.md §1): for a pair (A,
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
 import secrets
+import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -39,6 +46,8 @@ _log = logging.getLogger("fdfo_fast")
 CHOICES = ("left", "right", "none", "skip")
 PAGE = Path(__file__).parent / "assets" / "label.html"
 MAX_BODY = 4096
+SOCKET_TIMEOUT = 10.0  # seconds a connection may stall on one read or write before it is closed
+MAX_CONNECTIONS = 16  # connections served at once; one more gets 503 and is closed at once
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,11 +110,20 @@ class LabelTask:
         self.cond = threading.Condition()
         self.epoch: int | None = None
         self.pairs: list[dict] = []  # pair, prompt, seed, left ("A"/"B"), image paths; only the human's pairs
+        self.closed: set[int] = set()  # epochs whose labels the trainer has taken: no more labels or undo
 
     def publish(self, epoch: int, pairs: list[dict]) -> None:
         with self.cond:
             self.epoch, self.pairs = epoch, pairs
+            self.closed.discard(epoch)
             self.cond.notify_all()
+
+    def _refuse(self, epoch) -> str | None:
+        if epoch in self.closed:
+            return f"epoch {epoch} is closed: the trainer has already taken its labels"
+        if epoch != self.epoch:
+            return f"epoch {epoch} is not the epoch being labelled ({self.epoch})"
+        return None
 
     def state(self) -> dict:
         with self.cond:
@@ -121,13 +139,14 @@ class LabelTask:
                 for p in self.pairs
             ]
             done = sum(p["choice"] is not None for p in pairs)
-            return {"epoch": self.epoch, "pairs": pairs, "labeled": done, "total": len(pairs)}
+            closed = self.epoch in self.closed
+            return {"epoch": self.epoch, "pairs": pairs, "labeled": done, "total": len(pairs), "closed": closed}
 
     def label(self, epoch, pair, choice) -> tuple[int, str]:
         """(HTTP status, message) for a label post; appends the record when valid."""
         with self.cond:
-            if epoch != self.epoch:
-                return HTTPStatus.CONFLICT, f"epoch {epoch} is not the epoch being labelled ({self.epoch})"
+            if refused := self._refuse(epoch):
+                return HTTPStatus.CONFLICT, refused
             item = next((p for p in self.pairs if p["pair"] == pair), None)
             if item is None:
                 return HTTPStatus.NOT_FOUND, f"pair {pair} is not shown in epoch {epoch}"
@@ -152,8 +171,8 @@ class LabelTask:
 
     def undo(self, epoch) -> tuple[int, str]:
         with self.cond:
-            if epoch != self.epoch:
-                return HTTPStatus.CONFLICT, f"epoch {epoch} is not the epoch being labelled ({self.epoch})"
+            if refused := self._refuse(epoch):
+                return HTTPStatus.CONFLICT, refused
             shown = {p["pair"] for p in self.pairs}
             mine = [r for r in self.store.effective(epoch).values() if r["pair"] in shown]
             if not mine:
@@ -163,13 +182,16 @@ class LabelTask:
             self.cond.notify_all()
             return HTTPStatus.OK, f"pair {last['pair']} undone"
 
-    def wait_complete(self, epoch: int, timeout: float | None) -> dict[int, dict]:
-        """Block until every published pair of `epoch` has a label; returns pair -> record."""
+    def wait_complete(self, epoch: int, timeout: float | None, close: bool = True) -> dict[int, dict]:
+        """Block until every published pair of `epoch` has a label; returns pair -> record. With `close` the epoch is
+        closed in the same critical section, so no label or undo can land between the check and the training."""
         deadline = None if not timeout else time.monotonic() + timeout
         with self.cond:
             while True:
                 labels = self.store.effective(epoch)
                 if all(p["pair"] in labels for p in self.pairs):
+                    if close:
+                        self.closed.add(epoch)
                     return labels
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -185,6 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "fdfo-label/1"
     task: LabelTask
     token: str
+    hosts: frozenset[str]  # the Host header values accepted ('' in it: any, on a wildcard address)
+    timeout = SOCKET_TIMEOUT  # replaced per server by LabelServer (StreamRequestHandler sets it on the socket)
 
     def log_message(self, fmt, *args):  # quiet: the trainer has its own progress output
         _log.debug("label server: " + fmt, *args)
@@ -194,24 +218,59 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if status >= 400:
+            self.close_connection = True  # a refused request's body may be unread: never parse it as a request
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
     def _json(self, status: int, obj):
         self._send(status, json.dumps(obj).encode())
 
-    def _authorised(self, url) -> bool:
-        if not self.token:
-            return True
+    def _same_origin(self, value: str) -> bool:
+        """`value` (an Origin or Referer) names this server as the request's own Host does."""
+        u = urlparse(value)
+        return u.scheme == "http" and bool(u.netloc) and u.netloc.lower() == self.headers.get("Host", "").lower()
+
+    def _authorised(self, url, post: bool) -> bool:
+        """Host, Origin / Referer and token checks; on refusal the 403 is already sent."""
+        host = self.headers.get("Host", "").strip().lower()
+        if "" not in self.hosts and host not in self.hosts:
+            self._json(HTTPStatus.FORBIDDEN, {"error": f"Host {host!r} is not this server"})
+            return False
+        origin, referer = self.headers.get("Origin"), self.headers.get("Referer")
+        if origin is not None and not self._same_origin(origin):
+            self._json(HTTPStatus.FORBIDDEN, {"error": f"cross-origin request from {origin!r} refused"})
+            return False
+        if post and origin is None and referer is not None and not self._same_origin(referer):
+            self._json(HTTPStatus.FORBIDDEN, {"error": "cross-origin request refused (Referer)"})
+            return False
         given = parse_qs(url.query).get("token", [""])[0] or self.headers.get("X-Label-Token", "")
-        if secrets.compare_digest(given, self.token):
+        # bytes on both sides: compare_digest refuses non-ASCII str (a TypeError that dropped the connection)
+        if hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode()):
             return True
         self._json(HTTPStatus.FORBIDDEN, {"error": "missing or wrong token"})
         return False
 
+    def _guard(self, fn):
+        try:
+            fn()
+        except (ConnectionError, TimeoutError):
+            raise  # the client went away or stalled: handle_error logs it quietly
+        except Exception as err:  # a bug: answer 500 instead of dropping the connection
+            _log.exception("label server: %s %s failed", self.command, self.path)
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(err).__name__}"})
+
     def do_GET(self):
+        self._guard(self._get)
+
+    def do_POST(self):
+        self._guard(self._post)
+
+    def _get(self):
         url = urlparse(self.path)
-        if not self._authorised(url):
+        if not self._authorised(url, post=False):
             return
         if url.path in ("/", "/index.html"):
             return self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
@@ -225,27 +284,35 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, target.read_bytes(), "image/png")
         self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {url.path}"})
 
-    def do_POST(self):
+    def _post(self):
         url = urlparse(self.path)
-        if not self._authorised(url):
+        if not self._authorised(url, post=True):
             return
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "Content-Type must be application/json"})
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
         if not 0 < length <= MAX_BODY:
             return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body must be 1..{MAX_BODY} bytes"})
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "body shorter than Content-Length"})
         try:
-            body = json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
             return self._json(HTTPStatus.BAD_REQUEST, {"error": "body is not JSON"})
+        except RecursionError:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "body is not JSON (nested too deeply)"})
         if not isinstance(body, dict) or not isinstance(body.get("epoch"), int) or isinstance(body["epoch"], bool):
             return self._json(HTTPStatus.BAD_REQUEST, {"error": "'epoch' must be an integer"})
         if url.path == "/api/label":
             pair, choice = body.get("pair"), body.get("choice")
             if not isinstance(pair, int) or isinstance(pair, bool):
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": "'pair' must be an integer"})
-            if choice not in CHOICES:
+            if not isinstance(choice, str) or choice not in CHOICES:
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": f"'choice' must be one of {list(CHOICES)}"})
             status, msg = self.task.label(body["epoch"], pair, choice)
         elif url.path == "/api/undo":
@@ -255,26 +322,78 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"ok": status == HTTPStatus.OK, "message": msg} if status == 200 else {"error": msg})
 
 
+class _Server(ThreadingHTTPServer):
+    """At most `limit` connections at once (503 and close beyond), and no tracebacks on stderr for clients that hang
+    up or stall."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, limit: int):
+        self.slots = threading.BoundedSemaphore(limit)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            _log.debug("label server: %d connections busy, refusing %s", MAX_CONNECTIONS, client_address)
+            try:
+                request.settimeout(1.0)
+                body = b'{"error": "server busy"}'
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            _log.debug("label server: %s: %s", client_address, err or type(err).__name__)
+        else:
+            _log.error("label server: request from %s failed", client_address, exc_info=True)
+
+
 class LabelServer:
-    """The labelling page and its API on host:port, served from a daemon thread."""
+    """The labelling page and its API on host:port, served from daemon threads."""
 
     def __init__(self, task: LabelTask, host: str = "127.0.0.1", port: int = 8765, token: str = ""):
-        if host not in ("127.0.0.1", "localhost", "::1") and not token:
-            token = secrets.token_urlsafe(16)  # anything reachable from elsewhere needs the token
-        handler = type("Handler", (_Handler,), {"task": task, "token": token})
+        token = token or secrets.token_urlsafe(16)  # a per-run token even on loopback; an explicit one wins
+        handler = type("Handler", (_Handler,), {"task": task, "token": token, "timeout": SOCKET_TIMEOUT})
         try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
+            self.httpd = _Server((host, port), handler, MAX_CONNECTIONS)
         except OSError as err:
             raise FdfoError(f"label server: cannot listen on {host}:{port} ({err.strerror})") from None
-        self.httpd.daemon_threads = True
         self.token = token
         self.host, self.port = host, self.httpd.server_address[1]
+        names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host.lower()}
+        hosts = {f"{n}:{self.port}" for n in names}
+        if self.port == 80:
+            hosts |= names
+        if host in ("", "0.0.0.0", "::"):
+            hosts.add("")  # a wildcard address answers to any name: the token is the guard there
+        handler.hosts = frozenset(hosts)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fdfo-label", daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/?token={self.token}"
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -112,6 +112,7 @@ class PageOracle(threading.Thread):
 
 @cli_entry
 def main(argv=None):
+    import secrets
     import socket
 
     from fdfo_fast.config import make_config
@@ -127,14 +128,16 @@ def main(argv=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    token = secrets.token_urlsafe(16)
     cfg = make_config(
         "toy-fdfo",
         overrides=dict(
             out=args.out, epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, reward="human:1",
-            human_port=port, eval_every=0, eval_per_category=args.eval_per_category, seed=args.seed,
+            human_port=port, human_token=token, eval_every=0, eval_per_category=args.eval_per_category,
+            seed=args.seed,
         ),
     )  # fmt: skip
-    oracle = PageOracle(f"http://127.0.0.1:{port}/")
+    oracle = PageOracle(f"http://127.0.0.1:{port}/?token={token}")  # the server wants the run's token
     oracle.start()
     t0 = time.time()
     try:

@@ -45,9 +45,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _request(url, body=None, raw: bytes | None = None):
+TOKEN = "t0ken-for-tests"  # every server here gets it (an explicit --human-token wins over the per-run random one)
+
+
+def _request(url, body=None, raw: bytes | None = None, token: str | None = TOKEN):
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"X-Label-Token": token} if token else {})}
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
@@ -55,8 +59,8 @@ def _request(url, body=None, raw: bytes | None = None):
         return err.code, err.read()
 
 
-def _json(url, body=None, raw=None):
-    status, data = _request(url, body, raw)
+def _json(url, body=None, raw=None, token=TOKEN):
+    status, data = _request(url, body, raw, token)
     return status, json.loads(data)
 
 
@@ -72,7 +76,7 @@ def server(tmp_path):
                 save_image(torch.rand(3, 8, 8) * 2 - 1, tmp_path / "epoch_00004" / f"pair_{p}_{name}.png")
             )
         pairs.append({"pair": p, "prompt": f"prompt {p}", "seed": 10 + p, "images": paths, "left": "B", "right": "A"})
-    srv = LabelServer(task, "127.0.0.1", 0)
+    srv = LabelServer(task, "127.0.0.1", 0, token=TOKEN)
     task.publish(4, pairs)
     yield srv, task, store, f"http://127.0.0.1:{srv.port}"
     srv.close()
@@ -133,9 +137,10 @@ def test_token_is_required_when_set(tmp_path):
     srv = LabelServer(LabelTask(store, tmp_path), "127.0.0.1", 0, token="s3cret")
     base = f"http://127.0.0.1:{srv.port}"
     try:
-        assert _json(base + "/api/state")[0] == 403
-        assert _json(base + "/api/state?token=wrong")[0] == 403
-        assert _json(base + "/api/state?token=s3cret")[0] == 200
+        assert _json(base + "/api/state", token=None)[0] == 403
+        assert _json(base + "/api/state?token=wrong", token=None)[0] == 403
+        assert _json(base + "/api/state?token=s3cret", token=None)[0] == 200
+        assert _json(base + "/api/state", token="s3cret")[0] == 200  # or in the X-Label-Token header
         assert srv.url.endswith("?token=s3cret")
     finally:
         srv.close()
@@ -167,7 +172,7 @@ def _train_cmd(out, port, *extra):
     return [sys.executable, "-m", "fdfo_fast.train", "--preset", "toy-fdfo", "--reward", "human:1",
             "--human-port", str(port), "--out", str(out), "--num-steps", "3", "--eval-every", "0",
             "--eval-per-category", "1", "--eval-num-steps", "2", "--progress", "false", "--tensorboard", "false",
-            "--threads", "1", *extra]  # fmt: skip
+            "--threads", "1", "--human-token", TOKEN, *extra]  # fmt: skip
 
 
 def _wait_state(base, pred, timeout=120):
@@ -235,9 +240,9 @@ def test_headless_chromium_labels_an_epoch_and_the_trainer_consumes_it(tmp_path)
         "toy-fdfo",
         overrides=dict(out=str(tmp_path / "run"), reward="human:1", human_port=port, pairs_per_epoch=4, epochs=2,
                        num_steps=3, eval_every=0, eval_per_category=1, eval_num_steps=2, progress=False,
-                       tensorboard=False, human_timeout=120),
+                       tensorboard=False, human_timeout=120, human_token=TOKEN),
     )  # fmt: skip
-    oracle = PageOracle(f"http://127.0.0.1:{port}/")
+    oracle = PageOracle(f"http://127.0.0.1:{port}/?token={TOKEN}")
     oracle.start()
     try:
         train(cfg)
@@ -315,7 +320,7 @@ def test_mixed_mode_auto_labelled_pairs_carry_the_auto_rewards_preference(tmp_pa
     images = torch.from_numpy(np.stack(images))
     scores = AlignmentReward()(images, prompts)["alignment"].view(-1, 2)
     auto_pref = torch.sign(scores[:, 0] - scores[:, 1])
-    reward = HumanPreferenceReward(tmp_path, 0.25, CompositeReward("alignment:1"), port=0, timeout=60)
+    reward = HumanPreferenceReward(tmp_path, 0.25, CompositeReward("alignment:1"), port=0, timeout=60, token=TOKEN)
     try:
         reward.begin_epoch(0)
         pref, shown = _label_epoch(reward, images, prompts, list(range(100, 116)), lambda p: "left")
@@ -346,7 +351,7 @@ def test_sides_are_randomised_and_a_click_maps_to_the_branch_shown_there(tmp_pat
         choices[p["pair"]] = "left" if p["pair"] % 2 == 0 else "right"
         return choices[p["pair"]]
 
-    reward = HumanPreferenceReward(tmp_path, port=0, timeout=60)
+    reward = HumanPreferenceReward(tmp_path, port=0, timeout=60, token=TOKEN)
     try:
         pref, shown = _label_epoch(reward, images, prompts, seeds, choose)
         labels = reward.store.effective(0)
@@ -363,3 +368,216 @@ def test_sides_are_randomised_and_a_click_maps_to_the_branch_shown_there(tmp_pat
         assert pref[p].item() == (1.0 if preferred == "A" else -1.0), (p, left, choices[p])
     # every combination of (side shown left, side clicked) occurs
     assert {(lefts[p], choices[p]) for p in lefts} == {(s, c) for s in "AB" for c in ("left", "right")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hardening (issue 18, items 9–12): real requests with hand-set headers against a real server
+# ---------------------------------------------------------------------------------------------------------------
+def _raw(port, method, path, body: bytes | None = None, headers=None, host=None):
+    """One request through http.client with exactly the headers given (Host too) -> (status, parsed JSON or bytes)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host if host is not None else f"127.0.0.1:{port}")
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        data = r.read()
+        try:
+            return r.status, json.loads(data)
+        except ValueError:
+            return r.status, data
+    finally:
+        conn.close()
+
+
+LABEL = json.dumps({"epoch": 4, "pair": 0, "choice": "left"}).encode()
+
+
+def test_default_loopback_server_has_a_per_run_token_in_its_url(tmp_path):
+    store = LabelStore(tmp_path / "l.jsonl")
+    a, b = (LabelServer(LabelTask(store, tmp_path), "127.0.0.1", 0) for _ in range(2))
+    try:
+        assert a.token and a.token != b.token and a.url.endswith(f"?token={a.token}")
+        base = f"http://127.0.0.1:{a.port}"
+        assert _json(base + "/api/state", token=None)[0] == 403
+        assert _request(base + "/", token=None)[0] == 403
+        assert _json(base + f"/api/state?token={a.token}", token=None)[0] == 200
+    finally:
+        a.close()
+        b.close()
+        store.close()
+
+
+def test_cross_origin_foreign_host_and_non_json_posts_are_refused(server):
+    srv, task, store, base = server
+    port, tok = srv.port, {"X-Label-Token": TOKEN}
+    evil = {"Origin": "http://evil.example"}
+    # the reported attack: a text/plain "simple" post from another site (no preflight) -> now refused
+    got = _raw(port, "POST", "/api/label", LABEL, {**tok, **evil, "Content-Type": "text/plain"})
+    assert got[0] == 403 and "cross-origin" in got[1]["error"]
+    assert _raw(port, "POST", "/api/label", LABEL, {**tok, **evil, "Content-Type": "application/json"})[0] == 403
+    assert (
+        _raw(port, "POST", "/api/label", LABEL, {**tok, "Origin": "null", "Content-Type": "application/json"})[0] == 403
+    )
+    referer = {"Referer": "http://evil.example/page", "Content-Type": "application/json"}
+    assert _raw(port, "POST", "/api/label", LABEL, {**tok, **referer})[0] == 403
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        got = _raw(port, "POST", "/api/label", LABEL, {**tok, **({"Content-Type": ctype} if ctype else {})})
+        assert got[0] == 415 and "application/json" in got[1]["error"], ctype
+    # DNS rebinding: the page at evil.example:PORT resolving to 127.0.0.1 sends Host: evil.example:PORT
+    for host in (f"evil.example:{port}", "127.0.0.1", f"127.0.0.1:{port + 1}", ""):
+        got = _raw(port, "GET", "/api/state", headers=tok, host=host)
+        assert got[0] == 403 and "Host" in got[1]["error"], host
+        assert _raw(port, "POST", "/api/label", LABEL, {**tok, "Content-Type": "application/json"}, host=host)[0] == 403
+    assert _raw(port, "GET", "/api/state", headers={**tok, **evil})[0] == 403  # a cross-origin fetch of the state
+    assert not Path(store.path).exists() or Path(store.path).read_text() == ""  # none of it was recorded
+    # what the page itself sends: same-origin JSON with the token; every loopback name of the bound port works
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert _raw(port, "GET", "/api/state", headers=tok, host=host)[0] == 200, host
+    same = {"Origin": f"http://127.0.0.1:{port}", "Referer": f"http://127.0.0.1:{port}/?token={TOKEN}"}
+    got = _raw(
+        port, "POST", f"/api/label?token={TOKEN}", LABEL, {**same, "Content-Type": "application/json; charset=utf-8"}
+    )
+    assert got == (200, {"ok": True, "message": "ok"})
+    assert set(store.effective(4)) == {0}
+
+
+def test_stalled_connections_are_closed_after_the_timeout_and_others_still_served(tmp_path, monkeypatch):
+    import fdfo_fast.human as human
+
+    monkeypatch.setattr(human, "SOCKET_TIMEOUT", 0.5)
+    store = LabelStore(tmp_path / "l.jsonl")
+    srv = LabelServer(LabelTask(store, tmp_path), "127.0.0.1", 0, token=TOKEN)
+    stalled = []
+    try:
+        for i in range(8):  # half-open posts: headers promise a body that never comes, or headers never end
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            head = f"POST /api/label HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nX-Label-Token: {TOKEN}\r\n"
+            if i % 2:
+                head += "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            s.sendall(head.encode())
+            stalled.append(s)
+        t0 = time.monotonic()
+        assert _json(f"http://127.0.0.1:{srv.port}/api/state")[0] == 200
+        assert time.monotonic() - t0 < 0.4  # answered at once, not after the stalled ones
+        t0 = time.monotonic()
+        for s in stalled:
+            while s.recv(4096):  # a stalled body gets its answer; then EOF: the server closed the connection
+                pass
+        assert time.monotonic() - t0 < 5
+        time.sleep(0.2)
+        assert not [t for t in threading.enumerate() if t.name.startswith("Thread-") and "process_request" in t.name]
+    finally:
+        for s in stalled:
+            s.close()
+        srv.close()
+        store.close()
+
+
+def test_connections_beyond_the_limit_get_503_at_once(tmp_path, monkeypatch):
+    import fdfo_fast.human as human
+
+    monkeypatch.setattr(human, "SOCKET_TIMEOUT", 1.0)
+    monkeypatch.setattr(human, "MAX_CONNECTIONS", 4)
+    store = LabelStore(tmp_path / "l.jsonl")
+    srv = LabelServer(LabelTask(store, tmp_path), "127.0.0.1", 0, token=TOKEN)
+    base = f"http://127.0.0.1:{srv.port}"
+    stalled = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(4)]
+    try:
+        for s in stalled:
+            s.sendall(b"GET /api/state HTTP/1.1\r\n")
+        time.sleep(0.3)  # the server has accepted all four
+        t0 = time.monotonic()
+        status, reply = _json(base + "/api/state")
+        assert status == 503 and reply["error"] == "server busy" and time.monotonic() - t0 < 0.5
+        for s in stalled:  # the stalled ones time out and free their slots
+            while s.recv(4096):
+                pass
+        time.sleep(0.2)
+        assert _json(base + "/api/state")[0] == 200
+    finally:
+        for s in stalled:
+            s.close()
+        srv.close()
+        store.close()
+
+
+def test_no_label_or_undo_after_the_trainer_took_the_epoch(server):
+    srv, task, store, base = server
+    for p in range(3):
+        assert _json(base + "/api/label", {"epoch": 4, "pair": p, "choice": "right"})[0] == 200
+    assert set(task.wait_complete(4, 5)) == {0, 1, 2}  # what HumanPreferenceReward does: it closes the epoch
+    before = Path(store.path).read_text()
+    got = _json(base + "/api/undo", {"epoch": 4})
+    assert got[0] == 409 and "closed" in got[1]["error"]
+    got = _json(base + "/api/label", {"epoch": 4, "pair": 0, "choice": "left"})
+    assert got[0] == 409 and "closed" in got[1]["error"]
+    assert Path(store.path).read_text() == before and len(store.effective(4)) == 3  # what was trained stays
+    assert _json(base + "/api/state")[1]["closed"] is True
+
+
+def test_human_reward_closes_the_epoch_it_consumed(tmp_path):
+    from fdfo_fast.human import HumanPreferenceReward
+
+    reward = HumanPreferenceReward(tmp_path, port=0, timeout=60, token=TOKEN)
+    try:
+        _label_epoch(reward, torch.rand(4, 3, 8, 8) * 2 - 1, ["a", "a", "b", "b"], [1, 2, 3, 4], lambda p: "left")
+        base = f"http://127.0.0.1:{reward.server.port}"
+        assert _json(base + "/api/undo", {"epoch": 0})[0] == 409
+        assert len(reward.store.effective(0)) == 2
+    finally:
+        reward.close()
+
+
+def test_every_bad_request_gets_a_4xx_not_a_dropped_connection(server):
+    srv, task, store, base = server
+    port, ok = srv.port, {"X-Label-Token": TOKEN, "Content-Type": "application/json"}
+    for deep in (b"[" * 2000 + b"]" * 2000, b'{"epoch": ' + b"[" * 4000, b'{"a":' + b"[" * 3000 + b"]" * 1000):
+        got = _raw(port, "POST", "/api/label", deep, ok)
+        assert got[0] == 400 and "not JSON" in got[1]["error"], deep[:20]
+    got = _raw(port, "POST", "/api/label", b"[" * (human_max_body() + 1), ok)
+    assert got[0] == 413
+    # non-ASCII tokens, in the query (percent-encoded UTF-8) and in the header (raw Latin-1 bytes)
+    for path in ("/api/state?token=%C3%A9t%C3%A9", "/api/state?token=%FF", "/?token=%E2%82%AC"):
+        got = _raw(port, "GET", path)
+        assert got[0] == 403, path
+    got = _raw(port, "POST", "/api/label", LABEL, {"X-Label-Token": b"\xe9t\xe9", "Content-Type": "application/json"})
+    assert got[0] == 403 and "token" in got[1]["error"]
+    got = _raw(port, "POST", "/api/label", LABEL, {"X-Label-Token": TOKEN, "Content-Type": "application/json",
+                                                   "Content-Length": "abc"})  # fmt: skip
+    assert 400 <= got[0] < 500
+    assert not Path(store.path).exists() or Path(store.path).read_text() == ""
+
+
+def human_max_body():
+    import fdfo_fast.human as human
+
+    return human.MAX_BODY
+
+
+def test_client_disconnects_are_logged_quietly_not_as_tracebacks(server, capfd):
+    import struct
+
+    srv, task, store, base = server
+    capfd.readouterr()
+    for i in range(60):
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        if i % 3 == 0:  # ask for the page, then reset before reading it: the server's write hits a dead socket
+            s.sendall(f"GET /?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n\r\n".encode())
+        elif i % 3 == 1:  # promise a body, send part of it, hang up
+            s.sendall(f"POST /api/label HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nX-Label-Token: {TOKEN}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"ep".encode())  # fmt: skip
+        else:  # half a request line
+            s.sendall(b"GET /api/st")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+        s.close()
+    time.sleep(0.5)
+    assert _json(base + "/api/state")[0] == 200  # still serving
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err[-2000:]
