@@ -319,9 +319,9 @@ MUTATIONS: list[Mutation] = [
         "ds-prune-before-state", "RunCheckpoint.save: old DeepSpeed tags pruned before the new state file is "
         "written",
         (Edit(STATE_PY, "            self.engine.prune(self.out, keep=tag)\n", ""),
-         Edit(STATE_PY, "        if self.env.is_main:\n            atomic_save(\n",
+         Edit(STATE_PY, "        if self.env.is_main:\n            self._write(\n",
               "        if self.env.is_main:\n            self.engine.prune(self.out, keep=tag)\n"
-              "            atomic_save(\n")),
+              "            self._write(\n")),
         (DS_LOOP, f"{DIST}::test_deepspeed_resume_never_reads_an_unreferenced_shard_folder",
          f"{DIST}::test_deepspeed_zero3_two_ranks_match_one_process_and_resume"),
     ),

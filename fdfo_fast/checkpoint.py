@@ -29,6 +29,14 @@ def write_error(path: str | Path, err: BaseException) -> FdfoError:
     return FdfoError(f"cannot write {path}: {why}")
 
 
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (POSIX: the directory entry lives in the directory)."""
     try:
@@ -58,8 +66,13 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
+        # torch.save reports a full device as "unexpected pos N vs M" (its writer's own check): ask the filesystem,
+        # while the partial temp file still holds the space it took
+        full = isinstance(err, RuntimeError) and _free_bytes(path.parent) < (1 << 20)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise FdfoError(f"no space left on device while writing {path}") from None
         if isinstance(err, (OSError, RuntimeError)):
             raise write_error(path, err) from None
         raise

@@ -90,6 +90,7 @@ class RunCheckpoint:
         self.cfg, self.env, self.model, self.engine, self.algorithm = cfg, env, model, engine, algorithm
         self.out = Path(cfg.run.out)
         self.path = self.out / "checkpoint.pt"
+        self.saved_epoch: int | None = None  # the epoch of the complete checkpoint.pt on disk (None = none yet)
 
     def save(self, progress: RunProgress, metrics_lines: int) -> None:
         """Write the run state at `progress.epoch` (every rank calls this; rank 0 writes), then the LoRA export."""
@@ -97,7 +98,7 @@ class RunCheckpoint:
         tag = self.engine.prepare_checkpoint(self.out, epoch)  # DeepSpeed: every rank writes its shard first
         ema = self.engine.ema
         if self.env.is_main:
-            atomic_save(
+            self._write(
                 {
                     "format": STATE_FORMAT,
                     "version": STATE_VERSION,
@@ -117,11 +118,19 @@ class RunCheckpoint:
                     "last_eval": progress.last_eval,
                     "best": dict(progress.best),
                 },
-                self.path,
             )
             self.engine.prune(self.out, keep=tag)
         self.export_lora("lora")
         self.env.barrier()
+
+    def _write(self, state: dict) -> None:
+        """checkpoint.pt, atomically; a failed write names what is still there."""
+        try:
+            atomic_save(state, self.path)
+        except FdfoError as err:
+            kept = "no checkpoint yet" if self.saved_epoch is None else f"the checkpoint of epoch {self.saved_epoch}"
+            raise FdfoError(f"{err}; {kept} is intact") from None
+        self.saved_epoch = state["epoch"]
 
     def load(self) -> RunProgress:
         """Restore model, engine, EMA, algorithm state and RNG from checkpoint.pt; FdfoError on a file this run
@@ -154,6 +163,7 @@ class RunCheckpoint:
         self.algorithm.load_state_dict(st["algorithm"])
         torch.set_rng_state(st["torch_rng"])
         progress = RunProgress(st["epoch"], {**_counters(), **st["counters"]}, {}, st["last_eval"], st["metrics_lines"])
+        self.saved_epoch = st["epoch"]
         progress.best = {**RunProgress().best, **st["best"]}
         if self.cfg.run.epochs < progress.epoch:
             raise FdfoError(

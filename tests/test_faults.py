@@ -145,7 +145,11 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(t
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoint_mod.torch, "save", save)
-    with pytest.raises(FdfoError, match="cannot write .*checkpoint.pt: PytorchStreamWriter failed writing file"):
+    msg = (
+        "cannot write .*checkpoint.pt: PytorchStreamWriter failed writing file data/3: file write failed; "
+        "the checkpoint of epoch 1 is intact"
+    )
+    with pytest.raises(FdfoError, match=msg):
         train(make_config(overrides={**TINY, "out": str(out), "save_every": 1, "epochs": 2}), resume=True)
     assert (out / "checkpoint.pt").read_bytes() == good
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -241,3 +245,42 @@ def test_argparse_errors_are_one_line_and_negative_numbers_are_values():
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
     proc = _cli("--shift", "-0.5", "--dry-run", timeout=120)  # parsed as a value, then refused by its bound
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --shift must be >= 0, got -0.5"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real full disk and a real read-only filesystem (a small tmpfs; mounting needs root, as CI runs)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # 22 MiB: the toy run's best.pt (3.9 MiB) and first checkpoint.pt (11.2 MiB) fit, the second checkpoint's temp
+    # file does not
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=22m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {proc.stderr.decode().strip()[:200]}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_tmpfs):
+    out = small_tmpfs / "run"
+    proc = _cli(*CLI_TINY, "--out", str(out), "--epochs", "3", "--save-every", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last == f"error: no space left on device while writing {out}/checkpoint.pt; the checkpoint of epoch 1 is intact"
+    )
+    state = read_checkpoint(out / "checkpoint.pt")  # the last complete one, intact
+    assert state["epoch"] == 1 and len(_records(out)) == state["metrics_lines"] + 1  # + epoch 2's record
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_real_read_only_filesystem_is_one_line(small_tmpfs):
+    out = small_tmpfs / "run"
+    assert _cli(*CLI_TINY, "--out", str(out), "--epochs", "1").returncode == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    proc = _cli("--resume", "--out", str(out), "--epochs", "2")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: --out {out} is not writable"
+    assert (out / "checkpoint.pt").read_bytes() == before
