@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,16 +26,15 @@ def write_error(path: str | Path, err: BaseException) -> FdfoError:
         return FdfoError(f"no space left on device while writing {path}")
     if errno_ == errno.EROFS:
         return FdfoError(f"cannot write {path}: read-only file system")
-    why = getattr(err, "strerror", None) or text.splitlines()[0][:200] if text else type(err).__name__
+    why = getattr(err, "strerror", None) or (text.splitlines()[0][:200] if text else type(err).__name__)
     return FdfoError(f"cannot write {path}: {why}")
 
 
 def _free_bytes(folder: Path) -> int:
     try:
-        st = os.statvfs(folder)
+        return shutil.disk_usage(folder).free
     except OSError:
         return 1 << 62
-    return st.f_bavail * st.f_frsize
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -97,8 +97,6 @@ RUN_FOLDERS = ("lora", "best_lora")
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Delete the partial files a killed run left in its folder (only our own patterns); returns what went."""
-    import shutil
-
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -112,15 +110,16 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return gone
 
 
-def read_checkpoint(path: str | Path, expected_format: str | None = None) -> dict:
-    """torch.load a checkpoint dict (weights_only) or raise FdfoError naming the file and the problem."""
+def read_checkpoint(path: str | Path, expected_format: str | None = None, mmap: bool = False) -> dict:
+    """torch.load a checkpoint dict (weights_only) or raise FdfoError naming the file and the problem; `mmap` maps
+    the tensors instead of reading them (a caller that needs only the small fields)."""
     path = Path(path)
     if not path.exists():
         raise FdfoError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise FdfoError(f"checkpoint {path} is a directory, expected a .pt file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for truncated / foreign files
         raise FdfoError(f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict) or "format" not in obj:

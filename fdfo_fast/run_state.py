@@ -77,7 +77,7 @@ def saved_config(out: Path) -> dict:
     path = out / "checkpoint.pt"
     if not path.is_file():
         raise FdfoError(f"--resume: {path} does not exist (is --out the run folder?)")
-    config = read_checkpoint(path, STATE_FORMAT).get("config")
+    config = read_checkpoint(path, STATE_FORMAT, mmap=True).get("config")  # the weights are read once, by load()
     if not isinstance(config, dict):
         raise FdfoError(f"--resume: {path} holds no run config")
     return config
