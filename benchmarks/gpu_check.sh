@@ -10,12 +10,14 @@
 #   wheels     install the wheels carried in .whl/ (benchmarks/download_gpu_wheels.sh) into /tmp/site
 #   project    install this package (editable, no deps, no index, no build isolation)
 #   kernels    tests/kernels: the Triton kernels compiled and run for real, ref vs Triton training on CUDA
+#   epoch_profile  benchmarks/epoch_profile.py --size full: one FDFO epoch chunk on SD3.5-M shapes, time/share/MFU
 #   throughput benchmarks/throughput.py: fused ops vs eager vs torch.compile, CUDA graphs, SD3.5-M-shaped model
 #   ext_graphs tests/test_preprocess.py + tests/test_cuda_graph.py: the CUDA extension on CUDA tensors, graphs
 #   zero3      the ZeRO-3 single-GPU toy run through the deepspeed launcher
 # At most 8 files are written under OUTDIR (the device tool returns 8): summary.json (rebuilt after every step,
-# atomically: plan, per-step status/time/rc/reason, per-test outcomes, throughput rows), env.txt, install.log,
-# tests.log (every pytest step, appended), throughput.log, throughput.jsonl. Per-step JUnit files stay in a work
+# atomically: plan, per-step status/time/rc/reason, per-test outcomes, throughput rows, the epoch profile), env.txt,
+# install.log, tests.log (every pytest step, appended), epoch_profile.log, epoch_profile.json, throughput.log,
+# throughput.jsonl. Per-step JUnit files stay in a work
 # folder and are folded into summary.json. On a machine without a GPU (a CPU rehearsal) every step still runs:
 # GPU-only tests skip themselves with their reason and throughput runs --quick.
 set -uo pipefail
@@ -31,12 +33,13 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 START=$(date +%s)
 
 # name | cap in seconds | what it does (the caps add up to more than the deadline on purpose: the expected
-# total is ~350 s; a slow step eats into the later ones' caps, never past the deadline)
+# total is ~410 s; a slow step eats into the later ones' caps, never past the deadline)
 STEPS=(
     "env|30|versions, GPU, CUDA toolkit"
     "wheels|90|pip install the carried .whl/ into /tmp/site"
     "project|60|pip install -e . --no-deps --no-index --no-build-isolation"
     "kernels|150|pytest tests/kernels"
+    "epoch_profile|120|benchmarks/epoch_profile.py --size full --train-passes 16"
     "throughput|200|benchmarks/throughput.py --deadline (cap - 40)"
     "ext_graphs|150|pytest tests/test_preprocess.py tests/test_cuda_graph.py"
     "zero3|100|pytest tests/test_distributed.py::test_zero3_single_gpu_toy_run"
@@ -48,7 +51,7 @@ if [ $DRY = 1 ]; then
     for s in "${STEPS[@]}"; do
         IFS='|' read -r name cap what <<<"$s"
         total=$((total + cap))
-        printf '  %-11s cap %4d s  (caps so far %4d s)  %s\n' "$name" "$cap" "$total" "$what"
+        printf '  %-13s cap %4d s  (caps so far %4d s)  %s\n' "$name" "$cap" "$total" "$what"
     done
     echo "  a step starts only with ≥ 20 s left; its cap is cut to what the deadline leaves"
     exit 0
@@ -154,6 +157,22 @@ pytest_step() {  # name, pytest args...
     "$PY" -m pytest -v --tb=short -p no:cacheprovider -rs --junitxml="$WORK/junit_$name.xml" "$@" >>"$OUT/tests.log" 2>&1
 }
 
+# The epoch profile at full size (estimate for an H200, not yet measured): imports ~15 s; random-weight build of
+# the transformer (2.2 B), CLIP-L/G + T5-XXL (4.9 B; T5 made in fp32, then bf16), VAE and the fp32 CLIP-H reward
+# (1 B) on the GPU ~20-30 s; two 8192³ peak measurements ~2 s; the chunk itself: text encoding < 1 s, sampling
+# 16 samples x 40 steps at 512² (~1.4 PFLOP, ~4 s at ~40 % MFU) plus a 2-step warm-up, VAE decode of 16 images
+# and CLIP-H scoring < 1 s, training 16 of the chunk's 80 passes of 8 items (each ~55 TFLOP fwd+bwd, ~0.2 s;
+# timed and scaled ×5) plus one warm-up pass ~4 s: ~50-60 s in all, so a 120 s cap leaves about 2x margin. The
+# reward input is prepared by the torch reference (--preprocess-impl ref): building the CUDA extension is
+# ext_graphs' job and would not fit this cap (throughput.py times the extension against the reference).
+step_epoch_profile() {
+    local size=(--size tiny --device cpu)
+    "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
+        && size=(--size full --device cuda --train-passes 16)
+    "$PY" benchmarks/epoch_profile.py "${size[@]}" --preprocess-impl ref --json "$OUT/epoch_profile.json" \
+        >"$OUT/epoch_profile.log" 2>&1
+}
+
 step_throughput() {
     local quick=()
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || quick=(--quick)
@@ -162,9 +181,9 @@ step_throughput() {
         --deadline $((STEP_CAP > 60 ? STEP_CAP - 40 : 20)) >"$OUT/throughput.log" 2>&1
 }
 
-: >"$OUT/install.log"; : >"$OUT/tests.log"; : >"$OUT/throughput.jsonl"
+: >"$OUT/install.log"; : >"$OUT/tests.log"; : >"$OUT/throughput.jsonl"; : >"$OUT/epoch_profile.log"
 export OUT PY WORK ROOT
-export -f resolve_cuda_home step_env step_wheels step_project pytest_step step_throughput
+export -f resolve_cuda_home step_env step_wheels step_project pytest_step step_epoch_profile step_throughput
 run_step env step_env
 if cuda_home=$(resolve_cuda_home); then export CUDA_HOME=$cuda_home; fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -172,6 +191,7 @@ run_step wheels step_wheels
 if compgen -G ".whl/*.whl" >/dev/null; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 run_step project step_project
 run_step kernels pytest_step kernels tests/kernels
+run_step epoch_profile step_epoch_profile
 run_step throughput step_throughput
 run_step ext_graphs pytest_step ext_graphs tests/test_preprocess.py tests/test_cuda_graph.py
 run_step zero3 pytest_step zero3 "tests/test_distributed.py::test_zero3_single_gpu_toy_run"
@@ -181,6 +201,6 @@ import json, sys
 s = json.load(open(sys.argv[1]))
 for st in s["steps"]:
     t = st.get("tests", {}).get("counts")
-    print(f"{st['step']:<11} {st['status']:<8} {st['seconds']:>4} s  {t or ''}  {st['reason']}")
+    print(f"{st['step']:<13} {st['status']:<8} {st['seconds']:>4} s  {t or ''}  {st['reason']}")
 PY
 rm -rf "$WORK"

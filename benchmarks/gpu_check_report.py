@@ -4,9 +4,9 @@
     python benchmarks/gpu_check_report.py OUT WORK
 
 WORK holds the step records (`steps.tsv`: name, status, rc, seconds, reason — one line per finished step) and each
-pytest step's JUnit XML (`junit_<step>.xml`); OUT holds the logs and `throughput.jsonl`. The summary is written to a
-temporary file beside it and renamed, so a kill at any moment leaves the previous complete summary. Standard
-library only (it must run before anything is installed).
+pytest step's JUnit XML (`junit_<step>.xml`); OUT holds the logs, `throughput.jsonl` and `epoch_profile.json`. The
+summary is written to a temporary file beside it and renamed, so a kill at any moment leaves the previous complete
+summary. Standard library only (it must run before anything is installed).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
         if junit.exists():
             step["tests"] = read_junit(junit)
     bench = read_jsonl(out / "throughput.jsonl")
+    profile = read_jsonl(out / "epoch_profile.json")  # one record (benchmarks/epoch_profile.py --json)
     env = (out / "env.txt").read_text(errors="replace") if (out / "env.txt").exists() else ""
     plan = json.loads((work / "plan.json").read_text()) if (work / "plan.json").exists() else {}
     summary = {
@@ -75,6 +76,7 @@ def main(argv: list[str]) -> int:
         "all_ok": bool(steps) and all(s["status"] in ("ok", "skipped") for s in steps),
         "throughput_rows": [r for r in bench if r.get("kind") == "row"],
         "throughput_sections": [r for r in bench if r.get("kind") == "section"],
+        "epoch_profile": profile[-1] if profile else None,
         "env": env,
     }
     tmp = out / ".summary.json.tmp"

@@ -329,8 +329,8 @@ MUTATIONS: list[Mutation] = [
     mutation(
         "kernel-logprob-first-chunk", "sampler_step (Triton): SDE log-prob reduced from the first row chunk only, "
         "scaled as if it were all of them",
-        "kernels/sampler_step.py", "lp = -0.5 * lp_part.sum(1) / n_cols",
-        "lp = -0.5 * lp_part[:, :1].sum(1) * n_chunks / n_cols",
+        "kernels/sampler_step.py", "total = sum_of_partials(LP_PART, b, n_chunks, MAX_CHUNKS)",
+        "total = tl.load(LP_PART + b * n_chunks) * n_chunks",
         [K_STEP, K_LOOP, f"{K_TRAIN}::test_flow_grpo_training_ref_vs_triton"],
     ),
     # -- alignment scorer -------------------------------------------------------------------------------------
@@ -419,8 +419,8 @@ MUTATIONS: list[Mutation] = [
     ),
     mutation(
         "fd-loss-triton-grad-sign", "fd_loss (Triton launcher): the gradient coefficient's sign flipped",
-        "kernels/fd_loss.py", "coef_fd = (dl_drho * rho * (-2.0 / n_cols)).contiguous()",
-        "coef_fd = (dl_drho * rho * (2.0 / n_cols)).contiguous()",
+        "kernels/fd_loss.py", "rho * (-2.0 / n_cols) * g_loss",
+        "rho * (2.0 / n_cols) * g_loss",
         [K_FD], extra=True,
     ),
     mutation(

@@ -120,22 +120,27 @@ class _StubVae(nn.Module):
         )
 
 
-def build_model(shape: Shape, device: str):
-    """SD3FlowModel around a random-weight SD3Transformer2DModel (built on the device, then cast)."""
+def build_transformer(config: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random-weight SD3Transformer2DModel from `config` (built on the device, then cast), in eval mode."""
     from diffusers import SD3Transformer2DModel
     from diffusers.utils import logging as dlogging
 
-    from fdfo_fast.models.diffusers_flow import SD3FlowModel
-
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device):
-        transformer = SD3Transformer2DModel(**shape.config)
+        transformer = SD3Transformer2DModel(**config)
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # "modules to keep in float32: []" (there are none; this is not from_pretrained)
     try:
-        transformer = transformer.to(device=device, dtype=shape.dtype).eval()  # buffers made on the CPU follow too
+        return transformer.to(device=device, dtype=dtype).eval()  # buffers made on the CPU follow too
     finally:
         dlogging.set_verbosity(level)
+
+
+def build_model(shape: Shape, device: str):
+    """SD3FlowModel around a random-weight SD3Transformer2DModel (built on the device, then cast)."""
+    from fdfo_fast.models.diffusers_flow import SD3FlowModel
+
+    transformer = build_transformer(shape.config, device, shape.dtype)
     pipe = SimpleNamespace(transformer=transformer, vae=_StubVae(shape.config["in_channels"]))
     model = SD3FlowModel(pipe, resolution=shape.resolutions[0], max_sequence_length=shape.text_tokens - 77)
     if device == "cuda":

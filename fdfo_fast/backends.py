@@ -40,6 +40,8 @@ OPTIONAL_PACKAGES = (
 # Every environment switch, name -> meaning. A flag is on for 1/true/yes/on (any case), as Triton parses its own.
 ENV_SWITCHES = {
     "FDFO_DISABLE_TRITON": "1: never run the Triton kernels (auto takes the reference, impl='triton' raises)",
+    "FDFO_DISABLE_AUTOTUNE": "1: the Triton kernels use their default launch shape (no timing of candidates; "
+    "the in-kernel sums then repeat bit for bit across runs and machines of one GPU model)",
     "TRITON_INTERPRET": "1: Triton's interpreter runs the kernels on CPU tensors (tests; Triton reads it too)",
     "FDFO_DISABLE_EXT": "1: never load or build the C++ extension (auto takes the reference, impl='ext' raises)",
     "FDFO_EXT_VERBOSE": "1: print the C++ extension's full JIT build log",

@@ -15,7 +15,7 @@ import torch
 
 from fdfo_fast.backends import record_backend
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.sampling import Sampler, Trajectory, cond_map
+from fdfo_fast.sampling import Sampler, Trajectory, cond_map, to_device
 
 
 class CudaGraphSampler:
@@ -37,7 +37,8 @@ class CudaGraphSampler:
     def __call__(self, sampler: Sampler, model, x1: torch.Tensor, cond: dict, uncond: dict | None = None, seeds=None):
         if not x1.is_cuda:
             raise FdfoError("CudaGraphSampler needs CUDA tensors")
-        seeds_t = torch.as_tensor(seeds if seeds is not None else [0] * len(x1), dtype=torch.int64).to(x1.device)
+        seeds = seeds if seeds is not None else [0] * len(x1)
+        seeds_t = to_device(torch.as_tensor(seeds, dtype=torch.int64), x1.device)
         key = self._key(sampler, model, x1, cond, uncond)
         if key not in self.graphs:
             self.graphs[key] = self._capture(sampler, model, x1, cond, uncond, seeds_t)

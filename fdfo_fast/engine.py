@@ -175,8 +175,11 @@ class DeepSpeedEngine(_EngineBase):
 
     def passes(self, n_local: int) -> int:
         """ZeRO shards gather weights and reduce gradients inside forward/backward: every rank must run the same
-        number of passes, so ranks with fewer micro-batches run zero-weighted passes on one of their items."""
-        return int(self.env.max(n_local))
+        number of passes, so ranks with fewer micro-batches run zero-weighted passes on one of their items. At least
+        one: a step whose items all have zero weight (e.g. every pair tied) still runs one zero-weighted pass, since
+        a DeepSpeed step without a backward has no reduced gradients to step with (ZeRO-2 fails on them); the plain
+        engine steps with zero gradients in that case, and so does this one."""
+        return max(1, int(self.env.max(n_local)))
 
     def zero_grad(self):
         self.engine.zero_grad()

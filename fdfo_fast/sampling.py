@@ -71,7 +71,17 @@ class NoiseStream:
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         """[B, *shape] standard normal, row i from generator i."""
         rows = [torch.randn(shape, generator=g) for g in self.generators]
-        return torch.stack(rows).to(self.device)
+        return to_device(torch.stack(rows), self.device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory without blocking the host (torch's caching host
+    allocator keeps the staging block until the copy has run), so a rollout's seeds and start noise do not stall
+    the launch queue (issue 19, finding 7)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,8 +205,8 @@ class Sampler:
         T, B = len(sigmas) - 1, x1.shape[0]
         sig = [float(s) for s in sigmas]
         sigma_max = largest_sigma_below_one(sigmas)
-        if seeds is not None:
-            seeds = torch.as_tensor(seeds, dtype=torch.int64, device=x1.device)
+        if seeds is not None and not (isinstance(seeds, torch.Tensor) and seeds.device == x1.device):
+            seeds = to_device(torch.as_tensor(seeds, dtype=torch.int64), x1.device)
         # states[k] = input of step k; states[T] = x0. Without recording, the update runs in place in one buffer.
         states = x1.new_empty((T + 1 if self.record else 1, *x1.shape), dtype=torch.float32)
         if kind == "churn":  # docs/method.md §1.1 start churn = the churn step with t = s = 1 and v = 0 (r = 1)

@@ -6,7 +6,9 @@ the implementation through `fdfo_fast.backends` (which also records what each op
   * `sampler_step`: one denoising step of the Euler, FDFO churn and Flow-GRPO SDE samplers (its module docstring is
     the specification of the step formulas; `fdfo_fast.sampling` runs the loop around it);
   * `fd_loss`: FDFO's finite-difference velocity loss, forward and backward;
-  * `philox`: a NumPy twin of Triton's in-kernel Philox noise, so the references replay the kernel's noise.
+  * `philox`: a NumPy twin of Triton's in-kernel Philox noise, so the references replay the kernel's noise;
+  * `launch`: the row kernels' launch shapes (adaptive chunking, a GPU autotune) and reduction counters;
+    `device_functions`: their shared @triton.jit helpers (imported by the kernel builders only).
 By default an op runs its kernel on CUDA tensors when Triton is usable and its reference otherwise; "triton" on
 CPU tensors runs the kernel under Triton's interpreter (TRITON_INTERPRET=1, the CPU tests).
 """

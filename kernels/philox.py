@@ -1,5 +1,5 @@
-"""A NumPy twin of Triton's `tl.randn(seed, offset)` (Philox4x32-10 + Box–Muller), so reference paths can replay
-the exact noise that the fused sampler kernel draws in-kernel from per-sample seeds."""
+"""A NumPy twin of Triton's `tl.randn4x(seed, offset)` (Philox4x32-10, all four words, two Box–Muller pairs), so
+reference paths can replay the exact noise that the fused sampler kernel draws in-kernel from per-sample seeds."""
 
 from __future__ import annotations
 
@@ -34,23 +34,31 @@ def _uniform(x: np.ndarray) -> np.ndarray:
     return (i.astype(np.float32) * np.float32(4.6566127342e-10)).astype(np.float32)
 
 
-def philox_randn(seeds: torch.Tensor | list[int], offsets: np.ndarray) -> torch.Tensor:
-    """Standard normals identical (up to fp32 transcendental rounding) to Triton's randn(seed_b, offsets).
+def _box_muller(u1: np.ndarray, u2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Triton's pair_uniform_to_normal in fp32: r·cos θ, r·sin θ with r = √(−2 log max(u₁, 1e−7)), θ = 2π·u₂."""
+    u1 = np.maximum(np.float32(1.0e-7), u1)
+    th = np.float32(6.283185307179586) * u2
+    r = np.sqrt(np.float32(-2.0) * np.log(u1))
+    return r * np.cos(th), r * np.sin(th)
 
-    seeds: [B] non-negative ints; offsets: int64 array [n] -> float32 tensor [B, n].
+
+def philox_randn4(seeds: torch.Tensor | list[int], counters: np.ndarray) -> torch.Tensor:
+    """Standard normals identical (up to fp32 transcendental rounding) to Triton's randn4x(seed_b, counters).
+
+    seeds: [B] non-negative ints; counters: int64 array [n] -> float32 tensor [B, n, 4], the four normals of each
+    counter in randn4x's order (n1, n2 from Philox words 1-2, n3, n4 from words 3-4).
     """
     seeds = np.asarray(torch.as_tensor(seeds).cpu().numpy(), dtype=np.uint64)[:, None]
-    offsets = np.asarray(offsets, dtype=np.int64)[None, :]
+    counters = np.asarray(counters, dtype=np.int64)[None, :]
     k0 = (seeds & _MASK32).astype(np.uint32)
     k1 = (seeds >> np.uint64(32)).astype(np.uint32)
-    c0 = (offsets.astype(np.uint64) & _MASK32).astype(np.uint32)
-    c1 = (offsets.astype(np.uint64) >> np.uint64(32)).astype(np.uint32)
+    c0 = (counters.astype(np.uint64) & _MASK32).astype(np.uint32)
+    c1 = (counters.astype(np.uint64) >> np.uint64(32)).astype(np.uint32)
     zero = np.zeros_like(c0)
     shape = np.broadcast_shapes(k0.shape, c0.shape)
     c0, c1, zero = (np.broadcast_to(c, shape).copy() for c in (c0, c1, zero))
     k0, k1 = np.broadcast_to(k0, shape).copy(), np.broadcast_to(k1, shape).copy()
-    i1, i2, _, _ = _philox4x32(c0, c1, zero, zero.copy(), k0, k1)
-    u1 = np.maximum(np.float32(1.0e-7), _uniform(i1))
-    th = np.float32(6.283185307179586) * _uniform(i2)
-    r = np.sqrt(np.float32(-2.0) * np.log(u1))
-    return torch.from_numpy((r * np.cos(th)).astype(np.float32))
+    words = _philox4x32(c0, c1, zero, zero.copy(), k0, k1)
+    n1, n2 = _box_muller(_uniform(words[0]), _uniform(words[1]))
+    n3, n4 = _box_muller(_uniform(words[2]), _uniform(words[3]))
+    return torch.from_numpy(np.stack([n1, n2, n3, n4], axis=-1).astype(np.float32))

@@ -24,9 +24,12 @@ precision, as a `StepCoefficients` record, which both paths use:
     the SDE, reduces the log-prob from ε²/2 (x_s − μ = std·ε). The two agree to the fp32 rounding of that
     regrouping: tests/kernels/test_sampler_step.py bounds it (8u·(|c_x·x| + |c_v·v| + |c_ε·ε|) per element).
 The state is fp32; velocities may be bf16/fp16/fp32. Noise for sample b, stream j (0 = start churn, k + 1 = step
-k), element i is Triton's randn(seed_b, j·n + i); `kernels.philox.philox_randn` replays it in NumPy (to a few
-ulps on a GPU, whose Box–Muller uses sqrt.approx and libdevice's logf/cosf; exactly under the interpreter), so the
-reference and the kernel see the same noise.
+k), element i of n is normal (i mod 4) of Triton's randn4x(seed_b, j·⌈n/4⌉ + ⌊i/4⌋): one Philox4x32-10 call per 4
+elements, all four words used by two Box–Muller pairs (`tl.randn` would run Philox per element and keep one of its
+four words and one of two Box–Muller outputs, ~110 of the step's ~146 instructions per element; issue 19).
+`kernels.philox.philox_randn4` replays it in NumPy (to a few ulps on a GPU, whose Box–Muller uses sqrt.approx and
+libdevice's logf/cosf/sinf; exactly under the interpreter), so the reference and the kernel see the same noise.
+The noise of an element does not depend on the launch shape.
 
 Rounding contract: the kernel is compiled with `enable_fp_fusion=False`, so on a GPU, as in the interpreter, every
 multiply and add rounds on its own (no FMA contraction). The CFG combine is then bit-identical to the torch
@@ -46,7 +49,8 @@ import torch
 
 from fdfo_fast.backends import choose_impl
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.kernels.philox import philox_randn
+from fdfo_fast.kernels.launch import LaunchShape, row_counters, tuned_shape
+from fdfo_fast.kernels.philox import philox_randn4
 
 MODES = ("euler", "churn", "sde")
 
@@ -120,9 +124,19 @@ def sde_mean(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
-    """log N(x; μ, std²) averaged over all non-batch elements -> [B] (fp32; bf16 overflows here)."""
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
-    lp = -((x.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    """log N(x; μ, std²) averaged over all non-batch elements -> [B] (fp32; bf16 overflows here).
+
+    A Python-float std (the sampler's per-step scalar) stays on the host: turning it into a device tensor would
+    be a blocking host-to-device copy per step (issue 19, finding 6). Its 2·std² and log std are formed from the
+    fp32 std with torch's fp32 CPU ops, as the tensor path forms them, so on the CPU the sampler's log-prob and the
+    training recomputation (a per-item std tensor) agree bit for bit."""
+    if isinstance(std, torch.Tensor):
+        std = std.to(device=x.device, dtype=torch.float32)
+        two_var, log_std = 2 * std**2, torch.log(std)
+    else:
+        std32 = torch.tensor(std, dtype=torch.float32)
+        two_var, log_std = float(2 * std32**2), float(torch.log(std32))
+    lp = -((x.float() - mean.float()) ** 2) / two_var - log_std - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(1)
 
 
@@ -144,9 +158,12 @@ def sampler_step_ref(x, v_c, v_u, coefs: StepCoefficients, cfg_scale=1.0, noise=
 
 
 def philox_noise(seeds: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The kernel's noise for `stream`, regenerated on the CPU: [B, *shape] fp32."""
+    """The kernel's noise for `stream`, regenerated on the CPU: [B, *shape] fp32 (element i: normal i mod 4 of
+    Philox counter stream·⌈n/4⌉ + ⌊i/4⌋)."""
     n = int(np.prod(shape))
-    return philox_randn(seeds, stream * n + np.arange(n, dtype=np.int64)).view(len(seeds), *shape)
+    groups = -(-n // 4)
+    normals = philox_randn4(seeds, stream * groups + np.arange(groups, dtype=np.int64))
+    return normals.reshape(len(seeds), groups * 4)[:, :n].reshape(len(seeds), *shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,12 +172,19 @@ def philox_noise(seeds: torch.Tensor, stream: int, shape: tuple[int, ...]) -> to
 _KERNEL = None
 
 
+is_last_program = sum_of_partials = None  # set by _kernel()
+
+
 def _kernel():
     global _KERNEL
     if _KERNEL is not None:
         return _KERNEL
     import triton
     import triton.language as tl
+
+    # Module globals, not locals: the JIT and the interpreter resolve called @triton.jit functions there.
+    global is_last_program, sum_of_partials
+    from fdfo_fast.kernels.device_functions import is_last_program, sum_of_partials
 
     # `stream` must not be specialised: the JIT turns an int argument equal to 1 into a compile-time constant (the
     # first churn/SDE step has stream 1), and `stream.to(tl.int64)` then fails to compile on a GPU. The
@@ -175,15 +199,19 @@ def _kernel():
         V_OUT,
         NOISE_OUT,
         LP_PART,
+        LP_COUNT,
+        LP_OUT,
         n_cols,
+        chunk_size,
         n_chunks,
         stream,
         cfg_scale,
         c_x,
         c_v,
         c_n,
-        CHUNK: tl.constexpr,
+        lp_shift,
         BLOCK: tl.constexpr,
+        MAX_CHUNKS: tl.constexpr,
         HAS_NOISE: tl.constexpr,
         HAS_CFG: tl.constexpr,
         STORE_V: tl.constexpr,
@@ -193,11 +221,23 @@ def _kernel():
         b = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1).to(tl.int64)
         row = b * n_cols
+        begin = chunk * chunk_size
+        end = tl.minimum(begin + chunk_size, n_cols)
         if HAS_NOISE:
             seed = tl.load(SEEDS + b)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, CHUNK, BLOCK):
-            cols = chunk * CHUNK + start + tl.arange(0, BLOCK).to(tl.int64)
+            counter0 = stream.to(tl.int64) * ((n_cols + 3) // 4)  # the stream's first Philox counter
+        # A tile is [BLOCK/4, 4]: each thread holds groups of 4 consecutive elements, whose 4 normals come from
+        # one Philox call, so the noise needs no exchange between threads (a 1-D interleave of randn4x's outputs
+        # compiles to shared-memory round trips) and the loads stay 16-byte (fp32) / 8-byte (bf16) vectors.
+        group = tl.arange(0, BLOCK // 4)
+        lane = tl.arange(0, 4)[None, :]
+        # Σε² per group, as a [BLOCK/4, 1] column of the tile. Triton 3.7's layout engine still draws each group's
+        # Philox call twice here (once in the tile's layout, once in the reduction's; benchmarks/RESULTS.md lists
+        # the formulations tried), which costs the SDE step ~28 instructions per element over churn; reducing the
+        # [BLOCK/4, 4] tile instead spreads each group over 4 threads, each drawing its Philox call (~270).
+        acc = tl.zeros([BLOCK // 4, 1], dtype=tl.float32)
+        for start in range(begin, end, BLOCK):  # only this row's tiles: at most the last one is partly masked
+            cols = start + 4 * group[:, None] + lane
             mask = cols < n_cols
             x = tl.load(X + row + cols, mask=mask, other=0.0)
             v = tl.load(VC + row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -208,15 +248,23 @@ def _kernel():
                 tl.store(V_OUT + row + cols, v.to(V_OUT.dtype.element_ty), mask=mask)
             x_new = c_x * x + c_v * v
             if HAS_NOISE:
-                eps = tl.randn(seed, stream.to(tl.int64) * n_cols + cols)
+                n1, n2, n3, n4 = tl.randn4x(seed, counter0 + start // 4 + group)
+                n1, n2, n3, n4 = n1[:, None], n2[:, None], n3[:, None], n4[:, None]
+                if LOG_PROB:  # (x_s − μ)²/(2·std²) = ε²/2, per group; the row's last group may be partial
+                    left = n_cols - (start + 4 * group[:, None])  # [BLOCK/4, 1]: elements of the group in the row
+                    acc += tl.where(left > 0, n1 * n1, 0.0) + tl.where(left > 1, n2 * n2, 0.0)
+                    acc += tl.where(left > 2, n3 * n3, 0.0) + tl.where(left > 3, n4 * n4, 0.0)
+                eps = tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4)))
                 x_new += c_n * eps
                 if EXPORT_NOISE:
                     tl.store(NOISE_OUT + row + cols, eps, mask=mask)
-                if LOG_PROB:  # (x_s − μ)²/(2·std²) = ε²/2
-                    acc += tl.where(mask, eps * eps, 0.0)
             tl.store(X_OUT + row + cols, x_new, mask=mask)
-        if LOG_PROB:
-            tl.store(LP_PART + b * n_chunks + chunk, tl.sum(acc, axis=0))
+        if LOG_PROB:  # log-prob = −½·mean(ε²) − log std − ½ log 2π, finished by the row's last program
+            tl.store(LP_PART + b * n_chunks + chunk, tl.sum(tl.sum(acc, axis=1), axis=0))
+            if is_last_program(LP_COUNT, b, n_chunks):
+                total = sum_of_partials(LP_PART, b, n_chunks, MAX_CHUNKS)
+                tl.store(LP_OUT + b, -0.5 * total / n_cols + lp_shift)
+                tl.store(LP_COUNT + b, 0)
 
     _KERNEL = _sampler_step_fwd_kernel
     return _KERNEL
@@ -225,54 +273,73 @@ def _kernel():
 # ---------------------------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------------------------
-BLOCK = 1024
-CHUNK = 8192
-
-
 def sampler_step_fwd(
-    x, v_c, v_u, seeds, stream, coefs: StepCoefficients, cfg_scale, x_out=None, v_out=None, export_noise=False
+    x,
+    v_c,
+    v_u,
+    seeds,
+    stream,
+    coefs: StepCoefficients,
+    cfg_scale,
+    x_out=None,
+    v_out=None,
+    export_noise=False,
+    shape: LaunchShape | None = None,
 ):
-    """Triton launch: returns (x_s, log-prob [B] or None, noise or None); writes v into `v_out` when given."""
+    """Triton launch: returns (x_s, log-prob [B] or None, noise or None); writes v into `v_out` when given.
+    `shape` forces a launch shape (tests); by default it is `kernels.launch.tuned_shape`'s."""
     kernel = _kernel()
     mode = coefs.mode
     b = x.shape[0]
     n_cols = x[0].numel()
-    chunk = min(CHUNK, max(BLOCK, 1 << (n_cols - 1).bit_length()))
-    n_chunks = -(-n_cols // chunk)
-    x_out = torch.empty_like(x, dtype=torch.float32) if x_out is None else x_out
     has_noise = mode != "euler"
     log_prob = mode == "sde"
-    noise = torch.empty_like(x_out) if (export_noise and has_noise) else x_out
-    lp_part = torch.empty(b, n_chunks, device=x.device, dtype=torch.float32) if log_prob else x_out
-    kernel[(b, n_chunks)](
-        x,
-        v_c,
-        v_u if v_u is not None else v_c,
-        seeds if has_noise else x,
-        x_out,
-        v_out if v_out is not None else x_out,
-        noise,
-        lp_part,
-        n_cols,
-        n_chunks,
-        stream,
-        float(cfg_scale),
-        float(coefs.c_x),
-        float(coefs.c_v),
-        float(coefs.c_n),
-        CHUNK=chunk,
-        BLOCK=min(BLOCK, chunk),
-        HAS_NOISE=has_noise,
-        HAS_CFG=v_u is not None,
-        STORE_V=v_out is not None,
-        EXPORT_NOISE=export_noise and has_noise,
-        LOG_PROB=log_prob,
-        enable_fp_fusion=False,  # the rounding contract in the module docstring
-    )
-    lp = None
-    if log_prob:
-        lp = -0.5 * lp_part.sum(1) / n_cols - coefs.log_std - 0.5 * math.log(2 * math.pi)
-    return x_out, lp, (noise if export_noise and has_noise else None)
+    export_noise = export_noise and has_noise
+    lp_shift = -coefs.log_std - 0.5 * math.log(2 * math.pi)
+
+    def launch(sh: LaunchShape, x_out, v_out, noise):
+        lp = x.new_empty(b * (sh.n_chunks + 1), dtype=torch.float32) if log_prob else x_out  # result + partials
+        kernel[(b, sh.n_chunks)](
+            x,
+            v_c,
+            v_u if v_u is not None else v_c,
+            seeds if has_noise else x,
+            x_out,
+            v_out if v_out is not None else x_out,
+            noise if noise is not None else x_out,
+            lp[b:] if log_prob else x_out,
+            row_counters(x.device, b) if log_prob else x_out,
+            lp,
+            n_cols,
+            sh.chunk,
+            sh.n_chunks,
+            stream,
+            float(cfg_scale),
+            float(coefs.c_x),
+            float(coefs.c_v),
+            float(coefs.c_n),
+            lp_shift,
+            BLOCK=sh.block,
+            MAX_CHUNKS=sh.max_chunks,
+            HAS_NOISE=has_noise,
+            HAS_CFG=v_u is not None,
+            STORE_V=v_out is not None,
+            EXPORT_NOISE=export_noise,
+            LOG_PROB=log_prob,
+            num_warps=sh.num_warps,
+            enable_fp_fusion=False,  # the rounding contract in the module docstring
+        )
+        return lp[:b] if log_prob else None
+
+    x_out = torch.empty_like(x, dtype=torch.float32) if x_out is None else x_out
+    noise = torch.empty_like(x_out) if export_noise else None
+    if shape is None:
+        key = ("sampler_step", mode, v_u is not None, v_out is not None, export_noise, v_c.dtype)
+        scratch = lambda t: None if t is None else torch.empty_like(t)
+        tune = lambda sh: launch(sh, scratch(x_out), scratch(v_out), scratch(noise))
+        shape = tuned_shape(key, b, n_cols, x.device, tune)
+    lp = launch(shape, x_out, v_out, noise)
+    return x_out, lp, noise
 
 
 # ---------------------------------------------------------------------------------------------------------------

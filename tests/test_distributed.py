@@ -231,8 +231,9 @@ def test_design_card_command_trains_with_the_shipped_bf16_configs(config, tmp_pa
     out = tmp_path / "run"
     _check(_launch(lambda port: [*DEEPSPEED, "--num_gpus", "1", "--master_port", str(port), "fdfo_fast/train.py",
                                  "--ds_config", config, "--preset", "toy-fdfo", *SMALL, "--out", str(out),
-                                 "--pairs-per-epoch", "4", "--epochs", "1", "--save-every", "1"]))  # fmt: skip
+                                 "--pairs-per-epoch", "8", "--epochs", "1", "--save-every", "1"]))  # fmt: skip
     (record,) = _train_records(out)
+    assert record["fdfo/active_items_frac"] > 0  # some pairs differ in reward: there is something to learn
     assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
     assert record["fdfo/rho_dev_mean_per_step"][0] == 0.0  # bf16 sampling and bf16 training forward agree
     if config == "ds_z2.json":  # ZeRO-2 keeps whole bf16 module weights in its shard (ZeRO-3 keeps placeholders)
@@ -240,6 +241,19 @@ def test_design_card_command_trains_with_the_shipped_bf16_configs(config, tmp_pa
         module = torch.load(states, weights_only=False)["module"]
         dtypes = {v.dtype for v in module.values() if torch.is_tensor(v) and v.is_floating_point() and v.numel()}
         assert dtypes == {torch.bfloat16}, dtypes
+
+
+def test_zero2_steps_when_every_pair_ties(tmp_path):
+    """An optimiser step whose items all have zero weight (every pair's two branches tie) runs one zero-weighted
+    pass: DeepSpeed's ZeRO-2 step has no reduced gradients to step with otherwise (a KeyError deep in DeepSpeed).
+    The plain engine steps with zero gradients in that case (engine.py); so must ZeRO."""
+    out = tmp_path / "run"
+    _check(_launch(lambda port: [*DEEPSPEED, "--num_gpus", "1", "--master_port", str(port), "fdfo_fast/train.py",
+                                 "--ds_config", "ds_z2.json", "--preset", "toy-fdfo", *SMALL, "--out", str(out),
+                                 "--pairs-per-epoch", "4", "--epochs", "1"]))  # fmt: skip
+    (record,) = _train_records(out)
+    assert record["fdfo/active_items_frac"] == 0.0, "this draw no longer ties every pair: pick one that does"
+    assert record["loss"] == 0.0 and record["skipped_steps_nonfinite"] == 0
 
 
 def test_shipped_deepspeed_configs_load():

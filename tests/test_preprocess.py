@@ -17,9 +17,11 @@ from fdfo_fast.rewards import CompositeReward, ModelReward
 from fdfo_fast.rewards.base import score_in_micro_batches
 from fdfo_fast.rewards.preprocess import (
     ImageInputSpec,
+    contiguous_taps,
     preprocess_images,
     preprocess_reference,
     resize_taps,
+    stage_floats,
     to_uint8_nhwc,
 )
 
@@ -37,7 +39,7 @@ def assert_within_8bit_bound(out, ref, spec, f32_ulp=0.0, fraction=True):
     after the second rounding), rarely: ≤ 2 levels / min(std) (+ the output dtype's rounding step for fp16 / bf16
     outputs, 0 for fp32, which is all the CPU spec sets use), and on < 2 % of the elements (`fraction`).
     Otherwise: 1e-5 plus one rounding step of the output dtype (`f32_ulp` for fp32: 0 against the reference,
-    1e-6 between the kernel's direct 2-D taps and the CPU path's separable passes)."""
+    1e-6 between the kernel on a GPU, where nvcc contracts its tap sums into FMAs, and the CPU path)."""
     assert out.dtype == ref.dtype == spec.dtype and out.shape == ref.shape
     diff = (out.float() - ref.float()).abs()
     ulp = ULP[spec.dtype] or f32_ulp
@@ -75,6 +77,13 @@ def test_taps_reproduce_torch_interpolate(resample, antialias, in_size, out_size
     ref = F.interpolate(x, size=(5, out_size), mode=resample, antialias=antialias, align_corners=False)
     torch.testing.assert_close(ours, ref, atol=2e-6, rtol=0)
     assert np.allclose(w.sum(1), 1.0, atol=1e-5)
+    # the extension's form: one window of K consecutive pixels per output, tap-major weights
+    start, wt = contiguous_taps(in_size, out_size, resample, antialias)
+    assert wt.shape[1] == out_size and start.min() >= 0 and start.max() + wt.shape[0] <= in_size
+    assert (np.diff(start) >= 0).all()
+    window = torch.from_numpy(start.astype(np.int64))[:, None] + torch.arange(wt.shape[0])
+    ours = (x[..., window] * torch.from_numpy(wt.T).double()).sum(-1)
+    torch.testing.assert_close(ours, ref, atol=2e-6, rtol=0)
 
 
 SPEC_SETS = {
@@ -100,20 +109,42 @@ def test_extension_matches_reference(ext, name, hw):
         assert_within_8bit_bound(out, ref, spec)
 
 
-@pytest.mark.parametrize("hw", [(37, 53), (29, 64)])
+@pytest.mark.parametrize("hw", [(37, 53), (29, 64), (300, 257)])
 def test_cuda_kernel_code_emulated_on_cpu_matches(ext, hw):
-    """The CUDA kernel's per-element code (segment lookup, NCHW / uint8-HWC indexing, dtype stores), run on the CPU,
-    gives what the separable CPU path gives: the GPU path's logic is checked even without a GPU."""
+    """The CUDA kernel (segment lookup, tiles, chunks of staged rows, shared-memory indexing, uint8 packing, dtype
+    stores), run block by block on the CPU, gives exactly what the separable CPU path gives: both add the same
+    products in the same order (tap_sum), so the GPU path's logic is checked bit for bit even without a GPU."""
     from fdfo_fast.rewards.preprocess import _run_extension
 
-    specs = SPEC_SETS["mixed dtypes"]
+    specs = SPEC_SETS["mixed dtypes"] + SPEC_SETS["clip-like + uint8"]
     images = _images(2, *hw, seed=3)
     shapes = [(2, 3, *s.output_hw(*hw)) for s in specs]
-    direct, u8_direct = _run_extension(images, specs, shapes, True, None, emulate_kernel=True)
+    emulated, u8_emulated = _run_extension(images, specs, shapes, True, None, emulate_kernel=True)
     sep, u8_sep = _run_extension(images, specs, shapes, True, None)
-    assert torch.equal(u8_direct, u8_sep)
-    for spec, a, b in zip(specs, direct, sep, strict=True):
-        assert_within_8bit_bound(a, b, spec, f32_ulp=1e-6, fraction=False)
+    assert torch.equal(u8_emulated, u8_sep)
+    for a, b in zip(emulated, sep, strict=True):
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+
+
+def test_stage_width_limit_agrees_with_the_binding(ext):
+    """The planner's check of device tables (`stage_floats` vs the kernel's shared memory) draws the line where the
+    binding's check of CPU tables does: a 20000 px wide image squashed to 80 px needs more (8284 floats per staged
+    row), to 120 px fits (5534)."""
+    from fdfo_fast.rewards.preprocess import _run_extension
+
+    assert (ext.TILE_W, ext.H_STRIDE) == (32, 33)  # stage_floats' defaults
+    images = torch.zeros(1, 3, 2, 20000)
+    for out_w, fits in ((80, False), (120, True)):
+        start, wt = contiguous_taps(20000, out_w, "bilinear", True)
+        assert (stage_floats(start, wt.shape[0]) <= ext.STAGE_FLOATS) == fits
+        spec = ImageInputSpec((2, out_w), None, "bilinear", True, quantize=False)
+        run = lambda spec=spec, out_w=out_w: _run_extension(images, [spec], [(1, 3, 2, out_w)], False, None, True)
+        if fits:
+            (out,), _ = run()
+            assert torch.allclose(out, torch.full((), 0.5), atol=1e-6)  # 0 in [-1, 1] is 0.5; mean 0, std 1
+        else:
+            with pytest.raises(RuntimeError, match="more than the kernel's shared memory holds"):
+                run()
 
 
 # Reward-model-sized specs besides the small ones above: CLIP-224 (short side to 224, centre crop), a 384 px bf16
@@ -262,16 +293,20 @@ def test_bad_inputs_give_clear_errors(ext):
             ImageInputSpec(**bad)
     # the C++ checks name the problem (callers outside preprocess_images get TORCH_CHECK messages)
     img = torch.zeros(1, 3, 8, 8)
-    idx, w = (torch.from_numpy(a) for a in resize_taps(8, 4, "bilinear", True))
+    idx, w = (torch.from_numpy(a) for a in contiguous_taps(8, 4, "bilinear", True))
     out = torch.empty(1, 3, 4, 4)
     with pytest.raises(RuntimeError, match="images must be float32"):
         ext.reward_preprocess(img.double(), [out], [idx], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
     with pytest.raises(RuntimeError, match="is on .* but images are on"):
         ext.reward_preprocess(img, [out.to("meta")], [idx], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
-    with pytest.raises(RuntimeError, match="index must be int32"):
+    with pytest.raises(RuntimeError, match="start must be int32"):
         ext.reward_preprocess(img, [out], [idx.long()], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
-    with pytest.raises(RuntimeError, match="rows for an output of size"):
-        ext.reward_preprocess(img, [out], [idx[:3]], [w[:3]], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
+    with pytest.raises(RuntimeError, match="has 3 starts and 3 weight columns for an output of size 4"):
+        ext.reward_preprocess(
+            img, [out], [idx[:3]], [w[:, :3].contiguous()], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0)
+        )
+    with pytest.raises(RuntimeError, match="start must be non-decreasing"):
+        ext.reward_preprocess(img, [out], [idx.flip(0)], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
     with pytest.raises(RuntimeError, match="index out of range"):
         ext.reward_preprocess(img, [out], [idx + 8], [w], [idx], [w], [1.0] * 3, [0.0] * 3, [0], torch.empty(0))
     with pytest.raises(RuntimeError, match="3 values per output"):
@@ -324,6 +359,33 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_cuda_kernel_design_facts():
+    """The separable tile kernel's facts from its SASS (benchmarks/csrc_facts.py): no spills or local memory, the
+    shared memory it was designed for, and an instruction count per output element near the measured one.
+
+    Measured with nvcc 13.0 for sm_90: 64 registers, 388 (CLIP 512 -> 224) and 1029 (1024 -> 224) estimated SASS
+    instructions per output element (the previous direct 2-D kernel: 2424 and 7457). The bounds allow 15 % for other
+    nvcc versions' scheduling and unrolling; a regression to per-element 2-D taps or per-tap conversions (several
+    times more) fails them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    csrc_facts = pytest.importorskip("csrc_facts")
+    try:
+        facts = csrc_facts.csrc_facts()
+    except FileNotFoundError as e:  # no cuobjdump / nvdisasm anywhere
+        pytest.skip(str(e))
+    (kernel,) = facts
+    assert kernel["spill_store_bytes"] == kernel["spill_load_bytes"] == kernel["local_bytes"] == 0
+    assert kernel["registers"] <= 64  # __launch_bounds__(256, 4): four 8-warp blocks per SM
+    assert kernel["shared_dynamic_bytes"] == 32768
+    per_elem = {case: c["instructions_per_elem"] for case, c in kernel["cases"].items()}
+    assert per_elem["clip_512_to_224"] <= 1.15 * 388, per_elem
+    assert per_elem["clip_1024_to_224"] <= 1.15 * 1029, per_elem
+    # bytes: the shared-memory fill (halos included) stays within 15 % of reading the needed source rows once
+    for c in kernel["cases"].values():
+        assert c["l2_or_l1_bytes_per_elem"] <= 1.15 * c["dram_bytes_per_elem"], c
 
 
 class ChannelMeanReward(ModelReward):

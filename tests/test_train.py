@@ -33,7 +33,8 @@ TINY = dict(
 # sample, and the CPU conv kernels depend on the batch size (measured |ρ − 1| ≤ 2.3e-6, TINY fdfo over 4 epochs;
 # exactly 0 at the sizes of tests/test_loop_guards.py's CFG runs).
 def _assert_first_steps_reproduce_sampling(records, algorithm):
-    devs = [r[FIRST_STEP_KEY[algorithm]] for r in records if r["kind"] == "train"]
+    # An epoch whose first optimiser step has no item with nonzero weight (every pair tied) measures nothing.
+    devs = [r[FIRST_STEP_KEY[algorithm]] for r in records if r["kind"] == "train" and FIRST_STEP_KEY[algorithm] in r]
     assert devs and max(devs) <= 1e-5, devs
 
 

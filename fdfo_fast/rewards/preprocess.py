@@ -5,7 +5,7 @@ at a time. Here one call turns the whole decoded batch (float [-1, 1], [B, 3, H,
 tensor of every reward model — resize (bicubic / bilinear, antialiased like PIL), centre crop, mean/std
 normalisation, output dtype — plus the uint8 [B, H, W, 3] images JPEG- or VLM-based rewards read:
 
-    impl="ext"  the C++/CUDA extension (`csrc/`): one pass for all outputs (one kernel launch on CUDA)
+    impl="ext"  the C++/CUDA extension (`csrc/`): one call for all outputs (one kernel launch on CUDA)
     impl="ref"  the PyTorch reference: `F.interpolate(..., antialias=True)` per output
     impl=None   the extension when it can be loaded or built, else the reference with one logged warning
 
@@ -13,6 +13,14 @@ normalisation, output dtype — plus the uint8 [B, H, W, 3] images JPEG- or VLM-
 reproduces the 8-bit steps of its PIL pipeline (the uint8 image, PIL's horizontal-then-vertical passes each rounded
 and clipped to uint8), so the tensors match `processor(images=...)["pixel_values"]` to within one 8-bit level from
 PIL's fixed-point weights (tests/test_preprocess.py).
+
+The extension is separable. The planner here turns `resize_taps` (index/weight per output, the spec checked against
+torch) into `contiguous_taps`: per output pixel a start index and K weights over consecutive source pixels, tap-major
+[K, out] so that neighbouring outputs read neighbouring addresses, crop folded in, cached per (spec, size, device).
+The CUDA kernel gives each block a 64 × 32 output tile of one image plane: it stages the source rows × columns the
+tile needs in shared memory (converted to the 8-bit grid once per pixel), runs the horizontal taps there, and adds the
+vertical taps in registers, in chunks when the rows do not fit; the CPU path makes the same two passes per plane with
+the same tap loop (see csrc/README.md).
 """
 
 from __future__ import annotations
@@ -177,23 +185,55 @@ def resize_taps(in_size: int, out_size: int, resample: str, antialias: bool) -> 
     return index.astype(np.int32), weight.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=512)
+def contiguous_taps(in_size: int, out_size: int, resample: str, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`resize_taps` as the extension consumes it: (start int32 [out], weight float32 [K, out]) with
+    out[i] = Σ_k weight[k, i]·in[start[i] + k].
+
+    Each output's taps are one window of K consecutive source pixels (PIL's taps are contiguous; torch's clamped
+    border taps, which repeat an index, are merged), shifted left at the right border so start + K <= in_size,
+    with zero weights outside the output's own taps. Tap-major so that consecutive outputs read consecutive
+    addresses, and `start` is non-decreasing, so a tile of outputs reads one range of source pixels.
+    """
+    index, weight = resize_taps(in_size, out_size, resample, antialias)
+    lo, hi = index.min(1), index.max(1) + 1
+    k = int((hi - lo).max())
+    start = np.minimum(lo, in_size - k)
+    window = np.zeros((out_size, k), np.float64)
+    rows = np.repeat(np.arange(out_size), index.shape[1])
+    np.add.at(window, (rows, (index - start[:, None]).ravel()), weight.astype(np.float64).ravel())
+    assert (np.diff(start) >= 0).all() and start.min() >= 0 and start.max() + k <= in_size
+    return start.astype(np.int32), np.ascontiguousarray(window.T.astype(np.float32))
+
+
+def stage_floats(start: np.ndarray, taps: int, tile_w: int = 32, h_stride: int = 33) -> int:
+    """Shared-memory floats per staged source row of the CUDA kernel's widest tile: the tile's source columns
+    (rounded up to odd) plus its row of horizontal results (the extension's TILE_W and H_STRIDE)."""
+    first = start[::tile_w]
+    last = start[np.minimum(np.arange(len(first)) * tile_w + tile_w - 1, len(start) - 1)]
+    return int(((last + taps - first) | 1).max()) + h_stride
+
+
 _DEVICE_TABLES: dict = {}
 
 
 def _tables(spec: ImageInputSpec, h: int, w: int, device: torch.device):
-    """Row and column taps with the centre crop folded in, cached per (spec, input size, device)."""
+    """Row and column taps (start, weight) with the centre crop folded in, cached per (spec, input size, device), and
+    the kernel's shared-memory need per staged row (`stage_floats` of the columns)."""
     key = (spec, h, w, str(device))
     if key not in _DEVICE_TABLES:
         rh, rw = spec.resized_hw(h, w)
         top, left, ch, cw = spec.crop_box(h, w)
-        ri, rwt = resize_taps(h, rh, spec.resample, spec.antialias)
-        ci, cwt = resize_taps(w, rw, spec.resample, spec.antialias)
+        rs, rwt = contiguous_taps(h, rh, spec.resample, spec.antialias)
+        cs, cwt = contiguous_taps(w, rw, spec.resample, spec.antialias)
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        cs = cs[left : left + cw]
         _DEVICE_TABLES[key] = (
-            as_t(ri[top : top + ch]),
-            as_t(rwt[top : top + ch]),
-            as_t(ci[left : left + cw]),
-            as_t(cwt[left : left + cw]),
+            as_t(rs[top : top + ch]),
+            as_t(rwt[:, top : top + ch]),
+            as_t(cs),
+            as_t(cwt[:, left : left + cw]),
+            stage_floats(cs, cwt.shape[0]),
         )
     return _DEVICE_TABLES[key]
 
@@ -273,7 +313,7 @@ def preprocess_images(
 
 
 def _run_extension(images, specs, shapes, uint8, out, emulate_kernel=False):
-    """One extension call for all outputs. `emulate_kernel` runs the CUDA kernel's per-element code on the CPU."""
+    """One extension call for all outputs. `emulate_kernel` runs the CUDA kernel, block by block, on the CPU."""
     from fdfo_fast._ext import load_extension
 
     ext = load_extension()
@@ -283,6 +323,13 @@ def _run_extension(images, specs, shapes, uint8, out, emulate_kernel=False):
         out if out is not None else [images.new_empty(s, dtype=sp.dtype) for s, sp in zip(shapes, specs, strict=True)]
     )
     tables = [_tables(spec, h, w, images.device) for spec in specs]
+    if images.is_cuda:  # the binding checks CPU tables itself; device ones would cost it a sync
+        for spec, t in zip(specs, tables, strict=True):
+            if t[4] > ext.STAGE_FLOATS:
+                raise FdfoError(
+                    f"{spec}: one tile of the CUDA kernel reads {t[4] - ext.H_STRIDE} source columns for {w} px "
+                    f"wide images, more than its shared memory holds (downscale factor too large)"
+                )
     u8 = images.new_empty((images.shape[0], h, w, 3) if uint8 else (0,), dtype=torch.uint8)
     ext.reward_preprocess(
         images,

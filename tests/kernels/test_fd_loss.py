@@ -7,6 +7,7 @@ from conftest import DEVICE, assert_close_by_dtype
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.kernels.fd_loss import fd_loss, fd_loss_ref
 
+U32 = 2.0**-24  # fp32 unit roundoff
 SHAPES = [(1, 1, 1, 1023), (3, 7, 257), (5, 3, 9, 11), (2, 9000)]
 DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]
 
@@ -81,4 +82,39 @@ def test_custom_op_is_one_node_under_torch_compile():
     ref = fd_loss_ref(v_theta.clone().requires_grad_(True), v_ref, d, a, 0.03)[0].sum()
     assert counter.frame_count == 1 and torch.allclose(out, ref, atol=1e-6)
     assert vt.grad is not None and torch.isfinite(vt.grad).all()
-    torch.library.opcheck(torch.ops.fdfo_fast.fd_loss.default, (v_theta, v_ref, d, a, None, 0.03, 0.0, False))
+    torch.library.opcheck(torch.ops.fdfo_fast.fd_loss.default, (v_theta, v_ref, d, a, None, 0.03, 0.0))
+    rho, g = torch.rand(2, device=DEVICE), torch.randn(2, device=DEVICE)
+    args = (v_theta, v_ref, d, a, v_theta.clone(), rho, g, 0.03, 0.5)
+    torch.library.opcheck(torch.ops.fdfo_fast.fd_loss_backward.default, args)
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.5])
+def test_rows_split_over_several_programs_reduce_in_the_kernel(penalty):
+    """A row split over 5 programs: the row's last program sums the partials and forms ρ, ℓ; a second launch
+    finds the row counters reset. Expected values: the fp64 reference (docs/method.md §1.3 formulas), within the
+    fp32 summation bound of the kernel's tree: depth d = chunk/BLOCK + BLOCK + MAX_CHUNKS − 2 additions of terms
+    |Δ² + 2Δd| (Higham γ_d), i.e. |ΔS/n| ≤ 1.01·d·u·mean|Δ² + 2Δd|, then exp and the epilogue's few roundings."""
+    from fdfo_fast.kernels.fd_loss import fd_loss_bwd, fd_loss_fwd
+    from fdfo_fast.kernels.launch import launch_shape
+
+    v_theta, v_ref, d, a, v_base = _inputs((3, 9 * 64 + 7), torch.float32)  # 10 tiles of 64 -> 5 chunks of 2
+    shape = launch_shape(3, v_theta.shape[1], v_theta.device, block=64, n_chunks=5)
+    assert shape.n_chunks == 5
+    l64, r64 = fd_loss_ref(v_theta.double(), v_ref.double(), d.double(), a.double(), 0.03, v_base.double(), penalty)
+    delta = v_theta.double() - v_ref.double()
+    terms = (delta * (delta + 2 * d.double())).abs().mean(1)
+    depth = shape.chunk // shape.block + shape.block + shape.max_chunks - 2
+    s_bound = 1.01 * depth * U32 * terms + 4 * U32 * (delta * (delta + 2 * d.double())).mean(1).abs()
+    rho_bound = r64 * (s_bound + 4 * U32)  # exp(−S/n): relative error |ΔS/n| plus exp's own rounding
+    g_out = torch.randn(3, device=DEVICE)
+    for _ in range(2):
+        loss, rho = fd_loss_fwd(v_theta, v_ref, d, a, 0.03, v_base, penalty, shape=shape)
+        assert ((rho.double() - r64).abs() <= rho_bound).all(), ((rho.double() - r64).abs(), rho_bound)
+        dl_drho = (-a.double() + a.double().abs() / 0.03 * (r64 - 1)).abs()
+        pen_bound = penalty * 1.01 * depth * U32 * (v_theta.double() - v_base.double()).pow(2).mean(1)
+        loss_bound = dl_drho * rho_bound + pen_bound + 8 * U32 * (l64.abs() + a.double().abs())
+        assert ((loss.double() - l64).abs() <= loss_bound).all(), ((loss.double() - l64).abs(), loss_bound)
+        grad = fd_loss_bwd(v_theta, v_ref, d, a, rho, g_out, 0.03, v_base, penalty, shape=shape)
+        ref = fd_loss_bwd(v_theta, v_ref, d, a, rho, g_out, 0.03, v_base, penalty,
+                          shape=launch_shape(3, v_theta.shape[1], v_theta.device, n_chunks=1))  # fmt: skip
+        assert torch.equal(grad, ref)  # elementwise: the chunking does not change a single bit

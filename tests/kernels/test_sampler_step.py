@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import DEVICE
 
-import fdfo_fast.kernels.sampler_step as sampler_step_mod
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.kernels.philox import philox_randn
+from fdfo_fast.kernels.launch import launch_shape
+from fdfo_fast.kernels.philox import philox_randn4
 from fdfo_fast.kernels.sampler_step import philox_noise, sampler_step, sampler_step_fwd, step_coefficients
 
 SHAPES = [(1, 1, 1023), (3, 7, 257), (4, 5, 7)]
@@ -18,7 +18,7 @@ U32 = 2.0**-24  # fp32 unit roundoff
 
 
 def gpu_noise_error(eps):
-    """|ε_GPU − ε_twin| bound: on a GPU the kernel's Box–Muller runs libdevice's logf and cosf (≤ 2 ulp each, CUDA
+    """|ε_GPU − ε_twin| bound: on a GPU the kernel's Box–Muller runs libdevice's logf and cosf/sinf (≤ 2 ulp each, CUDA
     programming guide) and sqrt.approx (≤ 2 ulp, PTX ISA) where the NumPy twin rounds correctly; the cos argument is
     formed identically. So |Δε| ≤ 8u·|ε| (the radius' relative error) + 6u·r with r = √(−2 log u₁) ≤ 8 (the
     cosine's absolute error): ≤ 8u·|ε| + 48u. Under the interpreter the twin replays the kernel's arithmetic: 0."""
@@ -124,8 +124,28 @@ def test_in_kernel_noise_is_standard_normal_and_independent():
 
 
 def test_philox_twin_uses_64_bit_offsets():
-    a = philox_randn([3], np.array([5, 2**32 + 5], dtype=np.int64))
-    assert a[0, 0] != a[0, 1]
+    a = philox_randn4([3], np.array([5, 2**32 + 5], dtype=np.int64))
+    assert a.shape == (1, 2, 4) and not torch.equal(a[0, 0], a[0, 1])
+
+
+@pytest.mark.parametrize("mode", ["churn", "sde"])
+def test_noise_and_state_do_not_depend_on_the_launch_shape(mode):
+    """Element i's noise is keyed by its Philox counter alone, so any chunking gives the same ε and x_s (and the
+    log-prob up to the order of its sum); 4·1000 + 3 elements end in a partial group of four."""
+    b, n = 3, 4 * 1000 + 3
+    x = torch.randn(b, n, device=DEVICE)
+    v = torch.randn(b, n, device=DEVICE)
+    seeds = _seeds(b)
+    coefs = step_coefficients(mode, 0.9, 0.55, 0.05, 0.7, 0.95)
+    outs = []
+    for block, chunks in ((16, 1), (64, 7), (1024, 2), (4096, 1)):
+        shape = launch_shape(b, n, x.device, block=block, n_chunks=chunks)
+        assert shape.n_chunks == chunks and shape.chunk % shape.block == 0
+        outs.append(sampler_step_fwd(x, v, None, seeds, 5, coefs, 1.0, export_noise=True, shape=shape))
+    for x_s, _, eps in outs[1:]:
+        assert torch.equal(eps, outs[0][2]) and torch.equal(x_s, outs[0][0])
+    twin = philox_noise(seeds.cpu(), 5, (n,))
+    assert ((twin - outs[0][2].cpu()).abs() <= gpu_noise_error(twin)).all()
 
 
 def test_bad_inputs_are_clear():
@@ -159,38 +179,41 @@ def test_custom_op_compiles_as_one_node():
 
 
 def test_sde_log_prob_reduces_every_chunk_of_a_long_row():
-    """A row of 3·8192 + 5 elements spans four 8192-element programs (an SD3.5 latent spans eight): the log-prob
-    must be the mean over all of them. Expected value: the Gaussian log density log N(x_s; μ, std²) averaged over
-    the elements, transcribed in float64 from the same noise ε (x_s − μ = std·ε), with std = g·√(t − s) and
-    g = a·√(t / (1 − t)) (Flow-GRPO, sampler_step.sde_std) written out here."""
+    """A row of 3·8192 + 5 elements split over four programs (an SD3.5 latent row is split over up to 256 on a
+    GPU): the log-prob, finished in the kernel by the row's last program, must be the mean over all of them.
+    Expected value: the Gaussian log density log N(x_s; μ, std²) averaged over the elements, transcribed in float64
+    from the same noise ε (x_s − μ = std·ε), with std = g·√(t − s) and g = a·√(t / (1 − t)) (Flow-GRPO,
+    sampler_step.sde_std) written out here."""
     b, n, t, s, a = 2, 3 * 8192 + 5, 0.9, 0.55, 0.7
-    n_chunks = -(-n // sampler_step_mod.CHUNK)
-    assert n_chunks >= 4  # the row really spans several programs
     x = torch.randn(b, n, device=DEVICE)
     v = torch.randn(b, n, device=DEVICE)
     seeds = _seeds(b)
-    x_buf = torch.full((b, n), float("nan"), device=DEVICE)  # poisoned: every chunk must be written
-    x_new, lp = sampler_step(x, v, None, t, s, "sde", seeds, stream=2, noise_level=a, x_out=x_buf, impl="triton")
-    assert not torch.isnan(x_buf).any()
+    coefs = step_coefficients("sde", t, s, 0.0, a, 0.5)
     noise = philox_noise(seeds.cpu(), 2, (n,))
     eps = noise.double()
     std = a * math.sqrt(t / (1 - t)) * math.sqrt(t - s)
     expected = (-(eps**2) / 2 - math.log(std) - 0.5 * math.log(2 * math.pi)).mean(1)
-    # The kernel sums ε² in fp32: each term passes through CHUNK/BLOCK lane additions, ≤ BLOCK − 1 in tl.sum (any
-    # tree) and ≤ n_chunks − 1 in the sum of the chunk partials, so (Higham, γ_d for depth d) the mean of ε²/2 is
-    # within 1.01·d·u·mean(ε²/2), d = CHUNK/BLOCK + BLOCK + n_chunks − 2 (~1e3, far below the worst case n − 1).
-    # Then −½·S/n − log std − ½log 2π in fp32: the division and the two subtractions round once each, and the two
-    # double constants round to fp32: ≤ 4u·(mean ε²/2 + |log std| + 1). On a GPU ε itself is off by
-    # gpu_noise_error, so ε²/2 by ≤ |ε|·|Δε|.
-    depth = sampler_step_mod.CHUNK // sampler_step_mod.BLOCK + sampler_step_mod.BLOCK + n_chunks - 2
-    half_sq = (eps**2 / 2).mean(1)
-    e = noise.to(DEVICE)
-    gpu_noise = (e.abs() * gpu_noise_error(e)).double().mean(1).cpu()
-    bound = 1.01 * depth * U32 * half_sq + 4 * U32 * (half_sq + abs(math.log(std)) + 1) + gpu_noise
-    err = (lp.cpu().double() - expected).abs()
-    assert (err <= bound).all(), (err, bound)
-    # and the state of every element, against the torch reference with the same noise
     xr, _ = sampler_step(x, v, None, t, s, "sde", seeds, stream=2, noise_level=a, impl="ref")
-    bound = state_bound(x, v, noise.to(DEVICE), step_coefficients("sde", t, s, 0.0, a, 0.5))
-    excess = ((x_new - xr).abs() - bound).max().item()
-    assert excess <= 0, f"state beyond the 8u bound by {excess:.3g}"
+    for _ in range(2):  # the second launch finds the row counters reset by the first
+        shape = launch_shape(b, n, x.device, block=1024, n_chunks=4)
+        assert shape.n_chunks == 4  # the row really spans several programs
+        x_buf = torch.full((b, n), float("nan"), device=DEVICE)  # poisoned: every chunk must be written
+        x_new, lp, _ = sampler_step_fwd(x, v, None, seeds, 2, coefs, 1.0, x_out=x_buf, shape=shape)
+        assert not torch.isnan(x_buf).any()
+        # The kernel sums ε² in fp32: each term passes through chunk/BLOCK lane additions, ≤ BLOCK − 1 in tl.sum
+        # (any tree) and ≤ MAX_CHUNKS − 1 in the sum of the chunk partials, so (Higham, γ_d for depth d) the mean
+        # of ε²/2 is within 1.01·d·u·mean(ε²/2), d = chunk/BLOCK + BLOCK + MAX_CHUNKS − 2 (~1e3, far below the
+        # worst case n − 1). Then −½·S/n + shift in fp32: the multiply, the division and the addition round once
+        # each, and the double shift −log std − ½log 2π rounds to fp32: ≤ 4u·(mean ε²/2 + |log std| + 1). On a GPU
+        # ε itself is off by gpu_noise_error, so ε²/2 by ≤ |ε|·|Δε|.
+        depth = shape.chunk // shape.block + shape.block + shape.max_chunks - 2
+        half_sq = (eps**2 / 2).mean(1)
+        e = noise.to(DEVICE)
+        gpu_noise = (e.abs() * gpu_noise_error(e)).double().mean(1).cpu()
+        bound = 1.01 * depth * U32 * half_sq + 4 * U32 * (half_sq + abs(math.log(std)) + 1) + gpu_noise
+        err = (lp.cpu().double() - expected).abs()
+        assert (err <= bound).all(), (err, bound)
+        # and the state of every element, against the torch reference with the same noise
+        bound = state_bound(x, v, noise.to(DEVICE), coefs)
+        excess = ((x_new - xr).abs() - bound).max().item()
+        assert excess <= 0, f"state beyond the 8u bound by {excess:.3g}"
