@@ -19,6 +19,7 @@ Test hook: FDFO_BENCH_FAIL=name[,name] raises inside those sections.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -35,6 +36,7 @@ import torch
 
 from fdfo_fast.backends import table as backend_table
 from fdfo_fast.kernels.fd_loss import fd_loss, fd_loss_ref
+from fdfo_fast.kernels.launch import tuned_shapes
 from fdfo_fast.kernels.sampler_step import sampler_step, sampler_step_ref, step_coefficients
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -411,8 +413,10 @@ def main(argv=None):
     total = time.perf_counter() - t_start
     per = ", ".join(f"{s['name']} {s['status']} {s['seconds']:.1f} s" for s in report.sections)
     print(f"total {total:.1f} s: {per}")
+    # what the kernels' autotune picked per (kernel, flags, dtypes, rows, row length) (GPU only; kernels.launch)
+    tuned = {repr(k): dataclasses.asdict(v) for k, v in tuned_shapes().items()}
     out = {"device": device, "copy_gbps": ctx.bw, "rows": report.rows, "sections": report.sections,
-           "total_s": round(total, 3), "backends": info}  # fmt: skip
+           "total_s": round(total, 3), "backends": info, "launch_shapes": tuned}  # fmt: skip
     print(json.dumps(_clean(out)), flush=True)
 
 

@@ -66,15 +66,10 @@ def launch_shape(n_rows: int, n_cols: int, device: torch.device, block: int | No
     """The chunking of `n_rows` rows of `n_cols` elements (see the module docstring); `n_chunks` forces a split
     (tests use it to reach the multi-program reduction on small rows)."""
     n_cols = max(1, n_cols)
-    if device.type == "cuda":
-        block = block or GPU_CANDIDATES[0][0]
-        tiles = -(-n_cols // block)
-        want = -(-PROGRAMS_PER_SM * _sm_count(device.index or 0) // max(1, n_rows))
-    else:
-        block = block or CPU_BLOCK
-        tiles = -(-n_cols // block)
-        want = 1
+    on_gpu = device.type == "cuda"
+    block = block or (GPU_CANDIDATES[0][0] if on_gpu else CPU_BLOCK)
     block = min(block, max(16, 1 << (n_cols - 1).bit_length()))  # short rows: a smaller tile, not a masked one
+    want = -(-PROGRAMS_PER_SM * _sm_count(device.index or 0) // max(1, n_rows)) if on_gpu else 1
     tiles = -(-n_cols // block)
     chunks = max(1, min(tiles, n_chunks or want))
     chunk = -(-tiles // chunks) * block
@@ -108,7 +103,7 @@ def tuned_shape(key: tuple, n_rows: int, n_cols: int, device: torch.device, run)
 
 
 def tuned_shapes() -> dict:
-    """What the autotune picked so far: key -> LaunchShape (the GPU check prints it)."""
+    """What the autotune picked so far: key -> LaunchShape (benchmarks/throughput.py reports it)."""
     return dict(_TUNED)
 
 

@@ -45,12 +45,26 @@ def _port() -> int:
 PORT_TAKEN = ("address already in use", "eaddrinuse")  # torch's TCPStore: "... EADDRINUSE, message: address ..."
 
 
+def _run_group(cmd, env=ENV, timeout=600) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group, killed whole on timeout: a launcher's ranks would otherwise outlive
+    a timed-out test and hold the CPU (and any JIT build lock) for the rest of the suite."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _launch(make_cmd, env=ENV, timeout=600, attempts=4, new_port=None) -> subprocess.CompletedProcess:
     """Run `make_cmd(port)` on a fresh free port, again on another when the launcher lost the port to another
     process ("address already in use"); returns the last attempt (the caller checks its return code)."""
     new_port = new_port or _port
     for _ in range(attempts):
-        proc = subprocess.run(make_cmd(new_port()), capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+        proc = _run_group(make_cmd(new_port()), env=env, timeout=timeout)
         if proc.returncode == 0 or not any(s in (proc.stdout + proc.stderr).lower() for s in PORT_TAKEN):
             break
     return proc
@@ -62,7 +76,7 @@ def _check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def _run(cmd: list[str], timeout=600) -> subprocess.CompletedProcess:
-    return _check(subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT))
+    return _check(_run_group(cmd, timeout=timeout))
 
 
 def _single(out, *args):

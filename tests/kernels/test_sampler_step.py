@@ -217,3 +217,20 @@ def test_sde_log_prob_reduces_every_chunk_of_a_long_row():
         bound = state_bound(x, v, noise.to(DEVICE), coefs)
         excess = ((x_new - xr).abs() - bound).max().item()
         assert excess <= 0, f"state beyond the 8u bound by {excess:.3g}"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the autotune times candidates on a GPU only")
+def test_autotuned_shape_is_a_candidate_and_changes_no_elementwise_result():
+    """kernels.launch.tuned_shape on a GPU: the pick is one of the candidates, and the state and noise it gives
+    are bit-identical to the default shape's (the noise is keyed by element, not by launch shape)."""
+    from fdfo_fast.kernels.launch import GPU_CANDIDATES, tuned_shapes
+
+    b, n = 2, 16 * 64 * 64
+    x, v = torch.randn(b, n, device=DEVICE), torch.randn(b, n, device=DEVICE).to(torch.bfloat16)
+    seeds, coefs = _seeds(b), step_coefficients("churn", 0.9, 0.55, 0.05, 0.7, 0.95)
+    tuned = sampler_step_fwd(x, v, None, seeds, 3, coefs, 1.0, export_noise=True)
+    picks = [s for k, s in tuned_shapes().items() if k[1:] == (b, n, x.device.index)]
+    assert picks and all((s.block, s.num_warps) in GPU_CANDIDATES for s in picks)
+    default = sampler_step_fwd(x, v, None, seeds, 3, coefs, 1.0, export_noise=True,
+                               shape=launch_shape(b, n, x.device))  # fmt: skip
+    assert torch.equal(tuned[0], default[0]) and torch.equal(tuned[2], default[2])
