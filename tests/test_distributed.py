@@ -64,10 +64,21 @@ def _launch(make_cmd, env=ENV, timeout=600, attempts=4, new_port=None) -> subpro
     process ("address already in use"); returns the last attempt (the caller checks its return code)."""
     new_port = new_port or _port
     for _ in range(attempts):
-        proc = _run_group(make_cmd(new_port()), env=env, timeout=timeout)
+        port = new_port()
+        try:
+            proc = _run_group(make_cmd(port), env=env, timeout=timeout)
+        finally:
+            _remove_shm_buffers(port)
         if proc.returncode == 0 or not any(s in (proc.stdout + proc.stderr).lower() for s in PORT_TAKEN):
             break
     return proc
+
+
+def _remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU all-reduce leaves a 69 MB /dev/shm/deepspeed_allreduce_buffer_<rank>_<addr>_<port>_<i> per
+    launch behind (deepspeed 0.19.8); a day of suites filled a 24 GB box's /dev/shm and swapped it."""
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)
 
 
 def _check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
