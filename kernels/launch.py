@@ -86,14 +86,13 @@ def tuned_shape(key: tuple, n_rows: int, n_cols: int, device: torch.device, run)
     """The launch shape for `key`: on a GPU, the fastest candidate by `triton.testing.do_bench(run(shape))` on the
     first call (run must write only scratch outputs); the default elsewhere, while a CUDA graph is being captured
     (no timing there; the warm-up before capture has tuned it) and with FDFO_DISABLE_AUTOTUNE=1."""
-    default = launch_shape(n_rows, n_cols, device)
     if device.type != "cuda" or env_flag("FDFO_DISABLE_AUTOTUNE"):
-        return default
+        return launch_shape(n_rows, n_cols, device)
     key = (key, n_rows, n_cols, device.index)
-    if key in _TUNED:
+    if key in _TUNED:  # every call after the first: one dict lookup on the sampler's hot path
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():
-        return default
+        return launch_shape(n_rows, n_cols, device)
     from triton.testing import do_bench
 
     shapes = [launch_shape(n_rows, n_cols, device, block=b, num_warps=w) for b, w in GPU_CANDIDATES]
