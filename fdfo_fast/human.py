@@ -327,6 +327,9 @@ class _Server(ThreadingHTTPServer):
     up or stall."""
 
     daemon_threads = True
+    # socketserver listens with a backlog of 5: with a few stalled clients not yet accepted, a new browser connection's
+    # SYN is dropped and retried a second later (seen in CI); the kernel caps this at net.core.somaxconn anyway
+    request_queue_size = 128
 
     def __init__(self, address, handler, limit: int):
         self.slots = threading.BoundedSemaphore(limit)
