@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml setup.py
 	# models the tests build; ninja: torch's JIT build of the C++ extension (csrc/).
 	$(BIN)/pip install -q transformers==5.23.0 diffusers==0.42.1 peft==0.21.2 accelerate==1.15.0 ninja
 	# DeepSpeed (ZeRO on CPU with gloo in the tests; no ops prebuilt), bitsandbytes (8-bit AdamW), selenium (drives
-	# Debian's headless chromium in the labelling-page test)
-	DS_BUILD_OPS=0 $(BIN)/pip install -q deepspeed==0.19.8 bitsandbytes==0.50.2 selenium==4.51.0
+	# Debian's headless chromium in the labelling-page test), wandb (--log-with wandb; tested offline)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q deepspeed==0.19.8 bitsandbytes==0.50.2 selenium==4.51.0 wandb==0.31.0
 	# No build isolation: a build env would pull another torch (see environment notes).
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)

@@ -2,7 +2,9 @@
 
 The C++/CUDA reward-preprocessing extension (csrc/) is compiled here only when asked for with FDFO_BUILD_EXT=1,
 and always without build isolation (`pip install --no-build-isolation -e .`) so it links against the torch that
-is installed; otherwise it is JIT-built on first use or replaced by its pure-PyTorch fallback.
+is installed; otherwise it is JIT-built on first use or replaced by its pure-PyTorch fallback. Either way the
+sources also ship in the wheel, as fdfo_fast/csrc/ (package data mapped from csrc/ in pyproject.toml), so an
+installed package can JIT-build them.
 """
 
 import os

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = [
     sys.executable, "-m", "fdfo_fast.train", "--preset", "toy-fdfo", "--num-steps", "3", "--pairs-per-epoch", "4",
     "--eval-every", "2", "--eval-per-category", "1", "--eval-num-steps", "2", "--diversity-prompts", "0",
-    "--save-every", "1", "--progress", "false", "--tensorboard", "false", "--device", "cpu", "--impl", "ref",
+    "--save-every", "1", "--progress", "false", "--log-with", "none", "--device", "cpu", "--impl", "ref",
     "--threads", "1",
 ]  # fmt: skip
 # Aimed kills: the n-th open-for-writing of a file whose name contains the pattern (temp files carry the name).

@@ -92,7 +92,7 @@ def triton_usable() -> tuple[bool, str]:
     if env_flag("FDFO_DISABLE_TRITON"):
         return False, "disabled by FDFO_DISABLE_TRITON=1"
     if not HAS_TRITON:
-        return False, "triton is not installed (pip install fdfo_fast[triton])"
+        return False, "triton is not installed (pip install -e '.[triton]' in the fdfo_fast checkout)"
     return True, ""
 
 
@@ -201,12 +201,10 @@ def cuda_graphs_choice(choice: str, device: torch.device, impl: str | None, zero
 # `python -m fdfo_fast.info`
 # ---------------------------------------------------------------------------------------------------------------
 def _extension_row() -> str:
-    """Status of the reward-preprocessing extension without triggering a build."""
-    if env_flag("FDFO_DISABLE_EXT"):
-        return "disabled by FDFO_DISABLE_EXT=1: PyTorch reference"
-    if HAS_CUDA_EXT:
-        return "built ahead of time (FDFO_BUILD_EXT=1)"
-    return "JIT-built from csrc/ on first use (about 30 s once, then cached); PyTorch reference if that fails"
+    """Status of the reward-preprocessing extension without triggering a build (sources found? built? can build?)."""
+    from fdfo_fast._ext import build_readiness
+
+    return build_readiness()
 
 
 def table() -> list[tuple[str, str, str]]:

@@ -13,9 +13,9 @@ import torch
 from fdfo_fast.algorithms import make_algorithm
 from fdfo_fast.algorithms.base import Algorithm, RunContext
 from fdfo_fast.backends import cuda_graphs_choice
-from fdfo_fast.config import HumanConfig, RewardConfig, TrainConfig, save_resolved
+from fdfo_fast.config import HumanConfig, RewardConfig, TrainConfig, save_resolved, tracker_names
 from fdfo_fast.cuda_graph import CudaGraphSampler
-from fdfo_fast.distributed import DistEnv, init_distributed
+from fdfo_fast.distributed import DistEnv, check_ranks_agree, init_distributed
 from fdfo_fast.engine import make_engine
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.evaluation import RunEvaluator
@@ -25,6 +25,7 @@ from fdfo_fast.prompts import load_eval_items, load_prompt_pool
 from fdfo_fast.rewards import REWARD_TERMS, CompositeReward, parse_weights
 from fdfo_fast.run_state import RunCheckpoint, RunProgress, check_run_folder
 from fdfo_fast.sampling import derive_seed
+from fdfo_fast.trackers import Trackers, check_trackers_available
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,22 +129,41 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     env = init_distributed(device, cfg.run.collective_timeout)
+    check_ranks_agree({**cfg.to_dict(), "resume": resume}, env)  # every node launched with the same options
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
-    model = load_model(cfg.model).to(device)
-    model.set_attention_backend(cfg.model.attention)
-    ctx, algo, params = make_context(cfg, model, device, env)
-    eval_reward = make_eval_reward(ctx.reward, model.has_world_metric)
-    eval_items = load_eval_items(cfg.eval.eval_prompts, cfg.eval.eval_per_category, cfg.run.seed)
-    engine = make_engine(model, params, cfg.optim, env)
-    if cuda_graphs_choice(cfg.run.cuda_graph, device, cfg.run.impl_or_none, engine.zero_stage):
-        ctx.runner = CudaGraphSampler()
-    checkpoint = RunCheckpoint(cfg, env, model, engine, algo)
-    progress = checkpoint.load() if resume else RunProgress()
+    if env.is_main:
+        check_trackers_available(cfg)  # a missing wandb fails now, not after minutes of model loading
+    bar = Progress(cfg.logging.progress and env.is_main)
+    with bar.phase("setup", total=4, unit="step") as setup:
+        setup.describe(f"loading the {cfg.model.model} model")
+        model = load_model(cfg.model).to(device)
+        model.set_attention_backend(cfg.model.attention)
+        setup.update()
+        setup.describe("loading the rewards and prompts")
+        ctx, algo, params = make_context(cfg, model, device, env)
+        eval_reward = make_eval_reward(ctx.reward, model.has_world_metric)
+        eval_items = load_eval_items(cfg.eval.eval_prompts, cfg.eval.eval_per_category, cfg.run.seed)
+        setup.update()
+        setup.describe("building the optimiser")
+        engine = make_engine(model, params, cfg.optim, env)
+        if cuda_graphs_choice(cfg.run.cuda_graph, device, cfg.run.impl_or_none, engine.zero_stage):
+            ctx.runner = CudaGraphSampler()
+        ctx.progress = bar
+        checkpoint = RunCheckpoint(cfg, env, model, engine, algo)
+        setup.update()
+        setup.describe("restoring the checkpoint" if resume else "starting the run")
+        progress = checkpoint.load() if resume else RunProgress()
+        setup.update()
+    trackers = None
     if env.is_main:
         save_resolved(cfg, out)
-    log = MetricsLog(out, cfg.run.tensorboard and env.is_main, progress.metrics_lines, write=env.is_main)
-    bar = Progress(cfg.run.progress and env.is_main, cfg.run.epochs, progress.epoch, cfg.run.algorithm)
+        if tracker_names(cfg.logging.log_with):
+            resume_step = progress.counters["reward_queries"] if resume else None
+            trackers = Trackers(cfg, out, progress.tracker_ids, resume_step)
+            progress.tracker_ids = trackers.run_ids  # checkpoint.pt keeps them: a resume continues the same runs
+    log = MetricsLog(out, trackers, progress.metrics_lines, write=env.is_main)
+    bar.start_epochs(cfg.run.epochs, progress.epoch, cfg.run.algorithm)
     run = Run(cfg, out, env, model, algo, ctx, engine, checkpoint, progress, log, bar, None, resume)
     run.evaluate = RunEvaluator(run, eval_items, eval_reward)
     return run

@@ -11,7 +11,7 @@ import typing
 from fdfo_fast.errors import FdfoError
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -57,7 +57,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             origin, args = typing.get_origin(typ), typing.get_args(typ)
         kw: dict = {"default": None, "help": f.metadata.get("help", "")}
         if typ is bool:
-            kw.update(type=_parse_bool, metavar="BOOL")
+            kw.update(type=parse_bool, metavar="BOOL")
         elif origin is tuple:
             kw.update(type=args[0], nargs="+")
         elif typ in (int, float, str):

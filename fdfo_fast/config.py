@@ -1,5 +1,5 @@
 """Typed training configuration by section: run, model, rewards, human labels, sampling, FDFO, SDE policy
-(Flow-GRPO / DDPO), optimisation, evaluation. Each field carries its help text, its choices or bounds; each
+(Flow-GRPO / DDPO), optimisation, evaluation, logging. Each field carries its help text, its choices or bounds; each
 component receives its own section. Option names are unique across sections, so the command line, YAML files,
 presets and the saved config.json stay flat (`--churn`, `churn: 0.05`) while code reads `cfg.fdfo.churn`.
 
@@ -127,8 +127,6 @@ class RunConfig:
         "error naming the rank and the phase (a frozen or lost rank); above the longest phase between collectives",
         gt=0,
     )
-    tensorboard: bool = _f(True, "write TensorBoard scalars when tensorboard is installed")
-    progress: bool = _f(True, "show a progress bar")
 
     @property
     def impl_or_none(self) -> str | None:
@@ -295,6 +293,52 @@ class EvalConfig:
     early_stop_patience: int = _f(0, "stop after N evaluations without a held-out improvement (0 = never)", ge=0)
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
+def with_legacy_options_replaced(values: dict) -> dict:
+    """Options an older fdfo_fast wrote (saved runs, YAML files, commands) in today's terms: `tensorboard: BOOL`
+    became a tracker of --log-with."""
+    if "tensorboard" not in values:
+        return values
+    values = dict(values)
+    on = values.pop("tensorboard")
+    on = on if isinstance(on, bool) else str(on).lower() in ("1", "true", "yes", "on")
+    others = [n for n in tracker_names(str(values.get("log_with", "tensorboard"))) if n != "tensorboard"]
+    values["log_with"] = ",".join((["tensorboard"] if on else []) + others) or "none"
+    return values
+
+
+def tracker_names(spec: str) -> tuple[str, ...]:
+    """--log-with 'tensorboard,wandb' -> the trackers, in order ('' or 'none' = metrics.jsonl only)."""
+    names = tuple(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip() and p.strip() != "none"))
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise FdfoError(f"--log-with names unknown tracker {unknown[0]!r} (known: {', '.join(TRACKERS)}, none)")
+    return names
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What a run shows while it trains: trackers (TensorBoard, wandb; rank 0 only), the images they get, the
+    progress bars. metrics.jsonl is always written."""
+
+    log_with: str = _f(
+        "tensorboard",
+        "trackers beside metrics.jsonl, comma-separated: tensorboard, wandb (pip install -e '.[wandb]'); none = only "
+        "metrics.jsonl. wandb honours WANDB_MODE=offline and its other environment variables",
+    )
+    wandb_project: str = _f("fdfo_fast", "wandb: project name")
+    wandb_run_name: str = _f("", "wandb: run name ('' = the run folder's name)")
+    wandb_tags: str = _f("", "wandb: comma-separated tags (the algorithm and model are always added)")
+    rollout_images_every: int = _f(
+        10, "log a panel of this epoch's rollouts (FDFO: pairs with both rewards and the advantage) every N epochs "
+        "(0 = never; epoch 1 is always included when on)", ge=0,
+    )  # fmt: skip
+    rollout_images: int = _f(4, "rollout panel: pairs (FDFO) or groups / samples (Flow-GRPO / DDPO) shown", ge=1)
+    progress: bool = _f(True, "show progress bars (epochs; and per phase: loading, sampling, scoring, training, eval)")
+
+
 SECTIONS = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -305,6 +349,7 @@ SECTIONS = {
     "sde": SDEPolicyConfig,
     "optim": OptimConfig,
     "eval": EvalConfig,
+    "logging": LoggingConfig,
 }
 # option name -> its section (names are unique across sections)
 OPTION_SECTION = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
@@ -325,6 +370,7 @@ class TrainConfig:
     sde: SDEPolicyConfig = field(default_factory=SDEPolicyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
         # 'auto' prompt sets follow the model: the shapes world's splits, or GenEval-style COCO prompts for sd3 / flux
@@ -340,6 +386,7 @@ class TrainConfig:
     @classmethod
     def from_flat(cls, values: dict) -> TrainConfig:
         """From flat option names (config.json, YAML, presets, the command line), values already typed."""
+        values = with_legacy_options_replaced(values)
         unknown = sorted(set(values) - set(OPTION_SECTION))
         if unknown:
             raise FdfoError(f"unknown option(s) {unknown}; see --help")
@@ -368,7 +415,7 @@ class TrainConfig:
                 why = _rule_error(f.metadata, v)
                 if why:
                     bad(f.name, why)
-        run, m, rw, hu, sm, fd, sde, opt, ev = (getattr(self, s) for s in SECTIONS)
+        run, m, rw, hu, sm, fd, sde, opt, ev, lg = (getattr(self, s) for s in SECTIONS)
         algo = run.algorithm
         if not run.out.strip():
             bad("out", "must name the run folder")
@@ -446,6 +493,8 @@ class TrainConfig:
             bad("grpo_std", f"only applies to flow_grpo (not {algo})")
         if opt.ema_every != 1 and opt.ema_decay == 0:
             bad("ema_every", "needs an EMA: set --ema-decay > 0")
+        if any(n.strip() not in (*TRACKERS, "none", "") for n in lg.log_with.split(",")):
+            bad("log_with", f"must be a comma-separated list of {', '.join(TRACKERS)} (or none)")
         if m.base_checkpoint and not Path(m.base_checkpoint).is_file():
             bad("base_checkpoint", "must be an existing checkpoint file")
         return self
@@ -605,6 +654,7 @@ def make_config(
     if yaml_path:
         values.update(load_yaml(yaml_path))
     values.update(overrides or {})
+    values = with_legacy_options_replaced(values)
     unknown = sorted(set(values) - set(OPTION_SECTION))
     if unknown:
         raise FdfoError(f"unknown option(s) {unknown}; see --help")

@@ -9,6 +9,7 @@ computes the same updates as a 1-rank run of the same global batch (up to float 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -141,4 +142,64 @@ def timeout_error(env: DistEnv) -> FdfoError:
     return FdfoError(
         f"rank {env.rank} of {env.world_size}: waited {env.timeout_s:g} s for the other ranks at a collective during "
         f"{env.phase}; a rank is frozen or lost (--collective-timeout sets the wait)"
+    )
+
+
+# Options each process may set for itself: where it writes or reads the run folder (a shared filesystem may be
+# mounted at another path on each node), its threads, kernels and device, how long it waits, and what only rank 0
+# shows and logs (progress, trackers, rollout panels). Every other option decides what the ranks compute together
+# and must be the same on every node. (Names a config lacks are skipped: older and newer option sets both work.)
+PER_PROCESS_OPTIONS = (
+    "out", "threads", "impl", "device", "collective_timeout", "progress", "tensorboard", "log_with", "wandb_project",
+    "wandb_run_name", "wandb_tags", "rollout_images_every", "rollout_images",
+)  # fmt: skip
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "ranks 0-2, 5" (ascending ranks)."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return ("rank " if len(ranks) == 1 else "ranks ") + text
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_ranks_agree(options: dict, env: DistEnv) -> None:
+    """Raise FdfoError on every rank when the ranks were launched with different run options.
+
+    Each node of a multi-node launch parses its own command line: a node with another --seed would silently
+    train on another global batch than the rest, another --epochs would hang at a collective. One all-gather of
+    the (small) option dicts at startup, before anything is computed; every rank names the same options.
+    """
+    if not env.enabled:
+        return
+    mine = {k: v for k, v in options.items() if k not in PER_PROCESS_OPTIONS}
+    try:
+        every = env.all_gather_objects(mine)
+    except RuntimeError as err:
+        if is_collective_timeout(err):
+            raise timeout_error(env) from None
+        raise
+    names = list(dict.fromkeys(k for o in every for k in o))
+    differing = [k for k in names if any(o.get(k, "<unset>") != every[0].get(k, "<unset>") for o in every)]
+    if not differing:
+        return
+    parts = []
+    for k in differing[:4]:
+        holders: dict[str, list[int]] = {}  # value -> the ranks launched with it
+        for r, o in enumerate(every):
+            holders.setdefault(json.dumps(o.get(k, "<unset>"), default=str), []).append(r)
+        parts.append(f"{_flag(k)} (" + "; ".join(f"{v} on {_ranks_text(rs)}" for v, rs in holders.items()) + ")")
+    more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+    free = ", ".join(_flag(o) for o in PER_PROCESS_OPTIONS if o in options)
+    raise FdfoError(
+        f"rank {env.rank} of {env.world_size}: the ranks were launched with different options: "
+        f"{', '.join(parts)}{more}; launch every node with the same options (only {free} may differ)"
     )

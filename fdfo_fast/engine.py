@@ -96,7 +96,9 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise FdfoError("--optimizer adamw8bit needs bitsandbytes: pip install 'fdfo_fast[bnb]'") from None
+            raise FdfoError(
+                "--optimizer adamw8bit needs bitsandbytes: pip install -e '.[bnb]' in the fdfo_fast checkout"
+            ) from None
         return bnb.optim.AdamW8bit(params, **kw)
     return torch.optim.AdamW(params, **kw)
 
@@ -162,7 +164,9 @@ class DeepSpeedEngine(_EngineBase):
         try:
             import deepspeed
         except ImportError:
-            raise FdfoError("--ds-config needs DeepSpeed: pip install 'fdfo_fast[deepspeed]'") from None
+            raise FdfoError(
+                "--ds-config needs DeepSpeed: pip install -e '.[deepspeed]' in the fdfo_fast checkout"
+            ) from None
         ds_config = load_ds_config(cfg.ds_config, cfg)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         if cfg.ema_decay > 0 and self.zero_stage == 3:

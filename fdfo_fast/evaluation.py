@@ -8,8 +8,13 @@ import torch
 
 from fdfo_fast.rewards import CompositeReward
 from fdfo_fast.sampling import Sampler, derive_seed, sample_euler
-from fdfo_fast.viz import save_grid
+from fdfo_fast.metrics import Progress
+from fdfo_fast.viz import BAD, GOOD, captioned_pages, fit_images, save_grid, save_png
 from fdfo_fast.world.grammar import CATEGORIES, PromptSpec
+
+
+OVERVIEW_CELLS = 64  # a real model's overview grid: its first 64 items (every item is on the captioned pages)
+MAX_TRACKER_PAGES = 4  # captioned pages sent to the trackers per evaluation (the files hold all)
 
 
 @dataclass
@@ -50,6 +55,7 @@ def evaluate(
     cfg_scale: float = 1.0,
     batch_size: int = 128,
     impl: str | None = None,
+    progress=None,
 ) -> EvalResult:
     """Sample every (prompt, seed) item with the Euler ODE sampler, decode and score it.
 
@@ -60,13 +66,15 @@ def evaluate(
     sampler = Sampler("euler", model.sigma_schedule(num_steps, shift or None), cfg_scale=cfg_scale, impl=impl)
     texts = [p if isinstance(p, str) else p.text() for p, _ in items]
     images = []
-    for i in range(0, len(items), batch_size):
-        chunk = texts[i : i + batch_size]
-        cond = model.encode_prompts(chunk)
-        uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
-        seeds = [s for _, s in items[i : i + batch_size]]
-        traj = sample_euler(model, sampler, cond, uncond, seeds, shape)
-        images.append(model.decode(traj.x0).float().clamp(-1, 1).cpu())
+    with (progress or Progress(False)).phase("evaluation", total=len(items), unit="img") as bar:
+        for i in range(0, len(items), batch_size):
+            chunk = texts[i : i + batch_size]
+            cond = model.encode_prompts(chunk)
+            uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
+            seeds = [s for _, s in items[i : i + batch_size]]
+            traj = sample_euler(model, sampler, cond, uncond, seeds, shape)
+            images.append(model.decode(traj.x0).float().clamp(-1, 1).cpu())
+            bar.update(len(chunk))
     images = torch.cat(images)
     scores = reward(images, texts)
     categories = ["prompts" if isinstance(p, str) else p.category for p, _ in items]
@@ -146,7 +154,7 @@ class RunEvaluator:
             with engine.gathered():
                 res = evaluate(  # sampled and decoded sample_batch at a time, like the rollouts
                     model, mine, self.reward, ev.eval_num_steps, sm.shift, sm.cfg_scale, sm.sample_batch,
-                    impl=cfg.run.impl_or_none,
+                    impl=cfg.run.impl_or_none, progress=run.bar,
                 )  # fmt: skip
                 diversity = None
                 if ev.diversity_prompts:
@@ -167,18 +175,40 @@ class RunEvaluator:
             elif epoch > 0:
                 best["since"] += 1
             model.train()
-        if env.is_main:
-            save_grid(
-                res.images,
-                run.out / "grids" / f"eval_{epoch:05d}.png",
-                ncol=ev.eval_per_category if ev.eval_prompts == "heldout" else 8,
-                correct=res.scores.get("geneval"),
-                scale=4 if model.has_world_metric else 1,
-            )
         counters = progress.counters
+        if env.is_main:
+            pages = self.save_grids(res, epoch)
+            run.log.images("eval/grid", pages[:MAX_TRACKER_PAGES], counters["reward_queries"])
         run.log.write(
             {"kind": "eval", "epoch": epoch, **counters, **summary, "best_epoch": best["epoch"]},
             counters["reward_queries"],
         )
         progress.last_eval = summary
         return summary
+
+    def save_grids(self, res: EvalResult, epoch: int) -> list:
+        """grids/eval_<epoch>.png, an overview (the toy world's every item, green/red = correct; a real model's first
+        OVERVIEW_CELLS at ≤ 128 px), and grids/eval_<epoch>/page_<k>.png, every item with its prompt and each
+        reward term under it, on bounded pages; returns the pages as (image, caption)."""
+        run, ev = self.run, self.run.cfg.eval
+        toy = run.model.has_world_metric
+        correct = res.scores.get("geneval")
+        overview = res.images if toy else fit_images(res.images[:OVERVIEW_CELLS], 128)
+        save_grid(
+            overview, run.out / "grids" / f"eval_{epoch:05d}.png",
+            ncol=ev.eval_per_category if ev.eval_prompts == "heldout" else 8,
+            correct=correct if toy else None, scale=4 if toy else 1,
+        )  # fmt: skip
+        keys = ["reward", *(k for k in res.scores if k != "reward")]
+        captions = [
+            res.prompts[i] + "\n" + " · ".join(f"{k} {float(res.scores[k][i]):.3f}" for k in keys)
+            for i in range(len(res.prompts))
+        ]
+        borders = None if correct is None else [GOOD if bool(c) else BAD for c in correct]
+        pages = captioned_pages(res.images, captions, ncol=8, rows_per_page=6, borders=borders)
+        folder = run.out / "grids" / f"eval_{epoch:05d}"
+        out = []
+        for k, page in enumerate(pages):
+            save_png(page, folder / f"page_{k:02d}.png")
+            out.append((page, f"held-out, epoch {epoch}, page {k + 1} of {len(pages)}"))
+        return out

@@ -4,7 +4,7 @@ shapes world's programmatic scorer says matches the prompt better. Used by the e
     python -m fdfo_fast.human_oracle --epochs 20 --out runs/human-oracle
 
 which post-trains the toy model from page clicks only and prints held-out accuracy before -> after.
-Needs Debian's chromium + chromium-driver and the `selenium` package (pip install 'fdfo_fast[human]').
+Needs Debian's chromium + chromium-driver and the `selenium` package (`pip install -e '.[human]'` in the checkout).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def make_driver(chromium: str = "/usr/bin/chromium", chromedriver: str = "/usr/b
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        raise FdfoError("the page oracle needs selenium: pip install 'fdfo_fast[human]'") from None
+        raise FdfoError("the page oracle needs selenium: pip install -e '.[human]' in the fdfo_fast checkout") from None
     import os
     import tempfile
 

@@ -1,13 +1,16 @@
-"""What a run reports: metrics.jsonl (+ TensorBoard scalars), the progress bar, and the summary of the loss
-statistics of an epoch's optimiser steps."""
+"""What a run reports: metrics.jsonl and the trackers (TensorBoard, wandb), the progress bars, and the summary of the
+loss statistics of an epoch's optimiser steps."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import warnings
 from pathlib import Path
+
+import torch
 
 from fdfo_fast.algorithms.base import LossStats
 from fdfo_fast.checkpoint import atomic_write_text
@@ -16,11 +19,12 @@ from fdfo_fast.errors import FdfoError
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) + TensorBoard scalars when available."""
+    """metrics.jsonl (one JSON object per line, rank 0) and the trackers (fdfo_fast.trackers: TensorBoard, wandb)."""
 
-    def __init__(self, out: Path, tensorboard: bool, keep_lines: int | None, write: bool = True):
+    def __init__(self, out: Path, trackers, keep_lines: int | None, write: bool = True):
         self.path = out / "metrics.jsonl"
         self.enabled = write  # only rank 0 writes; every rank counts lines so checkpoints agree
+        self.trackers = trackers  # fdfo_fast.trackers.Trackers on rank 0, else None
         lines: list[str] = []
         if keep_lines is not None and not write:  # other ranks only count (the file is rank 0's)
             lines = [""] * keep_lines
@@ -37,45 +41,101 @@ class MetricsLog:
         if write:  # replaced atomically: a kill here leaves the old history or the kept part, never an empty file
             atomic_write_text(self.path, "".join(ln + "\n" for ln in lines))
         self.lines = len(lines)
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only", stacklevel=2)
 
     def write(self, record: dict, step: int):
+        """One record: a line of metrics.jsonl, and its numbers to the trackers at x = `step` reward queries."""
         self.lines += 1
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(k, v, step)
-            self.writer.flush()
+        if self.trackers is not None:
+            self.trackers.log(record, step)
+
+    def images(self, tag: str, pages: list, step: int):
+        """(PIL image, caption) pages to the trackers (the files are written by the caller)."""
+        if self.enabled and self.trackers is not None:
+            self.trackers.log_images(tag, pages, step)
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close()
+
+
+class _NoBar:
+    """What a phase yields when progress is off: a bar that shows nothing."""
+
+    total = None
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def add_total(self, n: int) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
+        pass
+
+
+class _PhaseBar:
+    """A tqdm bar for one phase of work, under the epoch bar; `add_total` grows it when the work is known late."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def add_total(self, n: int) -> None:
+        self.bar.total = (self.bar.total or 0) + n
+        self.bar.refresh()
+
+    def describe(self, text: str) -> None:
+        self.bar.set_description_str(text)
 
 
 class Progress:
-    """tqdm over epochs with reward and held-out score (nothing when off or on other ranks than 0)."""
+    """Progress bars on rank 0 (tqdm, stderr): the epochs, with the training reward and the last held-out score, and
+    one bar per phase of long work under it (each epoch's sampling chunks, scoring, training passes, evaluation; and
+    the setup's loading steps before it) with its rate and ETA; the phase bars only on a terminal. Nothing when off
+    (--progress false) or on other ranks."""
 
-    def __init__(self, enabled: bool, total: int, start: int, desc: str):
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.bar = None
-        if enabled:
+
+    def start_epochs(self, total: int, start: int, desc: str) -> None:
+        if self.enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc=desc, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
+    @contextlib.contextmanager
+    def phase(self, desc: str, total: int | None = None, unit: str = "it"):
+        """A bar for `desc` while the block runs; removed when it ends."""
+        # Phase bars nest under the epoch bar by moving the cursor: only on a terminal (a log file gets the epoch bar)
+        if not (self.enabled and (self.bar is None or sys.stderr.isatty())):
+            yield _NoBar()
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total, desc=desc, unit=unit, leave=False, position=0 if self.bar is None else 1, file=sys.stderr,
+            dynamic_ncols=True,
+        )  # fmt: skip
+        try:
+            yield _PhaseBar(bar)
+        finally:
+            bar.close()
+
     def update(self, record: dict, last_eval: dict):
         if self.bar is not None:
             self.bar.update(1)
+            self.show(record, last_eval)
+
+    def show(self, record: dict, last_eval: dict):
+        """The epoch bar's reward and held-out score (refreshed after the final evaluation too)."""
+        if self.bar is not None:
             self.bar.set_postfix(
                 reward=f"{record.get('reward/reward', float('nan')):.3f}",
                 heldout=f"{last_eval.get('eval/geneval', last_eval.get('eval/reward', float('nan'))):.3f}",
@@ -117,3 +177,49 @@ def summarise_loss_stats(
             )
     record[f"{algo}/active_items_frac"] = n / max(1, env.sum(n_items))
     return record
+
+
+def _terms_line(scores: dict, i: int) -> str:
+    """'alignment 0.812 · quality 0.433' for row i: the reward terms besides the trained composite `reward`."""
+    return " · ".join(f"{k} {float(v[i]):.3f}" for k, v in scores.items() if k != "reward")
+
+
+MAX_PANEL_COLUMNS = 8
+
+
+def rollout_panel(ctx, algorithm, rollout, k: int) -> tuple[list, list[int], list[str]]:
+    """([(PIL page, caption)], rows shown, their cell captions): k groups of this epoch's rollouts side by side — FDFO's pairs (both
+    branches from one starting noise, arXiv 2603.12893 §3.1) with both rewards and the pair's advantage, Flow-GRPO /
+    DDPO's images of one prompt with reward and advantage — decoded again from the stored final latents."""
+    from fdfo_fast.viz import captioned_pages
+
+    groups = algorithm.preview_groups(rollout, k)
+    if not groups:
+        return [], [], []
+    if len(groups[0]) > MAX_PANEL_COLUMNS:  # a large GRPO group: evenly spaced by reward, best first
+        ranked = [sorted(g, key=lambda i: -float(rollout.rewards["reward"][i])) for g in groups]
+        groups = [
+            [g[round(j * (len(g) - 1) / (MAX_PANEL_COLUMNS - 1))] for j in range(MAX_PANEL_COLUMNS)] for g in ranked
+        ]
+    rows = [i for g in groups for i in g]
+    images = ctx.decode(rollout.traj.x0[torch.tensor(rows)]).float().clamp(-1, 1).cpu()
+    reward, adv = rollout.rewards["reward"], rollout.advantages
+    pair = algorithm.rows_per_prompt == 2
+    captions, titles = [], []
+    for g in groups:
+        for j, i in enumerate(g):
+            head = f"{'AB'[j]}: " if pair else ""
+            text = f"{head}R {float(reward[i]):.3f} · adv {float(adv[i]):+.3f}"
+            terms = _terms_line(rollout.rewards, i)
+            captions.append(text + (f"\n{terms}" if terms else ""))
+        gap = f"  |  R_A - R_B = {float(reward[g[0]] - reward[g[1]]):+.3f}" if pair else ""  # the font has no em dash
+        titles.append(f"{rollout.prompts[g[0]]}{gap}")
+    single = len(groups[0]) == 1
+    if single:  # one image per group (DDPO with --group-size 1): one row, the prompt in each caption
+        captions = [f"{rollout.prompts[i]}\n{c}" for i, c in zip(rows, captions)]
+    pages = captioned_pages(
+        images, captions,
+        ncol=len(rows) if single else len(groups[0]), rows_per_page=len(groups),
+        row_titles=None if single else titles,
+    )  # fmt: skip
+    return [(p, f"{algorithm.name} rollouts, {len(groups)} of this epoch's groups") for p in pages], rows, captions

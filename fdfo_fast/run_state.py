@@ -26,8 +26,8 @@ STATE_VERSION = 2
 # Options that may differ between a run and its resumption. A different thread count, --impl or --device changes
 # float rounding: a bit-identical resume needs the same ones (README, "Training").
 RESUMABLE_CHANGES = (
-    "epochs", "progress", "tensorboard", "threads", "eval_every", "save_every", "out", "impl", "device",
-    "collective_timeout",
+    "epochs", "progress", "log_with", "wandb_project", "wandb_run_name", "wandb_tags", "rollout_images_every",
+    "rollout_images", "threads", "eval_every", "save_every", "out", "impl", "device", "collective_timeout",
 )  # fmt: skip
 
 
@@ -52,6 +52,7 @@ class RunProgress:
     best: dict = field(default_factory=lambda: {"score": -math.inf, "epoch": -1, "since": 0})
     last_eval: dict = field(default_factory=dict)
     metrics_lines: int | None = None  # metrics.jsonl lines the checkpoint covers (None = a new run)
+    tracker_ids: dict = field(default_factory=dict)  # tracker name -> the run id a resume continues (wandb)
 
 
 def check_run_folder(out: Path, resume: bool) -> None:
@@ -117,6 +118,7 @@ class RunCheckpoint:
                     "metrics_lines": metrics_lines,
                     "last_eval": progress.last_eval,
                     "best": dict(progress.best),
+                    "trackers": dict(progress.tracker_ids),
                 },
             )
             self.engine.prune(self.out, keep=tag)
@@ -165,6 +167,7 @@ class RunCheckpoint:
         progress = RunProgress(st["epoch"], {**_counters(), **st["counters"]}, {}, st["last_eval"], st["metrics_lines"])
         self.saved_epoch = st["epoch"]
         progress.best = {**RunProgress().best, **st["best"]}
+        progress.tracker_ids = dict(st.get("trackers") or {})  # absent in checkpoints written before the trackers
         if self.cfg.run.epochs < progress.epoch:
             raise FdfoError(
                 f"--resume: the run in {self.out} is at epoch {progress.epoch}; --epochs {self.cfg.run.epochs} is "

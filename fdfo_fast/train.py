@@ -20,13 +20,14 @@ import torch
 from fdfo_fast import backends
 from fdfo_fast.algorithms.base import LossStats
 from fdfo_fast.builder import Run, build_run
-from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args
+from fdfo_fast.cli_args import ArgumentParser, parse_bool, add_dataclass_args, overrides_from_args
 from fdfo_fast.config import PRESETS, SECTIONS, TrainConfig, make_config
 from fdfo_fast.distributed import is_collective_timeout, split_items_global, timeout_error
 from fdfo_fast.errors import cli_entry
-from fdfo_fast.metrics import summarise_loss_stats
+from fdfo_fast.metrics import rollout_panel, summarise_loss_stats
 from fdfo_fast.run_state import saved_config
 from fdfo_fast.sampling import derive_seed
+from fdfo_fast.viz import save_png
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -73,8 +74,9 @@ def run_loop(run: Run) -> dict:
         model.eval()
         with engine.gathered():
             rollout = algo.rollout(ctx, epoch, gen)
+            counters["reward_queries"] += int(env.sum(algo.reward_queries(rollout)))
+            show_rollouts(run, rollout, epoch)  # every N epochs, a panel of rank 0's pairs: files and trackers
         model.train()
-        counters["reward_queries"] += int(env.sum(algo.reward_queries(rollout)))
         counters["sample_passes"] += int(env.sum(len(rollout.prompts))) * cfg.sampling.num_steps * cfg_factor
         record = {"kind": "train", "epoch": epoch + 1}
         record.update({f"reward/{k}": float(env.cat_from_all(v.float()).mean()) for k, v in rollout.rewards.items()})
@@ -89,29 +91,32 @@ def run_loop(run: Run) -> dict:
             step_stats: list[LossStats] = []  # this rank's statistics per optimiser step (merged over ranks below)
             losses, norms = [], []
             chunks = split_items_global(rollout.items, len(rollout.prompts), env, cfg.optim.opt_steps_per_epoch, gen)
-            for step_i, (chunk, global_len) in enumerate(chunks):
-                engine.zero_grad()
-                work = rollout.active_items(chunk)
-                batches = list(work.split(cfg.optim.micro_batch)) if len(work) else []
-                n_passes = engine.passes(len(batches))  # ZeRO: equal on every rank (zero-weighted extra passes)
-                loss_val, step_totals = 0.0, LossStats()
-                for j in range(n_passes):
-                    real = j < len(batches)
-                    mb = batches[j] if real else rollout.items[:1]
-                    loss_sum, stats = algo.loss(ctx, rollout, mb, first_step=step_i == 0)
-                    engine.backward(loss_sum / global_len * (1.0 if real else 0.0), boundary=j == n_passes - 1)
-                    if real:
-                        loss_val += float(loss_sum.detach()) / global_len
-                        step_totals = step_totals.merge(stats)
-                step_stats.append(step_totals)
-                counters["train_passes"] += int(env.sum(len(work))) * cfg_factor
-                loss_val = env.sum(loss_val)
-                norm, stepped = engine.step(math.isfinite(loss_val))
-                if not stepped:
-                    counters["skipped_steps_nonfinite"] += 1
-                    continue
-                losses.append(loss_val)
-                norms.append(norm)
+            with run.bar.phase("training", unit="pass") as passes_bar:
+                for step_i, (chunk, global_len) in enumerate(chunks):
+                    engine.zero_grad()
+                    work = rollout.active_items(chunk)
+                    batches = list(work.split(cfg.optim.micro_batch)) if len(work) else []
+                    n_passes = engine.passes(len(batches))  # ZeRO: equal on every rank (zero-weighted extra passes)
+                    passes_bar.add_total(n_passes)
+                    loss_val, step_totals = 0.0, LossStats()
+                    for j in range(n_passes):
+                        real = j < len(batches)
+                        mb = batches[j] if real else rollout.items[:1]
+                        loss_sum, stats = algo.loss(ctx, rollout, mb, first_step=step_i == 0)
+                        engine.backward(loss_sum / global_len * (1.0 if real else 0.0), boundary=j == n_passes - 1)
+                        if real:
+                            loss_val += float(loss_sum.detach()) / global_len
+                            step_totals = step_totals.merge(stats)
+                        passes_bar.update()
+                    step_stats.append(step_totals)
+                    counters["train_passes"] += int(env.sum(len(work))) * cfg_factor
+                    loss_val = env.sum(loss_val)
+                    norm, stepped = engine.step(math.isfinite(loss_val))
+                    if not stepped:
+                        counters["skipped_steps_nonfinite"] += 1
+                        continue
+                    losses.append(loss_val)
+                    norms.append(norm)
             record["loss"] = sum(losses) / max(1, len(losses))
             record["grad_norm"] = sum(norms) / max(1, len(norms))
             record.update(summarise_loss_stats(algo.name, step_stats, env, len(rollout.items), epoch + 1))
@@ -126,9 +131,22 @@ def run_loop(run: Run) -> dict:
         env.phase = "the final evaluation"
         if start < epochs or not progress.last_eval:
             run.evaluate(epochs)
+            run.bar.show(record if start < epochs else {}, progress.last_eval)  # the final held-out score
         save_checkpoint(run, epochs)
     run.close()
     return progress.last_eval
+
+
+def show_rollouts(run: Run, rollout, epoch: int) -> None:
+    """rollouts/epoch_<N>.png and the trackers' `rollouts` image: a few of this epoch's pairs (or groups) with their
+    rewards and advantages, at epoch 1 and every --rollout-images-every epochs (rank 0)."""
+    every = run.cfg.logging.rollout_images_every
+    if not (run.env.is_main and every and (epoch == 0 or (epoch + 1) % every == 0)):
+        return
+    pages, _, _ = rollout_panel(run.ctx, run.algorithm, rollout, run.cfg.logging.rollout_images)
+    for k, (page, _) in enumerate(pages):
+        save_png(page, run.out / "rollouts" / f"epoch_{epoch + 1:05d}{f'_{k}' if k else ''}.png")
+    run.log.images("rollouts", pages, run.progress.counters["reward_queries"])
 
 
 def save_checkpoint(run: Run, epoch: int) -> None:
@@ -148,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     # the deepspeed launcher appends --local_rank=N; the rank comes from the LOCAL_RANK environment variable
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # the switch --log-with replaced: `--tensorboard false` still turns TensorBoard off (TrainConfig.from_flat)
+    parser.add_argument("--tensorboard", type=parse_bool, default=None, metavar="BOOL", help=argparse.SUPPRESS)
     for name, section in SECTIONS.items():  # one flat option per field, grouped by section in --help
         add_dataclass_args(parser.add_argument_group(name), section)
     return parser
@@ -157,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     ns = build_parser().parse_args(argv)
     overrides = {k: v for s in SECTIONS.values() for k, v in overrides_from_args(ns, s).items()}
+    if ns.tensorboard is not None:
+        overrides["tensorboard"] = ns.tensorboard
     base = None
     if ns.resume:  # continue with the options checkpoint.pt holds; flags given now override them (checked in train())
         base = saved_config(Path(overrides.get("out", TrainConfig().run.out)))

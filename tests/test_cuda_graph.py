@@ -74,7 +74,7 @@ TINY_RUN = dict(
     eval_num_steps=2,
     diversity_prompts=0,
     progress=False,
-    tensorboard=False,
+    log_with="none",
     reward="alignment:1,quality:1",
 )
 # preset -> (algorithm name, its overrides (tests/kernels/test_trainer_impl.py's), items per epoch = terms of the

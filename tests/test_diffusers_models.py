@@ -87,7 +87,7 @@ def _train_cfg(tmp_path, model, path, algorithm, **kw):
         reward="quality:1,jpeg_incompressibility:0.05",  # prompt-free rewards that score any image
         lr=1e-2,
         progress=False,
-        tensorboard=False,
+        log_with="none",
         device="cpu",
     )
     if algorithm == "fdfo":
@@ -361,7 +361,7 @@ def test_bad_models_give_one_clear_error(sd3_dir, flux_dir, tmp_path, monkeypatc
     with pytest.raises(FdfoError, match="--lora-targets norm1: Target module AdaLayerNormZero"):  # not a Linear
         _load(SD3FlowModel, sd3_dir).setup_finetune(_ft("lora", 4, 4.0, ("norm1",)))
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if the extra were not installed
-    with pytest.raises(FdfoError, match=r"pip install 'fdfo_fast\[diffusers\]'"):
+    with pytest.raises(FdfoError, match=r"pip install -e '\.\[diffusers\]' in the fdfo_fast checkout"):
         SD3FlowModel.from_pretrained(sd3_dir)
 
 

@@ -2,6 +2,7 @@
 run's per-step losses, resume continues exactly, a SIGKILLed run resumes from its last complete checkpoint, and the
 optimiser / attention / DeepSpeed-config options fail clearly when they cannot run."""
 
+import contextlib
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +19,9 @@ import torch
 
 from fdfo_fast.checkpoint import read_checkpoint
 from fdfo_fast.config import make_config
+from fdfo_fast.distributed import PER_PROCESS_OPTIONS
 from fdfo_fast.errors import FdfoError
+from fdfo_fast.models.base import load_model
 from fdfo_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +33,7 @@ TRAIN = str(ROOT / "fdfo_fast" / "train.py")
 DS_CPU = str(ROOT / "tests" / "data" / "ds_z3_cpu.json")
 SMALL = [
     "--num-steps", "3", "--eval-every", "0", "--eval-per-category", "1", "--eval-num-steps", "2",
-    "--progress", "false", "--tensorboard", "false", "--threads", "1",
+    "--progress", "false", "--log-with", "none", "--threads", "1",
 ]  # fmt: skip
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
@@ -45,15 +49,45 @@ def _port() -> int:
 PORT_TAKEN = ("address already in use", "eaddrinuse")  # torch's TCPStore: "... EADDRINUSE, message: address ..."
 
 
+def _descendants(pid: int) -> list[int]:
+    """The pids of `pid`'s children, their children, ... (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher started with start_new_session, its process group and every descendant: torchrun starts
+    each rank in a session of its own (torch.distributed.elastic's subprocess handler), so killing the launcher's
+    group alone leaves the ranks waiting at a collective for minutes."""
+    tree = _descendants(pid)  # before the kill: orphaned ranks are reparented and no longer found under it
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 def _run_group(cmd, env=ENV, timeout=600) -> subprocess.CompletedProcess:
-    """subprocess.run in its own process group, killed whole on timeout: a launcher's ranks would otherwise outlive
-    a timed-out test and hold the CPU (and any JIT build lock) for the rest of the suite."""
+    """subprocess.run in its own process group, killed whole (with every rank) on timeout: a launcher's ranks would
+    otherwise outlive a timed-out test and hold the CPU (and any JIT build lock) for the rest of the suite."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                           start_new_session=True) as proc:  # fmt: skip
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -210,7 +244,7 @@ def test_deepspeed_resume_never_reads_an_unreferenced_shard_folder(tmp_path):
 def test_adamw8bit_trains_and_missing_bitsandbytes_is_clear(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     common = dict(num_steps=3, pairs_per_epoch=2, epochs=1, eval_every=0, eval_per_category=1, eval_num_steps=2,
-                  progress=False, tensorboard=False)  # fmt: skip
+                  progress=False, log_with="none")  # fmt: skip
     train(make_config("toy-fdfo", overrides=dict(out=str(tmp_path / "a"), optimizer="adamw8bit", **common)))
     state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
 
@@ -228,7 +262,7 @@ def test_adamw8bit_trains_and_missing_bitsandbytes_is_clear(tmp_path, monkeypatc
 
 
 def test_bad_distributed_options_are_clear(tmp_path):
-    common = dict(epochs=1, progress=False, tensorboard=False, eval_per_category=1)
+    common = dict(epochs=1, progress=False, log_with="none", eval_per_category=1)
     with pytest.raises(FdfoError, match="--attention flash needs flash-attn and a CUDA device"):
         train(make_config("toy-fdfo", overrides=dict(out=str(tmp_path / "a"), attention="flash", **common)))
     with pytest.raises(FdfoError, match="--cuda-graph on: sampling runs on the CPU"):
@@ -374,3 +408,192 @@ def test_a_frozen_rank_ends_the_run_with_one_line_naming_the_rank_and_phase(tmp_
     assert "during epoch" in lines[0] or "during the" in lines[0]
     assert launcher.returncode != 0 and waited < 200  # ended by the timeout, not by the 30-minute default
     assert read_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
+
+
+# -- several machines: two launchers ("nodes") on this one, each with one rank ----------------------------------------
+def _run_groups(cmds, env=ENV, timeout=600, grace=30) -> list[subprocess.CompletedProcess]:
+    """The launchers of one run side by side (one per node), each in its own process group with its output in a file
+    (a pipe could fill while another launcher is waited on). All groups are killed when the time is up, and the rest
+    `grace` seconds after one launcher fails: a node whose peer died waits for it at the rendezvous until its own
+    timeout (minutes). A launcher is killed with all its ranks (`_kill_tree`)."""
+    procs, logs = [], []
+    try:
+        for cmd in cmds:
+            logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))
+            procs.append(subprocess.Popen(cmd, stdout=logs[-1][0], stderr=logs[-1][1], text=True, env=env, cwd=ROOT,
+                                          start_new_session=True))  # fmt: skip
+        deadline, peers_deadline = time.monotonic() + timeout, math.inf
+        while None in [p.poll() for p in procs]:  # (a list: poll every launcher, so a failed one is seen)
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmds, timeout)
+            if any(p.returncode for p in procs):  # a failed node: its peers get `grace` s to end by themselves
+                peers_deadline = min(peers_deadline, time.monotonic() + grace)
+                if time.monotonic() > peers_deadline:
+                    break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:  # an ended launcher has stopped its ranks (and its pid may be another's by now)
+                _kill_tree(p.pid)
+            p.wait()
+    done = []
+    for cmd, p, (out, err) in zip(cmds, procs, logs, strict=True):
+        out.seek(0), err.seek(0)
+        done.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return done
+
+
+def _launch_nodes(make_cmds, attempts=4, **kw) -> list[subprocess.CompletedProcess]:
+    """`_launch` for several launchers: `make_cmds(port)` (one command per node, all meeting at the port) runs again
+    on a fresh port when any node lost the port to another process."""
+    for _ in range(attempts):
+        port = _port()
+        try:
+            procs = _run_groups(make_cmds(port), **kw)
+        finally:
+            _remove_shm_buffers(port)
+        failed = [p for p in procs if p.returncode]
+        if not failed or not any(s in (p.stdout + p.stderr).lower() for p in procs for s in PORT_TAKEN):
+            break
+    return procs
+
+
+def test_node_launchers_are_killed_with_their_ranks_on_timeout_and_after_a_failed_node(tmp_path):
+    """Each fake launcher starts a "rank" in a session of its own, as torchrun does: a timeout kills both launchers
+    and both ranks; a node that fails leaves its peer `grace` seconds, then the peer is killed too."""
+    spawn = ("import pathlib, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(600)'], start_new_session=True); pathlib.Path(sys.argv[1]).write_text(str(p.pid)); "
+             "sys.exit(int(sys.argv[2])) if sys.argv[2] != 'wait' else time.sleep(600)")  # fmt: skip
+
+    def alive(pid):  # (a SIGKILLed process takes a moment to die; init then reaps the zombie)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    return False
+            except OSError:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def ranks(*names):
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / n).exists() for n in names) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [int((tmp_path / n).read_text()) for n in names]
+
+    cmds = [[sys.executable, "-c", spawn, str(tmp_path / n), "wait"] for n in ("a", "b")]
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run_groups(cmds, timeout=8)
+    assert not any(alive(pid) for pid in ranks("a", "b"))
+    cmds = [[sys.executable, "-c", spawn, str(tmp_path / "c"), "wait"], [sys.executable, "-c", "raise SystemExit(3)"]]
+    waiting, failed = _run_groups(cmds, timeout=120, grace=3)
+    assert failed.returncode == 3 and waiting.returncode == -signal.SIGKILL
+    assert not alive(ranks("c")[0])
+
+
+def _torchrun_node_cmds(out, *args, node_args=((), ())):
+    """`torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port P` on each node (static rendezvous: the
+    node given --node-rank 0 hosts the store and holds rank 0); `node_args[r]`: options only node r is given."""
+    return lambda port: [
+        [*TORCHRUN, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={r}", "--master-addr=127.0.0.1",
+         f"--master-port={port}", TRAIN, *SMALL, "--out", str(out), *args, *extra]
+        for r, extra in enumerate(node_args)
+    ]  # fmt: skip
+
+
+def _deepspeed_node_cmds(out, hostfile, *args):
+    """`deepspeed --hostfile H --no_ssh --node_rank R --master_addr HOST` on each node: the launcher starts only this
+    node's ranks (no pdsh / ssh), numbered by the node's place in the hostfile."""
+    return lambda port: [
+        [*DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", f"--node_rank={r}", "--master_addr=127.0.0.1",
+         f"--master_port={port}", TRAIN, *SMALL, "--out", str(out), "--ds_config", DS_CPU, *args]
+        for r in range(2)
+    ]  # fmt: skip
+
+
+def _assert_same_update(one: dict, two: dict, rel: float) -> None:
+    """The weights two runs reached differ by at most `rel` of the change the 1-process run made to the base model
+    (over all trained tensors: Adam's first steps amplify float noise in near-zero gradients tensor by tensor)."""
+    base = {k: v.detach() for k, v in load_model(make_config("toy-fdfo").model).trainable_state_dict().items()}
+    assert one.keys() == base.keys() and one.keys() <= two.keys()
+    moved = sum(float((one[k].float() - base[k].float()).square().sum()) for k in one) ** 0.5
+    apart = sum(float((two[k].detach().float() - one[k].float()).square().sum()) for k in one) ** 0.5
+    assert moved > 0 and apart <= rel * moved, (apart, moved)
+
+
+TOY_NODES = ("--preset", "toy-fdfo", "--pairs-per-epoch", "4", "--epochs", "2")  # fdfo_single's run
+
+
+def test_two_torchrun_nodes_match_one_process(fdfo_single, tmp_path):
+    """Two launchers on this machine as two nodes of one rank each, meeting at 127.0.0.1: the per-epoch metrics and
+    the final weights are those of the 1-process run of the same global batch; rank 0 (node 0) wrote the run."""
+    out = tmp_path / "run"
+    logged = ("--log-with", "tensorboard", "--rollout-images-every", "1")  # both nodes asked; only rank 0 logs
+    for proc in _launch_nodes(_torchrun_node_cmds(out, *TOY_NODES, node_args=(logged, logged)), timeout=300):
+        _check(proc)
+    assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: rank 0's
+    assert sorted(p.name for p in (out / "rollouts").iterdir()) == ["epoch_00001.png", "epoch_00002.png"]
+    _assert_same_run(fdfo_single, out, keys=("loss", "grad_norm", "reward/reward", "fdfo/rho_dev_mean"))
+    two, one = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (out, fdfo_single))
+    assert two["world_size"] == 2 and two["epoch"] == one["epoch"] == 2
+    _assert_same_update(one["model"], two["model"], rel=1e-4)  # measured 1.2e-5 (the 2-rank launch: the same)
+
+
+def test_two_deepspeed_nodes_without_ssh_match_one_process(fdfo_single, tmp_path):
+    """The deepspeed launcher on each "node" of a 2-line hostfile (`host slots=1`), ZeRO-3 over the two: the same
+    metrics and final weights (gathered from the ZeRO shards by DeepSpeed's own zero_to_fp32) as one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    out = tmp_path / "run"
+    for proc in _launch_nodes(_deepspeed_node_cmds(out, hostfile, *TOY_NODES), timeout=300):
+        _check(proc)
+    _assert_same_run(fdfo_single, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["deepspeed_tag"] == "epoch_000002"
+    sharded = get_fp32_state_dict_from_zero_checkpoint(str(out / "deepspeed"), tag=state["deepspeed_tag"])
+    one = torch.load(fdfo_single / "checkpoint.pt", weights_only=True)["model"]
+    _assert_same_update(one, sharded, rel=1e-3)  # measured 2.5e-4 (bitwise the 1-launcher 2-rank ZeRO-3 run's)
+
+
+def test_nodes_launched_with_different_options_stop_with_one_line_each(tmp_path):
+    """Node 1 given another --seed (it would sample another global batch: a silently wrong run) and another
+    --threads (a per-process option): every rank stops at startup with one line naming --seed and who has which
+    value, before the run writes anything into its folder."""
+    out = tmp_path / "run"
+    procs = _launch_nodes(_torchrun_node_cmds(out, *TOY_NODES, node_args=((), ("--seed", "7", "--threads", "2"))),
+                          timeout=300)  # fmt: skip
+    cfg = make_config("toy-fdfo")
+    free = ", ".join("--" + o.replace("_", "-") for o in PER_PROCESS_OPTIONS if o in cfg.to_dict())
+    for rank, proc in enumerate(procs):
+        assert proc.returncode != 0
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert lines == [
+            f"error: rank {rank} of 2: the ranks were launched with different options: --seed ({cfg.run.seed} on "
+            f"rank 0; 7 on rank 1); launch every node with the same options (only {free} may differ)"
+        ], proc.stderr[-3000:]
+        assert "exitcode  : 2" in proc.stderr  # the rank's FdfoError exit, as torchrun's failure report gives it
+        assert not [ln for ln in proc.stderr.splitlines() if ln.startswith('  File "') and "fdfo_fast" in ln]
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_the_option_check_names_up_to_four_options_and_the_ranks_holding_each_value(monkeypatch):
+    from fdfo_fast.distributed import DistEnv, check_ranks_agree
+
+    cfg = make_config("toy-fdfo").to_dict()
+    launched = [{**cfg, "seed": 1}, {**cfg, "seed": 1}, {**cfg, "seed": 2}, {**cfg, "seed": 1, "threads": 9}]
+    launched[3].update(epochs=9, lr=0.5, group_size=3, churn=0.5)
+    env = DistEnv(rank=2, world_size=4)
+    gathered = [{k: v for k, v in o.items() if k not in PER_PROCESS_OPTIONS} for o in launched]
+    monkeypatch.setattr(DistEnv, "all_gather_objects", lambda self, obj: gathered)
+    with pytest.raises(FdfoError) as err:
+        check_ranks_agree(launched[2], env)
+    text = str(err.value)
+    assert text.startswith("rank 2 of 4: the ranks were launched with different options: --seed (1 on ranks 0-1, 3; "
+                           "2 on rank 2), --epochs (")  # fmt: skip
+    assert "and 1 more;" in text and "--threads (" not in text
+    monkeypatch.setattr(DistEnv, "all_gather_objects", lambda self, obj: [obj] * 4)
+    check_ranks_agree(launched[3], env)  # the same options everywhere: no error

@@ -140,7 +140,7 @@ def test_a_lora_runs_images_come_back_from_plain_diffusers(sd3_dir, tmp_path):
         model="sd3", model_path=sd3_dir, dtype="fp32", resolution=32, max_sequence_length=16, finetune="lora",
         lora_rank=4, lora_alpha=8.0, num_steps=3, epochs=1, pairs_per_epoch=2, churn=0.05, lr=1e-2, eval_every=0,
         eval_per_category=1, eval_num_steps=3, cfg_scale=2.0, reward="quality:1,jpeg_incompressibility:0.05",
-        progress=False, tensorboard=False, device="cpu", diversity_prompts=0, out=str(run),
+        progress=False, log_with="none", device="cpu", diversity_prompts=0, out=str(run),
     )))  # fmt: skip
     prompts = ["a red cube", "two cats"]
     result = generate(GenerateConfig(run=str(run), prompt=tuple(prompts), device="cpu"))

@@ -575,5 +575,5 @@ def test_bfloat16_models_score_close_to_float32(clip_dir, vlm_dir, head_files):
 
 def test_missing_transformers_is_a_clear_error(clip_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
-    with pytest.raises(FdfoError, match=r"need transformers: pip install fdfo_fast\[diffusers\]"):
+    with pytest.raises(FdfoError, match=r"need transformers: pip install -e '\.\[diffusers\]' in the"):
         CLIPScoreReward.from_pretrained(clip_dir)

@@ -240,7 +240,7 @@ def test_headless_chromium_labels_an_epoch_and_the_trainer_consumes_it(tmp_path)
         "toy-fdfo",
         overrides=dict(out=str(tmp_path / "run"), reward="human:1", human_port=port, pairs_per_epoch=4, epochs=2,
                        num_steps=3, eval_every=0, eval_per_category=1, eval_num_steps=2, progress=False,
-                       tensorboard=False, human_timeout=120, human_token=TOKEN),
+                       log_with="none", human_timeout=120, human_token=TOKEN),
     )  # fmt: skip
     oracle = PageOracle(f"http://127.0.0.1:{port}/?token={TOKEN}")
     oracle.start()

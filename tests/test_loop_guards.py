@@ -36,7 +36,7 @@ TINY = dict(
     diversity_prompts=0,
     reward="alignment:1,quality:1",  # quality is continuous: every FDFO pair has a reward gap
     progress=False,
-    tensorboard=False,
+    log_with="none",
 )
 
 

@@ -16,7 +16,7 @@ from fdfo_fast.evaluation import sample_diversity
 from fdfo_fast.sampling import derive_seed, sigma_schedule
 from fdfo_fast.train import train
 
-TINY = dict(num_steps=4, pairs_per_epoch=3, eval_per_category=1, eval_num_steps=2, progress=False, tensorboard=False,
+TINY = dict(num_steps=4, pairs_per_epoch=3, eval_per_category=1, eval_num_steps=2, progress=False, log_with="none",
             diversity_prompts=2, diversity_samples=3)  # fmt: skip
 
 

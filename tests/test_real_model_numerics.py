@@ -24,7 +24,7 @@ def _cfg(tmp_path, path, algorithm, **kw):
             model="sd3", model_path=path, algorithm=algorithm, out=str(tmp_path / algorithm), resolution=32,
             max_sequence_length=16, finetune="lora", lora_rank=4, lora_alpha=8.0, num_steps=3, epochs=1,
             eval_every=0, eval_per_category=1, eval_num_steps=2, reward="quality:1,jpeg_incompressibility:0.05",
-            progress=False, tensorboard=False, device="cpu", diversity_prompts=0, **kw,
+            progress=False, log_with="none", device="cpu", diversity_prompts=0, **kw,
         ),
     )  # fmt: skip
 

@@ -23,7 +23,7 @@ TINY = dict(
     eval_num_steps=4,
     opt_steps_per_epoch=2,
     progress=False,
-    tensorboard=False,
+    log_with="none",
 )
 
 
@@ -232,7 +232,7 @@ def test_fdfo_learns_on_a_fixed_easy_prompt_set(tmp_path):
             eval_every=0,
             eval_per_category=1,
             progress=False,
-            tensorboard=False,
+            log_with="none",
             num_steps=6,
             reward="jpeg_compressibility:1",
         ),

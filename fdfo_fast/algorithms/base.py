@@ -32,6 +32,15 @@ class RunContext:
     impl: str | None = None  # fused ops: None = auto, "ref", "triton"
     env: DistEnv = field(default_factory=DistEnv)
     runner: object = None  # runs a Sampler (a CudaGraphSampler on CUDA); None = eager
+    progress: object = None  # fdfo_fast.metrics.Progress: bars for the sampling and scoring phases (None = none)
+
+    def phase(self, desc: str, total: int | None = None, unit: str = "it"):
+        """A progress bar for one phase of the rollout (a no-op bar without `progress`)."""
+        if self.progress is None:
+            from fdfo_fast.metrics import Progress
+
+            return Progress(False).phase(desc, total, unit)
+        return self.progress.phase(desc, total, unit)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -79,10 +88,24 @@ class RunContext:
     def sample_in_chunks(self, sample, cond: dict, uncond: dict | None, seeds: list[int], chunk: int) -> Trajectory:
         """Run `sample(cond, uncond, seeds)` on slices of at most `chunk` prompts and join the trajectories."""
         trajs = []
-        for j in range(0, len(seeds), chunk):
-            rows = lambda v, j=j: v[j : j + chunk]  # noqa: E731
-            trajs.append(sample(cond_map(rows, cond), cond_map(rows, uncond), seeds[j : j + chunk]))
+        with self.phase("sampling", total=len(seeds), unit="prompt") as bar:
+            for j in range(0, len(seeds), chunk):
+                rows = lambda v, j=j: v[j : j + chunk]  # noqa: E731
+                trajs.append(sample(cond_map(rows, cond), cond_map(rows, uncond), seeds[j : j + chunk]))
+                bar.update(len(seeds[j : j + chunk]))
         return Trajectory.cat(trajs)
+
+    def score(self, images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> dict:
+        """The reward of a batch of decoded samples, with a progress bar over the scoring calls."""
+        from fdfo_fast.rewards.base import SCORED_ROWS
+
+        parts = len(getattr(self.reward, "parts", ())) or 1  # each term part scores every image
+        with self.phase("scoring", total=len(images) * parts, unit="img") as bar:
+            token = SCORED_ROWS.set(bar.update)
+            try:
+                return self.reward(images, prompts, seeds=seeds)
+            finally:
+                SCORED_ROWS.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,9 +246,7 @@ class Algorithm:
         traj = ctx.sample_in_chunks(lambda c, u, sd: self.sample(ctx, c, u, sd), cond, uncond, seeds, chunk)
         images = ctx.decode(traj.x0)
         rows = self.rows_per_prompt
-        rewards = ctx.reward(
-            images, [p for p in prompts for _ in range(rows)], seeds=self.score_seeds(seeds)
-        )  # fmt: skip
+        rewards = ctx.score(images, [p for p in prompts for _ in range(rows)], seeds=self.score_seeds(seeds))
         return self.finish(ctx, Samples(prompts, seeds, cond, uncond, traj, rewards), generator)
 
     def draw(self, ctx: RunContext, generator: torch.Generator) -> tuple[list[str], list[int]]:
@@ -250,6 +271,24 @@ class Algorithm:
 
     def reward_queries(self, rollout: Rollout) -> int:
         return len(rollout.prompts)
+
+    # -- what a person is shown of a rollout (fdfo_fast.metrics.rollout_panel) -------------------------------------
+    @property
+    def preview_group_size(self) -> int:
+        """Rows shown side by side: the rows that share a starting draw (FDFO: the pair's two branches)."""
+        return self.rows_per_prompt
+
+    def preview_groups(self, rollout: Rollout, k: int) -> list[list[int]]:
+        """k groups of rows of this rank's rollout, spread over the range of their |advantage| (the largest, the
+        smallest and evenly between), in rollout order."""
+        g = max(1, self.preview_group_size)
+        n = len(rollout.prompts) // g
+        if n == 0:
+            return []
+        spread = rollout.advantages.float().abs()[: n * g].view(n, g).amax(1).tolist()
+        order = sorted(range(n), key=lambda i: (-spread[i], i))
+        picks = sorted({order[round(j * (n - 1) / max(1, k - 1))] for j in range(min(k, n))})
+        return [list(range(i * g, (i + 1) * g)) for i in picks]
 
     def state_dict(self) -> dict:
         return {}

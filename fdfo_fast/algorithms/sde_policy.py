@@ -36,6 +36,10 @@ class SDEPolicyGradient(Algorithm):
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def preview_group_size(self) -> int:
+        return self.cfg.group_size  # the images of one drawn prompt
+
     def draw(self, ctx: RunContext, generator: torch.Generator):
         """This rank's prompts (in group order) and per-sample seeds, drawn globally (rank-count invariant)."""
         cfg = self.cfg

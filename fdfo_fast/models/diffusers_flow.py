@@ -73,7 +73,7 @@ def _require_diffusers():
     except ImportError as err:
         raise FdfoError(
             f"the SD3 / FLUX adapters need diffusers and transformers ({err.name} is missing): "
-            "pip install 'fdfo_fast[diffusers]'"
+            "pip install -e '.[diffusers]' in the fdfo_fast checkout"
         ) from None
 
 
@@ -241,7 +241,9 @@ class DiffusersFlowModel(FlowModel):
             try:
                 from peft import LoraConfig
             except ImportError:
-                raise FdfoError("--finetune lora needs peft: pip install 'fdfo_fast[diffusers]'") from None
+                raise FdfoError(
+                    "--finetune lora needs peft: pip install -e '.[diffusers]' in the fdfo_fast checkout"
+                ) from None
             lora_targets = parse_lora_targets(mc.lora_targets)
             if lora_targets == ("auto",):
                 lora_targets = DEFAULT_LORA_TARGETS.get(self.kind, _ATTN_LORA_TARGETS)

@@ -8,7 +8,7 @@ import torch
 
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.rewards.alignment import AlignmentReward
-from fdfo_fast.rewards.base import ModelReward, Reward
+from fdfo_fast.rewards.base import ModelReward, Reward, report_scored
 from fdfo_fast.rewards.image_stats import JpegReward, PaletteQualityReward
 
 # term name -> the Reward class that produces it
@@ -91,14 +91,16 @@ class CompositeReward(Reward):
             pixels, uint8 = preprocess_images(images, self.specs, self.wants_uint8, impl=self.preprocess_impl)
         out: dict[str, torch.Tensor] = {}
         for part in self.parts:
-            if isinstance(part, ModelReward):
+            if isinstance(part, ModelReward):  # reports its micro-batches itself (score_in_micro_batches)
                 out.update(part(images, prompts, pixels=pixels[self.specs.index(part.input_spec)]))
-            elif part.wants_uint8:
+                continue
+            if part.wants_uint8:
                 out.update(part(images, prompts, uint8_nhwc=uint8))
             elif getattr(part, "wants_seeds", False):
                 out.update(part(images, prompts, seeds=seeds))
             else:
                 out.update(part(images, prompts))
+            report_scored(len(images))
         out["reward"] = sum(w * out[n] for n, w in self.weights.items())
         return out
 

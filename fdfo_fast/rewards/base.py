@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+
 import numpy as np
 import torch
 
@@ -56,6 +58,17 @@ class Reward:
             raise FdfoError(f"reward got {len(images)} images but {len(prompts)} prompts")
 
 
+# Set by whoever shows scoring progress (the trainer's progress bar): called with the number of rows each scoring
+# call or micro-batch finished. A context variable, so no reward signature carries it.
+SCORED_ROWS: contextvars.ContextVar = contextvars.ContextVar("fdfo_scored_rows", default=None)
+
+
+def report_scored(n: int) -> None:
+    tick = SCORED_ROWS.get()
+    if tick is not None:
+        tick(n)
+
+
 def score_in_micro_batches(score_fn, pixels: torch.Tensor, prompts: list[str], micro_batch: int) -> dict:
     """Run `score_fn(pixels[i:i + m], prompts[i:i + m])` on fixed-size chunks; the last is padded by repeating its
     final row and the padding's scores dropped. Static shapes let a GPU scorer be CUDA-graph captured once."""
@@ -73,6 +86,7 @@ def score_in_micro_batches(score_fn, pixels: torch.Tensor, prompts: list[str], m
             if value.shape != (micro_batch,):
                 raise FdfoError(f"reward term {name!r} returned shape {tuple(value.shape)}, expected ({micro_batch},)")
             parts.setdefault(name, []).append(value[:n].detach().float().cpu())
+        report_scored(n)
     return {name: torch.cat(v) for name, v in parts.items()}
 
 

@@ -46,7 +46,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise FdfoError("network rewards need transformers: pip install fdfo_fast[diffusers]") from None
+        raise FdfoError(
+            "network rewards need transformers: pip install -e '.[diffusers]' in the fdfo_fast checkout"
+        ) from None
     return transformers
 
 

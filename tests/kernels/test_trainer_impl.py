@@ -37,7 +37,7 @@ def test_fdfo_training_ref_vs_triton(device, tmp_path, monkeypatch):
         eval_num_steps=2,
         opt_steps_per_epoch=2,
         progress=False,
-        tensorboard=False,
+        log_with="none",
         reward="alignment:1,quality:1",
         velocity_penalty=0.1,  # (the preset's lr 3e-5: one step keeps ρ near the trust region, as in training)
         device=device,
@@ -61,7 +61,7 @@ def test_flow_grpo_training_ref_vs_triton(device, tmp_path, monkeypatch):
         eval_per_category=1,
         eval_num_steps=2,
         progress=False,
-        tensorboard=False,
+        log_with="none",
         reward="alignment:1,quality:1",
         device=device,
     )
