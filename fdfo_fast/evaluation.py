@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fdfo_fast.metrics import Progress
 from fdfo_fast.rewards import CompositeReward
 from fdfo_fast.sampling import Sampler, derive_seed, sample_euler
-from fdfo_fast.metrics import Progress
 from fdfo_fast.viz import BAD, GOOD, captioned_pages, fit_images, save_grid, save_png
 from fdfo_fast.world.grammar import CATEGORIES, PromptSpec
-
 
 OVERVIEW_CELLS = 64  # a real model's overview grid: its first 64 items (every item is on the captioned pages)
 MAX_TRACKER_PAGES = 4  # captioned pages sent to the trackers per evaluation (the files hold all)

@@ -188,9 +188,10 @@ MAX_PANEL_COLUMNS = 8
 
 
 def rollout_panel(ctx, algorithm, rollout, k: int) -> tuple[list, list[int], list[str]]:
-    """([(PIL page, caption)], rows shown, their cell captions): k groups of this epoch's rollouts side by side — FDFO's pairs (both
-    branches from one starting noise, arXiv 2603.12893 §3.1) with both rewards and the pair's advantage, Flow-GRPO /
-    DDPO's images of one prompt with reward and advantage — decoded again from the stored final latents."""
+    """([(PIL page, caption)], rows shown, their cell captions): k groups of this epoch's rollouts side by side —
+    FDFO's pairs (both branches from one starting noise, arXiv 2603.12893 §3.1) with both rewards and the pair's
+    advantage, Flow-GRPO / DDPO's images of one prompt with reward and advantage — decoded again from the stored
+    final latents."""
     from fdfo_fast.viz import captioned_pages
 
     groups = algorithm.preview_groups(rollout, k)

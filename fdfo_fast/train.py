@@ -20,7 +20,7 @@ import torch
 from fdfo_fast import backends
 from fdfo_fast.algorithms.base import LossStats
 from fdfo_fast.builder import Run, build_run
-from fdfo_fast.cli_args import ArgumentParser, parse_bool, add_dataclass_args, overrides_from_args
+from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args, parse_bool
 from fdfo_fast.config import PRESETS, SECTIONS, TrainConfig, make_config
 from fdfo_fast.distributed import is_collective_timeout, split_items_global, timeout_error
 from fdfo_fast.errors import cli_entry

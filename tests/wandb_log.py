@@ -3,7 +3,6 @@ header (b":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks (crc32 u
 1 full, 2 first, 3 middle, 4 last), each record a serialised wandb_internal_pb2.Record."""
 
 import struct
-import zlib
 
 BLOCK = 32768
 HEADER = 7
