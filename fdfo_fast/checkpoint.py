@@ -51,6 +51,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) and put back at once
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
     """`write(file)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder: a crash leaves
     the old file or the new one, never a partial one; on any error the temp file is removed and the old file kept."""
@@ -60,6 +64,7 @@ def _atomic_write(path: Path, write) -> None:
     except OSError as err:
         raise write_error(path, err) from None
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600: the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
