@@ -94,10 +94,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
-# What our atomic writes leave behind when a process dies mid-write: `.<name>.<random>.tmp` beside the file, and the
-# LoRA export's `<name>.tmp` / `<name>.old` folders (run_state.RunCheckpoint.export_lora).
+# What our atomic writes leave behind when a process dies mid-write: `.<name>.<random>.tmp` beside the file, the
+# exports' `<name>.tmp` / `<name>.old` folders (run_state.RunCheckpoint._export) and the snapshots'
+# `<export>_snapshots/epoch_NNNNN.tmp` / `.old` (RunCheckpoint._snapshot).
 RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "config.yaml", "config.json")
-RUN_FOLDERS = ("lora", "best_lora")
+RUN_FOLDERS = ("lora", "best_lora", "transformer", "best_transformer")
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
@@ -112,6 +113,11 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         if ours or ours_dir:
             shutil.rmtree(p, ignore_errors=True) if ours_dir else p.unlink(missing_ok=True)
             gone.append(p)
+        elif p.is_dir() and p.name in (f"{n}_snapshots" for n in RUN_FOLDERS):
+            for snap in p.iterdir():
+                if snap.is_dir() and snap.name.startswith("epoch_") and snap.name.endswith((".tmp", ".old")):
+                    shutil.rmtree(snap, ignore_errors=True)
+                    gone.append(snap)
     return gone
 
 

@@ -121,6 +121,12 @@ class RunConfig:
         "auto", "sampling under CUDA graphs: auto (on CUDA without ZeRO-3) | on | off", choices=("auto", "on", "off")
     )
     save_every: int = _f(10, "checkpoint every N epochs (and at the end)", ge=1)
+    keep_last: int = _f(
+        0,
+        "sd3 / flux: also keep the exported LoRA (or transformer) of the last N saves under "
+        "RUN/lora_snapshots/epoch_NNNNN (transformer_snapshots/ for --finetune full); 0 = only the latest (RUN/lora)",
+        ge=0,
+    )
     collective_timeout: float = _f(
         600.0,
         "torchrun / deepspeed: seconds a rank waits for the others at a collective before the run stops with an "
@@ -164,6 +170,12 @@ class ModelConfig:
         "flux those plus the double blocks' ff / ff_context MLPs",
     )
     gradient_checkpointing: bool = _f(False, "sd3 / flux: recompute transformer activations in the backward")
+    init_lora: str = _f(
+        "",
+        "--finetune lora: start from this LoRA folder (diffusers pytorch_lora_weights.safetensors or a PEFT adapter); "
+        "its rank, alpha and targets are used (a --lora-rank / --lora-alpha / --lora-targets other than the default "
+        "must agree with them)",
+    )
 
 
 @dataclass(frozen=True)
@@ -473,6 +485,10 @@ class TrainConfig:
                     bad(name, f"uses reward term {toy_terms[0]!r}, which scores the toy shapes world: "
                               f"--model {m.model} needs model rewards, e.g. 'pickscore:1' with "
                               "--reward-models pickscore=...")  # fmt: skip
+        if m.init_lora and m.finetune != "lora":
+            bad("init_lora", "needs --finetune lora (and --model sd3 / flux)")
+        if m.init_lora and not Path(m.init_lora).is_dir():
+            bad("init_lora", "must be an existing LoRA folder")
         if not [t for t in m.lora_targets.split(",") if t.strip()]:
             bad("lora_targets", "must name at least one module")
         if algo == "fdfo" and fd.churn == 0:

@@ -170,7 +170,7 @@ class RunEvaluator:
             if score is not None and score > best["score"]:
                 best.update(score=score, epoch=epoch, since=0)
                 if ev.keep_best:
-                    run.checkpoint.save_best(epoch, score, "geneval" if model.has_world_metric else "reward")
+                    run.checkpoint.save_best(epoch, score, "geneval" if model.has_world_metric else "reward", summary)
             elif epoch > 0:
                 best["since"] += 1
             model.train()

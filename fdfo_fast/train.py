@@ -139,11 +139,14 @@ def run_loop(run: Run) -> dict:
 
 def show_rollouts(run: Run, rollout, epoch: int) -> None:
     """rollouts/epoch_<N>.png and the trackers' `rollouts` image: a few of this epoch's pairs (or groups) with their
-    rewards and advantages, at epoch 1 and every --rollout-images-every epochs (rank 0)."""
+    rewards and advantages, at epoch 1 and every --rollout-images-every epochs. Every rank decodes its own few rows
+    (under ZeRO-3 a decode through partitioned weights is a collective), rank 0 writes and logs its own."""
     every = run.cfg.logging.rollout_images_every
-    if not (run.env.is_main and every and (epoch == 0 or (epoch + 1) % every == 0)):
+    if not (every and (epoch == 0 or (epoch + 1) % every == 0)):
         return
     pages, _, _ = rollout_panel(run.ctx, run.algorithm, rollout, run.cfg.logging.rollout_images)
+    if not run.env.is_main:
+        return
     for k, (page, _) in enumerate(pages):
         save_png(page, run.out / "rollouts" / f"epoch_{epoch + 1:05d}{f'_{k}' if k else ''}.png")
     run.log.images("rollouts", pages, run.progress.counters["reward_queries"])

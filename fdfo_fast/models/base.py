@@ -107,6 +107,19 @@ class FlowModel(torch.nn.Module, abc.ABC):
     def export_lora(self, directory):
         raise FdfoError(f"export_lora: the {self.kind} model has no LoRA adapter")
 
+    @property
+    def export_name(self) -> str | None:
+        """The run folder's export of the trained weights for other tools ("lora", "transformer"), or None."""
+        return None
+
+    def export_weights(self, directory):
+        """Write that export into `directory` (RunCheckpoint: save, save_best, snapshots)."""
+        raise FdfoError(f"the {self.kind} model has no export beside its checkpoint")
+
+    def lora_summary(self) -> dict:
+        """The trained LoRA's rank, alpha and targets ({} = no LoRA)."""
+        return {}
+
     def set_attention_backend(self, choice: str) -> str:
         """--attention auto|sdpa|flash|xformers -> the backend chosen and set (an unusable choice raises)."""
         chosen = choose_attention_backend(choice, next(self.parameters()).is_cuda)

@@ -14,7 +14,8 @@ FLUX's 2×2 packing happens inside `forward`), and `forward` hands the transform
 - The frozen reference model (velocity penalty / KL) of a LoRA run is the same transformer with its adapters
   disabled, so no second copy of the weights exists.
 - `export_lora(dir)` writes, with r and α, both the diffusers LoRA format (`pipe.load_lora_weights(dir)`) and a
-  PEFT adapter folder (`PeftModel.from_pretrained(transformer, dir)`).
+  PEFT adapter folder (`PeftModel.from_pretrained(transformer, dir)`); `export_transformer(dir)` the fully
+  fine-tuned transformer (`save_pretrained`); `--init-lora DIR` starts the LoRA from either format.
 """
 
 from __future__ import annotations
@@ -244,23 +245,23 @@ class DiffusersFlowModel(FlowModel):
                 raise FdfoError(
                     "--finetune lora needs peft: pip install -e '.[diffusers]' in the fdfo_fast checkout"
                 ) from None
-            lora_targets = parse_lora_targets(mc.lora_targets)
-            if lora_targets == ("auto",):
-                lora_targets = DEFAULT_LORA_TARGETS.get(self.kind, _ATTN_LORA_TARGETS)
-            targets = _matching_lora_targets(self.transformer, lora_targets)
-            config = LoraConfig(
-                r=mc.lora_rank, lora_alpha=mc.lora_alpha, init_lora_weights="gaussian", target_modules=targets
-            )
-            try:
-                self.transformer.add_adapter(config)
-            except ValueError as err:  # e.g. a target that names a module peft cannot adapt (not a Linear)
-                raise FdfoError(f"--lora-targets {','.join(lora_targets)}: {err}") from None
+            init_lora = getattr(mc, "init_lora", "")
+            if init_lora:
+                self._load_init_lora(Path(init_lora), mc)
+            else:
+                lora_targets = parse_lora_targets(mc.lora_targets)
+                if lora_targets == ("auto",):
+                    lora_targets = DEFAULT_LORA_TARGETS.get(self.kind, _ATTN_LORA_TARGETS)
+                targets = _matching_lora_targets(self.transformer, lora_targets)
+                config = LoraConfig(
+                    r=mc.lora_rank, lora_alpha=mc.lora_alpha, init_lora_weights="gaussian", target_modules=targets
+                )
+                try:
+                    self.transformer.add_adapter(config)
+                except ValueError as err:  # e.g. a target that names a module peft cannot adapt (not a Linear)
+                    raise FdfoError(f"--lora-targets {','.join(lora_targets)}: {err}") from None
+                self._lora_to_fp32()
             self._lora = True
-            # LoRA factors train in fp32 even when the frozen base is bf16 (optimizer state and updates need it)
-            for name, p in self.transformer.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.float()
-                    p.requires_grad_(True)
         elif mode == "full":
             self.transformer.requires_grad_(True)
         else:
@@ -268,6 +269,157 @@ class DiffusersFlowModel(FlowModel):
         if mc.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         return [p for p in self.parameters() if p.requires_grad]
+
+    def _lora_to_fp32(self) -> None:
+        """LoRA factors train in fp32 even when the frozen base is bf16 (optimizer state and updates need it)."""
+        for name, p in self.transformer.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+
+    def _load_init_lora(self, directory: Path, mc) -> None:
+        """--init-lora: the adapter in `directory` becomes the trained adapter ("default"), with its own rank, alpha
+        and targets. A PEFT folder (adapter_config.json + adapter_model.safetensors) is read by peft
+        (PeftConfig.from_pretrained, load_peft_weights); otherwise a diffusers file (pytorch_lora_weights.safetensors)
+        is loaded by the pipeline's own `load_lora_weights`, which reads its metadata (α; without it diffusers takes
+        α = r) and converts the formats diffusers knows. The factors are then copied again into fp32 parameters (the
+        loaders round them to the base dtype) and every key must match the model's adapter."""
+        what = f"--init-lora {directory}"
+        if not directory.is_dir():
+            raise FdfoError(f"{what} does not exist or is not a folder")
+        try:
+            from peft.tuners.lora import LoraLayer
+            from peft.utils import load_peft_weights
+        except ImportError:
+            raise FdfoError("--init-lora needs peft: pip install -e '.[diffusers]' in the fdfo_fast checkout") from None
+        if (directory / "adapter_config.json").is_file():
+            from peft import LoraConfig, PeftConfig
+
+            fmt = "PEFT"
+            try:
+                config = PeftConfig.from_pretrained(str(directory))
+            except Exception as err:  # json / unknown fields / unknown peft_type
+                raise FdfoError(f"{what}: adapter_config.json cannot be read: {_first_line(err)}") from None
+            if not isinstance(config, LoraConfig):
+                raise FdfoError(f"{what} holds a {config.peft_type} adapter, not a LoRA")
+            config.inference_mode = False
+            try:
+                self.transformer.add_adapter(config)
+                state = load_peft_weights(str(directory), device="cpu")
+            except Exception as err:  # a target that is not in this transformer, a missing weights file
+                raise FdfoError(f"{what} does not match the model: {_first_line(err)}") from None
+            state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+        elif (directory / "pytorch_lora_weights.safetensors").is_file():
+            fmt = "diffusers"
+            try:
+                out = type(self.pipe).lora_state_dict(str(directory), return_lora_metadata=True)
+            except Exception as err:
+                raise FdfoError(
+                    f"{what}: pytorch_lora_weights.safetensors cannot be read: {_first_line(err)}"
+                ) from None
+            state = out[0] if isinstance(out, tuple) else out
+            other = [k for k in state if not k.startswith("transformer.")]
+            if other:
+                raise FdfoError(f"{what} holds LoRA weights outside the transformer (e.g. {other[0]}): fdfo_fast "
+                                "trains the transformer's only")  # fmt: skip
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            if state and "lora_A" not in next(iter(state)):
+                from diffusers.utils import convert_unet_state_dict_to_peft
+
+                state = convert_unet_state_dict_to_peft(state)
+            try:  # into the pipeline's transformer: this model's (setup_finetune runs on the policy)
+                self.pipe.load_lora_weights(str(directory), adapter_name="default")
+            except Exception as err:  # targets that are not in this transformer, shapes of another model
+                raise FdfoError(f"{what} does not match the model: {_first_line(err)}") from None
+        else:
+            raise FdfoError(
+                f"{what} holds no LoRA: expected pytorch_lora_weights.safetensors (diffusers) or adapter_config.json + "
+                "adapter_model.safetensors (PEFT)"
+            )
+        self._lora_to_fp32()
+        self._copy_lora_state(state, what)
+        layers = {n: m for n, m in self.transformer.named_modules() if isinstance(m, LoraLayer)}
+        ranks = sorted({m.r["default"] for m in layers.values()})
+        alphas = sorted({float(m.lora_alpha["default"]) for m in layers.values()})
+        self._check_init_lora_shape(what, mc, ranks, alphas, sorted(layers))
+        _log.info("%s (%s format): rank %s, alpha %s on %d modules", what, fmt, "/".join(map(str, ranks)),
+                  "/".join(f"{a:g}" for a in alphas), len(layers))  # fmt: skip
+
+    def _copy_lora_state(self, state: dict[str, torch.Tensor], what: str) -> None:
+        """Copy an adapter's factors (keys as peft's get_peft_model_state_dict names them) into the "default"
+        adapter; one FdfoError on missing, unexpected or mis-shaped keys."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        own = get_peft_model_state_dict(self.transformer)
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]  # fmt: skip
+        if missing or extra or shapes:
+            found = (("missing", missing), ("unexpected", extra), ("mis-shaped", shapes))
+            parts = [f"{label} {len(keys)} keys (e.g. {keys[0]})" for label, keys in found if keys]
+            raise FdfoError(f"{what} does not match the model: " + "; ".join(parts))
+        with torch.no_grad():
+            set_peft_model_state_dict(self.transformer, state, "default")
+
+    def _check_init_lora_shape(self, what: str, mc, ranks: list, alphas: list, modules: list[str]) -> None:
+        """The adapter's rank, alpha and targets are the run's; a --lora-rank / --lora-alpha / --lora-targets set
+        away from its default (command line, preset or YAML) is a request, refused when the adapter disagrees."""
+        from fdfo_fast.config import ModelConfig
+
+        default = ModelConfig()
+        if mc.lora_rank != default.lora_rank and ranks != [mc.lora_rank]:
+            raise FdfoError(f"{what} has rank {'/'.join(map(str, ranks))}, not --lora-rank {mc.lora_rank}: drop "
+                            "--lora-rank (the adapter's is used) or make it match")  # fmt: skip
+        if mc.lora_alpha != default.lora_alpha and alphas != [float(mc.lora_alpha)]:
+            have = "/".join(f"{a:g}" for a in alphas)
+            raise FdfoError(f"{what} has alpha {have}, not --lora-alpha {mc.lora_alpha:g}: drop --lora-alpha (the "
+                            "adapter's is used) or make it match")  # fmt: skip
+        if mc.lora_targets != default.lora_targets:
+            from peft import LoraConfig
+            from peft.tuners.tuners_utils import check_target_module_exists
+
+            targets = parse_lora_targets(mc.lora_targets)
+            if targets == ("auto",):
+                targets = DEFAULT_LORA_TARGETS.get(self.kind, _ATTN_LORA_TARGETS)
+            config = LoraConfig(target_modules=list(targets))
+            from peft.tuners.lora import LoraLayer
+
+            # the modules as they were before the adapter wrapped them (a wrapped Linear keeps its name)
+            wanted = sorted(n for n, m in self.transformer.named_modules()
+                            if isinstance(m, (nn.Linear, LoraLayer)) and ".base_layer" not in n and ".lora_" not in n
+                            and check_target_module_exists(config, n))  # fmt: skip
+            if wanted != modules:
+                raise FdfoError(f"{what} adapts {len(modules)} modules, --lora-targets {mc.lora_targets} selects "
+                                f"{len(wanted)} (not the same set): drop --lora-targets (the adapter's are used) or "
+                                "make them match")  # fmt: skip
+
+    def lora_summary(self) -> dict:
+        """The trained adapter's shape (rank, alpha, target modules), as peft holds it (for the model card)."""
+        if not self.lora:
+            return {}
+        config = self.transformer.peft_config["default"]
+        targets = config.target_modules
+        targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+        patterns = {"rank_pattern": dict(config.rank_pattern or {}), "alpha_pattern": dict(config.alpha_pattern or {})}
+        return {"rank": config.r, "alpha": config.lora_alpha, "targets": targets, **patterns}
+
+    @property
+    def export_name(self) -> str:
+        return "lora" if self.lora else "transformer"
+
+    def export_weights(self, directory: str | Path) -> Path:
+        """The trained weights for diffusers: the LoRA (export_lora) or the full transformer (export_transformer)."""
+        return self.export_lora(directory) if self.lora else self.export_transformer(directory)
+
+    def export_transformer(self, directory: str | Path) -> Path:
+        """The fine-tuned transformer as its own `save_pretrained` writes it (config.json + safetensors shards):
+        `SD3Transformer2DModel.from_pretrained(dir)`, or a pipeline built with `transformer=` it. Under ZeRO-3 the
+        caller holds the gathered weights (RunCheckpoint, engine.gathered())."""
+        if self.lora:
+            raise FdfoError("export_transformer: this run trains a LoRA; its export is export_lora")
+        directory = Path(directory)
+        self.transformer.save_pretrained(str(directory), safe_serialization=True)
+        return directory
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -349,6 +501,11 @@ class DiffusersFlowModel(FlowModel):
             str(directory), auto_mapping_dict={"base_model_class": base.__name__, "parent_library": base.__module__}
         )
         return directory
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _dynamic_shift_mu(scheduler, image_seq_len: int, default_max_shift: float) -> float:
