@@ -35,6 +35,7 @@ OPTIONAL_PACKAGES = (
     "bitsandbytes",
     "flash_attn",
     "xformers",
+    "wandb",
 )
 
 # Every environment switch, name -> meaning. A flag is on for 1/true/yes/on (any case), as Triton parses its own.

@@ -62,8 +62,9 @@ def test_rollouts_decode_in_sample_batch_chunks(sd3_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(SD3FlowModel, "decode", counting_decode)
     train(_cfg(tmp_path, sd3_dir, "fdfo", dtype="fp32", pairs_per_epoch=4, churn=0.05, sample_batch=3))
-    # evaluations (6 held-out images before and after) and the rollout (8 samples) decode <= 3 at a time
-    assert max(sizes) <= 3 and sum(sizes) == 6 + 8 + 6, sizes
+    # evaluations (6 held-out images before and after), the rollout (8 samples) and epoch 1's rollout panel (its
+    # 4 pairs decoded again from the final latents, --rollout-images 4) decode <= 3 at a time
+    assert max(sizes) <= 3 and sum(sizes) == 6 + 8 + 8 + 6, sizes
 
     model = SD3FlowModel.from_pretrained(sd3_dir, dtype=torch.float32, resolution=32).eval()
     x0 = torch.randn(7, *model.latent_shape, generator=torch.Generator().manual_seed(3))
