@@ -152,6 +152,7 @@ TRAIN_PY = "fdfo_fast/train.py"
 ENGINE_PY = "fdfo_fast/engine.py"
 STATE_PY = "fdfo_fast/run_state.py"
 ARCH = "tests/test_architecture.py"  # the seams of the issue-17 layout
+TRACK = "tests/test_tracking.py"
 
 # One mutation per paragraph reads better than one argument per line:
 # fmt: off
@@ -428,6 +429,42 @@ MUTATIONS: list[Mutation] = [
         "(sampling and training)", BASE_PY, 'self.model.encode_prompts([""] * len(prompts))',
         "self.model.encode_prompts(prompts)",
         [CFG_LOOP, f"{ALG}::test_cfg_training_gradient_matches_the_reference_code", NUM], extra=True,
+    ),
+    # -- what a run shows and keeps (issue 20) -------------------------------------------------------------------
+    mutation(
+        "trackers-drop-int-scalars", "trackers: only float values logged (the counters and every int metric lost)",
+        "fdfo_fast/trackers.py", "if isinstance(v, (int, float)) and not isinstance(v, bool)}",
+        "if isinstance(v, float)}",
+        [f"{TRACK}::test_tensorboard_and_offline_wandb_log_the_same_scalars_and_the_images"], extra=True,
+    ),
+    mutation(
+        "tensorboard-no-purge-on-resume", "TensorBoard: a resumed run keeps the events a killed run wrote after "
+        "its checkpoint (no purge_step)", "fdfo_fast/trackers.py",
+        "purge = None if resume_step is None else resume_step + 1", "purge = None",
+        [f"{TRACK}::test_a_resume_continues_the_wandb_run_and_tensorboard_drops_a_killed_runs_events"], extra=True,
+    ),
+    mutation(
+        "rollout-panel-one-advantage", "rollout panel: both branches captioned with branch A's advantage",
+        "fdfo_fast/metrics.py", 'adv {float(adv[i]):+.3f}', 'adv {float(adv[g[0]]):+.3f}',
+        [f"{TRACK}::test_rollout_panel_shows_pairs_with_both_rewards_and_the_advantage"], extra=True,
+    ),
+    mutation(
+        "snapshots-keep-the-oldest", "--keep-last: the oldest snapshots kept, the newest removed",
+        STATE_PY, "for _, path in snapshots(root)[: -self.cfg.run.keep_last]:",
+        "for _, path in snapshots(root)[self.cfg.run.keep_last :]:",
+        ["tests/test_exports.py::test_init_lora_run_with_snapshots_resumes_and_writes_model_cards"], extra=True,
+    ),
+    mutation(
+        "nodes-options-unchecked", "several nodes: the ranks' options are never compared (another --seed on one "
+        "node trains silently on another batch)", "fdfo_fast/distributed.py",
+        "    if not env.enabled:\n        return\n    mine = ", "    if True:\n        return\n    mine = ",
+        [f"{DIST}::test_nodes_launched_with_different_options_stop_with_one_line_each"], extra=True,
+    ),
+    mutation(
+        "eval-seeds-unpaired", "fdfo-eval: the trained model sampled from other seeds than the base",
+        "fdfo_fast/compare.py", "results[name] = sample_and_score(model, prompts, seeds, n,",
+        "results[name] = sample_and_score(model, prompts, seeds if name == 'base' else [x + 1 for x in seeds], n,",
+        ["tests/test_compare.py::test_toy_comparison_matches_an_independent_recomputation"], extra=True,
     ),
 ]
 # fmt: on

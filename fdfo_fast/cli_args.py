@@ -45,6 +45,11 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_args(joined, namespace)
 
 
+def option(default, help: str):
+    """A dataclass field that `add_dataclass_args` turns into a `--name` option with this help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     """One `--field-name` option per field of `cls`, typed from the annotation, defaulting to the field default."""
     hints = typing.get_type_hints(cls)

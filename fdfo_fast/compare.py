@@ -30,13 +30,13 @@ import dataclasses
 import gc
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args, replace_checked
+from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, option, overrides_from_args, replace_checked
 from fdfo_fast.errors import FdfoError, cli_entry
 
 SEED_STREAM = 5  # derive_seed(seed, SEED_STREAM, prompt index, image index): apart from the training and eval streams
@@ -46,41 +46,39 @@ CELL_MIN = 96  # smaller images (the toy model's 32 px) are upscaled by an integ
 CAPTION_CHARS = 160
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class CompareConfig:
-    out: str = _f("eval", "output folder (eval.json, eval.md, grid_000.png, …)")
-    run: str = _f("", "the trained model: a training run folder (its model, options and weights)")
-    checkpoint: str = _f("checkpoint.pt", "with --run: the state file to load (checkpoint.pt, or best.pt)")
-    lora: str = _f("", "the trained model: a diffusers LoRA folder on top of --model sd3|flux --model-path")
-    base: str = _f("", "the base model ('' = the run's base): toy a checkpoint file, sd3 / flux a pipeline folder")
-    model: str = _f("", "toy | sd3 | flux ('' = the run's)")
-    model_path: str = _f("", "sd3 / flux: the diffusers pipeline folder (or hub id) the LoRA / run sits on")
-    prompt: tuple[str, ...] = _f((), "one or more prompts (instead of --prompts)")
-    prompts: str = _f(
+    out: str = option("eval", "output folder (eval.json, eval.md, grid_000.png, …)")
+    run: str = option("", "the trained model: a training run folder (its model, options and weights)")
+    checkpoint: str = option("checkpoint.pt", "with --run: the state file to load (checkpoint.pt, or best.pt)")
+    lora: str = option("", "the trained model: a diffusers LoRA folder on top of --model sd3|flux --model-path")
+    base: str = option("", "the base model ('' = the run's base): toy a checkpoint file, sd3 / flux a pipeline folder")
+    model: str = option("", "toy | sd3 | flux ('' = the run's)")
+    model_path: str = option("", "sd3 / flux: the diffusers pipeline folder (or hub id) the LoRA / run sits on")
+    prompt: tuple[str, ...] = option((), "one or more prompts (instead of --prompts)")
+    prompts: str = option(
         "auto", "auto (the run's eval prompts: 'heldout' for toy, 'geneval-coco:test' for sd3 / flux) | 'heldout' | "
         "'geneval-coco:test' | a prompt file",
     )  # fmt: skip
-    per_category: int = _f(4, "with 'heldout' or a named set: prompts per category")
-    images_per_prompt: int = _f(4, "images per prompt and model (diversity needs >= 2)")
-    seed: int = _f(0, "seed of the comparison: image i of prompt j uses derive_seed(seed, 5, j, i)")
-    reward: str = _f("", "reward terms to score, e.g. 'alignment:1,quality:1' ('' = the run's, never human)")
-    reward_models: str = _f("", "network rewards, e.g. 'pickscore=PATH' ('' = the run's)")
-    reward_dtype: str = _f("", "network rewards' weights: fp32 | bf16 | fp16 ('' = the run's)")
-    diversity_model: str = _f("", "a local CLIP or DINOv2 folder: diversity as the image embeddings' cosine distance")
-    num_steps: int = _f(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
-    cfg_scale: float = _f(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
-    shift: float = _f(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
-    resolution: int = _f(0, "sd3 / flux: pixels (0 = the run's, else 512)")
-    max_sequence_length: int = _f(0, "sd3 / flux: T5 prompt tokens (0 = the run's, else 256 as in the pipelines)")
-    dtype: str = _f("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    batch: int = _f(8, "images per model call (sampled, decoded and scored a batch at a time)")
-    grid_prompts: int = _f(8, "prompts (rows) per grid page")
-    grid_images: int = _f(4, "images per prompt and model shown in the grid")
+    per_category: int = option(4, "with 'heldout' or a named set: prompts per category")
+    images_per_prompt: int = option(4, "images per prompt and model (diversity needs >= 2)")
+    seed: int = option(0, "seed of the comparison: image i of prompt j uses derive_seed(seed, 5, j, i)")
+    reward: str = option("", "reward terms to score, e.g. 'alignment:1,quality:1' ('' = the run's, never human)")
+    reward_models: str = option("", "network rewards, e.g. 'pickscore=PATH' ('' = the run's)")
+    reward_dtype: str = option("", "network rewards' weights: fp32 | bf16 | fp16 ('' = the run's)")
+    diversity_model: str = option(
+        "", "a local CLIP or DINOv2 folder: diversity as the image embeddings' cosine distance"
+    )
+    num_steps: int = option(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
+    cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
+    shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
+    resolution: int = option(0, "sd3 / flux: pixels (0 = the run's, else 512)")
+    max_sequence_length: int = option(0, "sd3 / flux: T5 prompt tokens (0 = the run's, else 256 as in the pipelines)")
+    dtype: str = option("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    batch: int = option(8, "images per model call (sampled, decoded and scored a batch at a time)")
+    grid_prompts: int = option(8, "prompts (rows) per grid page")
+    grid_images: int = option(4, "images per prompt and model shown in the grid")
 
 
 # ---------------------------------------------------------------------------------------------------------------

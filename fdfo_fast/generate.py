@@ -18,42 +18,38 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args, replace_checked
+from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, option, overrides_from_args, replace_checked
 from fdfo_fast.errors import FdfoError, cli_entry
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    out: str = _f("generated", "output folder (PNG images, generated.json, latents.pt with --save-latents)")
-    run: str = _f("", "a training run folder: its model, options and latest weights (checkpoint.pt)")
-    checkpoint: str = _f("checkpoint.pt", "with --run: the state file to load (checkpoint.pt, or best.pt)")
-    model: str = _f("", "toy | sd3 | flux ('' = the run's, else toy)")
-    model_path: str = _f("", "sd3 / flux: a local diffusers pipeline folder or a hub id")
-    base_checkpoint: str = _f("", "toy: a base model checkpoint ('' = the shipped toy base model)")
-    lora: str = _f("", "sd3 / flux: a diffusers-format LoRA folder (RUN/lora) loaded with pipe.load_lora_weights")
-    prompt: tuple[str, ...] = _f((), "one or more prompts")
-    prompts: str = _f("", "a text file with one prompt per line ('#' comments)")
-    images_per_prompt: int = _f(1, "images per prompt (seeds seed, seed + 1, …)")
-    seed: int = _f(0, "seed of the first image; image i uses seed + i")
-    num_steps: int = _f(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
-    cfg_scale: float = _f(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
-    shift: float = _f(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
-    resolution: int = _f(0, "sd3 / flux: pixels (0 = the run's, else 512)")
-    max_sequence_length: int = _f(0, "sd3 / flux: T5 prompt tokens (0 = the run's, else 256 as in the pipelines)")
-    dtype: str = _f("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    latents: str = _f("", "start noise: a torch.save'd tensor [N, C, H, W] (N = number of images)")
-    save_latents: bool = _f(False, "also write OUT/latents.pt (start noise and final latents)")
-    batch: int = _f(8, "images per model call")
+    out: str = option("generated", "output folder (PNG images, generated.json, latents.pt with --save-latents)")
+    run: str = option("", "a training run folder: its model, options and latest weights (checkpoint.pt)")
+    checkpoint: str = option("checkpoint.pt", "with --run: the state file to load (checkpoint.pt, or best.pt)")
+    model: str = option("", "toy | sd3 | flux ('' = the run's, else toy)")
+    model_path: str = option("", "sd3 / flux: a local diffusers pipeline folder or a hub id")
+    base_checkpoint: str = option("", "toy: a base model checkpoint ('' = the shipped toy base model)")
+    lora: str = option("", "sd3 / flux: a diffusers-format LoRA folder (RUN/lora) loaded with pipe.load_lora_weights")
+    prompt: tuple[str, ...] = option((), "one or more prompts")
+    prompts: str = option("", "a text file with one prompt per line ('#' comments)")
+    images_per_prompt: int = option(1, "images per prompt (seeds seed, seed + 1, …)")
+    seed: int = option(0, "seed of the first image; image i uses seed + i")
+    num_steps: int = option(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
+    cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
+    shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
+    resolution: int = option(0, "sd3 / flux: pixels (0 = the run's, else 512)")
+    max_sequence_length: int = option(0, "sd3 / flux: T5 prompt tokens (0 = the run's, else 256 as in the pipelines)")
+    dtype: str = option("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    latents: str = option("", "start noise: a torch.save'd tensor [N, C, H, W] (N = number of images)")
+    save_latents: bool = option(False, "also write OUT/latents.pt (start noise and final latents)")
+    batch: int = option(8, "images per model call")
 
 
 def _run_config(cfg: GenerateConfig):
