@@ -201,11 +201,12 @@ def check_ranks_agree(options: dict, env: DistEnv) -> None:
     free = ", ".join(_flag(o) for o in PER_PROCESS_OPTIONS if o in options)
     # Every rank reached the same verdict: leave together and shut the process group down in order. A rank that
     # exits while its peer's gloo threads still hold the connection makes that peer abort (SIGABRT), not exit 2.
-    try:
-        env.barrier()
-        torch.distributed.destroy_process_group()
-    except RuntimeError:
-        pass
+    if dist.is_initialized():
+        try:
+            env.barrier()
+            dist.destroy_process_group()
+        except RuntimeError:
+            pass
     raise FdfoError(
         f"rank {env.rank} of {env.world_size}: the ranks were launched with different options: "
         f"{', '.join(parts)}{more}; launch every node with the same options (only {free} may differ)"
