@@ -112,6 +112,8 @@ def test_tensorboard_and_offline_wandb_log_the_same_scalars_and_the_images(tmp_p
 
 def test_a_resume_continues_the_wandb_run_and_tensorboard_drops_a_killed_runs_events(tmp_path, offline_wandb):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
     from torch.utils.tensorboard import SummaryWriter
 
     out = tmp_path / "run"
@@ -127,6 +129,11 @@ def test_a_resume_continues_the_wandb_run_and_tensorboard_drops_a_killed_runs_ev
     values = {e.step: e.value for e in acc.Scalars("reward/reward")}
     assert 123.0 not in values.values()
     assert sorted(values) == [r["reward_queries"] for r in _records(out) if r["kind"] == "train"]
+    # TensorBoard's reader also drops out-of-order steps on its own; readers of the raw events (tbparse, pandas
+    # exports) need the resumed writer's purge marker: a SessionLog START at the first step after the checkpoint
+    newest = max((out / "tensorboard").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    starts = [e.step for e in EventFileLoader(str(newest)).Load() if e.session_log.status == SessionLog.START]
+    assert starts == [done + 1]
     files, runs = _wandb_records(out)
     ids = {next(r.run.run_id for r in recs if r.WhichOneof("record_type") == "run") for recs in runs}
     assert len(files) == 2 and len(ids) == 1  # two sessions of one wandb run
