@@ -40,13 +40,8 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int, correct: torch.
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
-    """One [3, H, W] image in [-1, 1] as a lossless PNG at its own resolution (written to a temp file, then moved)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(to_uint8_hwc(image[None])[0]).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    """One [3, H, W] image in [-1, 1] as a lossless PNG at its own resolution (`save_png`)."""
+    return save_png(Image.fromarray(to_uint8_hwc(image[None])[0]), path)
 
 
 # -- captioned, bounded pages (held-out grids and rollout panels for files and trackers) ----------------------------
