@@ -70,6 +70,9 @@ class CompositeReward(Reward):
         specs = [p.input_spec for p in self.parts if isinstance(p, ModelReward)]
         self.specs = list(dict.fromkeys(specs))  # models sharing a processor share one prepared tensor
         self.wants_uint8 = any(p.wants_uint8 for p in self.parts)
+        self.wants_seeds = any(p.wants_seeds for p in self.parts)
+        self.wants_metadata = any(p.wants_metadata for p in self.parts)
+        self.prompt_metadata: dict[str, dict] = {}  # prompt -> its prompt-file fields (fdfo_fast.prompts)
 
     def begin_epoch(self, epoch: int) -> None:
         for part in self.parts:
@@ -81,9 +84,21 @@ class CompositeReward(Reward):
             if hasattr(part, "close"):
                 part.close()
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> dict:
-        """Score a batch; `seeds` (the samples' seeds) reach the parts that record them (the human term)."""
+    def __call__(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        seeds: list[int] | None = None,
+        metadata: list[dict] | None = None,
+    ) -> dict:
+        """Score a batch. `seeds` (the samples' seeds) reach the parts that record them (the human term);
+        `metadata` (one dict per row) the parts that read prompt fields; without it each prompt's record from
+        `prompt_metadata` (the prompt files' extra fields), `{}` for a prompt without one."""
         self.check_batch(images, prompts)
+        if metadata is None and any(p.wants_metadata for p in self.parts):
+            metadata = [self.prompt_metadata.get(p, {}) for p in prompts]
+        if metadata is not None and len(metadata) != len(prompts):
+            raise FdfoError(f"reward got {len(metadata)} metadata records for {len(prompts)} prompts")
         pixels, uint8 = [], None
         if self.specs or self.wants_uint8:
             from fdfo_fast.rewards.preprocess import preprocess_images
@@ -91,18 +106,43 @@ class CompositeReward(Reward):
             pixels, uint8 = preprocess_images(images, self.specs, self.wants_uint8, impl=self.preprocess_impl)
         out: dict[str, torch.Tensor] = {}
         for part in self.parts:
-            if isinstance(part, ModelReward):  # reports its micro-batches itself (score_in_micro_batches)
-                out.update(part(images, prompts, pixels=pixels[self.specs.index(part.input_spec)]))
-                continue
+            extras = {}
             if part.wants_uint8:
-                out.update(part(images, prompts, uint8_nhwc=uint8))
-            elif getattr(part, "wants_seeds", False):
-                out.update(part(images, prompts, seeds=seeds))
-            else:
-                out.update(part(images, prompts))
-            report_scored(len(images))
+                extras["uint8_nhwc"] = uint8
+            if part.wants_seeds:
+                extras["seeds"] = seeds
+            if part.wants_metadata:
+                extras["metadata"] = metadata
+            if isinstance(part, ModelReward):  # reports its micro-batches itself (score_in_micro_batches)
+                extras["pixels"] = pixels[self.specs.index(part.input_spec)]
+            out.update(check_scores(part, part(images, prompts, **extras), len(images)))
+            if not isinstance(part, ModelReward):
+                report_scored(len(images))
         out["reward"] = sum(w * out[n] for n, w in self.weights.items())
         return out
+
+
+def check_scores(part: Reward, scores: dict, n: int) -> dict[str, torch.Tensor]:
+    """A part's scores as the composite needs them: exactly its declared `names`, each a float [n] tensor (on the
+    CPU, float32). Anything else (a plugin returning a list, [n, 1], an int tensor, another term's name) is one
+    FdfoError naming the term; non-finite values pass through (the trainer skips such an epoch and counts it)."""
+    what = type(part).__name__
+    if not isinstance(scores, dict):
+        raise FdfoError(f"reward {what} returned {type(scores).__name__}; expected a dict of term -> [B] tensor")
+    if set(scores) != set(part.names):
+        raise FdfoError(f"reward {what} returned terms {sorted(scores)}; it declares {sorted(part.names)}")
+    checked = {}
+    for name, value in scores.items():
+        if not isinstance(value, torch.Tensor):
+            raise FdfoError(
+                f"reward term {name!r} returned {type(value).__name__}; expected a float tensor of shape ({n},)"
+            )
+        if tuple(value.shape) != (n,):
+            raise FdfoError(f"reward term {name!r} returned shape {tuple(value.shape)}, expected ({n},)")
+        if not value.is_floating_point():
+            raise FdfoError(f"reward term {name!r} returned dtype {value.dtype}; expected a floating-point tensor")
+        checked[name] = value.detach().to("cpu", torch.float32)
+    return checked
 
 
 __all__ = [

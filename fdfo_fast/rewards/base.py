@@ -42,12 +42,18 @@ def to_unit_hwc(images: torch.Tensor) -> np.ndarray:
 class Reward:
     """Base class: `names` lists the keys `__call__` returns, each a float32 [B] tensor on the CPU.
 
-    A reward that reads the uint8 [B, H, W, 3] images sets `wants_uint8` and accepts them as `uint8_nhwc=`; the
-    composite then takes them from the same fused preprocessing pass that prepares the model rewards' inputs.
+    What a part reads besides (images, prompts) it declares, and the composite passes it as a keyword:
+    - `wants_uint8`: the uint8 [B, H, W, 3] images as `uint8_nhwc=`, from the same fused preprocessing pass that
+      prepares the model rewards' inputs;
+    - `wants_seeds`: the samples' seeds as `seeds=` (the human term shows them);
+    - `wants_metadata`: each row's prompt metadata as `metadata=` (a list of dicts: the fields of a JSONL prompt
+      file's record besides "prompt", e.g. GenEval's tag / include; `{}` for a prompt without any).
     """
 
     names: tuple[str, ...] = ()
     wants_uint8: bool = False
+    wants_seeds: bool = False
+    wants_metadata: bool = False
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
