@@ -13,7 +13,7 @@ import torch
 from fdfo_fast.algorithms import make_algorithm
 from fdfo_fast.algorithms.base import Algorithm, RunContext
 from fdfo_fast.backends import cuda_graphs_choice
-from fdfo_fast.config import HumanConfig, RewardConfig, TrainConfig, save_resolved, tracker_names
+from fdfo_fast.config import HumanConfig, RewardConfig, TrainConfig, save_resolved, torch_dtype, tracker_names
 from fdfo_fast.cuda_graph import CudaGraphSampler
 from fdfo_fast.distributed import DistEnv, check_ranks_agree, init_distributed
 from fdfo_fast.engine import make_engine
@@ -21,7 +21,7 @@ from fdfo_fast.errors import FdfoError
 from fdfo_fast.evaluation import RunEvaluator
 from fdfo_fast.metrics import MetricsLog, Progress
 from fdfo_fast.models.base import FlowModel, load_model
-from fdfo_fast.prompts import load_eval_items, load_prompt_pool
+from fdfo_fast.prompts import load_eval_items, load_prompt_pool, merge_metadata, prompt_metadata
 from fdfo_fast.rewards import REWARD_TERMS, CompositeReward, parse_weights
 from fdfo_fast.run_state import RunCheckpoint, RunProgress, check_run_folder
 from fdfo_fast.sampling import derive_seed
@@ -44,6 +44,7 @@ def make_reward(rc: RewardConfig, hc: HumanConfig, out: Path, seed: int, device:
         from fdfo_fast.rewards.hf_models import load_reward_models
 
         models = load_reward_models(rc.reward_models, device=device, dtype=rc.reward_dtype)
+    models += load_reward_plugins(rc, [n for n, _ in parse_plugin_free_terms(rc.reward)], models, device)
     if "human" in parse_weights(rc.reward, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}}):
         from fdfo_fast.human import HumanPreferenceReward
 
@@ -65,6 +66,22 @@ def make_reward(rc: RewardConfig, hc: HumanConfig, out: Path, seed: int, device:
     return CompositeReward(rc.reward, models=models)
 
 
+def parse_plugin_free_terms(spec: str) -> list[tuple[str, str]]:
+    """The (term, weight text) pairs of a --reward string, before any term is known (plugins define terms)."""
+    return [(p.partition(":")[0].strip(), p.partition(":")[2]) for p in spec.split(",") if p.strip()]
+
+
+def load_reward_plugins(rc: RewardConfig, wanted: list[str], models: list, device: torch.device) -> list:
+    """--reward-plugin's rewards, and installed entry-point plugins for the terms `wanted` that nothing else
+    defines (fdfo_fast.rewards.plugins)."""
+    from fdfo_fast.rewards.plugins import load_plugins
+
+    known = {"human", "remote", *REWARD_TERMS, *(n for m in models for n in m.names)}
+    if not rc.reward_plugin and all(t in known for t in wanted):
+        return []  # nothing to import: no entry-point scan for the common case
+    return load_plugins(rc.reward_plugin, wanted, known, device=device, dtype=torch_dtype(rc.reward_dtype))
+
+
 def make_eval_reward(reward: CompositeReward, world_metric: bool) -> CompositeReward:
     """Evaluation scores with the training terms, never the human one (nobody labels held-out images); the toy
     world adds its GenEval-style accuracy."""
@@ -74,6 +91,18 @@ def make_eval_reward(reward: CompositeReward, world_metric: bool) -> CompositeRe
     if weights == reward.weights:
         return reward
     return CompositeReward(weights or {"quality": 0.0}, models=[m for m in reward.models if "human" not in m.names])
+
+
+def attach_prompt_metadata(cfg: TrainConfig, rewards, world_grammar: bool) -> None:
+    """Give the rewards that read prompt metadata (`wants_metadata`) the table of the run's training and
+    evaluation prompts (fdfo_fast.prompts.prompt_metadata); nothing is read when no term wants it."""
+    if not any(r.wants_metadata for r in rewards):
+        return
+    table = merge_metadata(
+        prompt_metadata(cfg.run.prompts, world_grammar), prompt_metadata(cfg.eval.eval_prompts, world_grammar)
+    )
+    for r in rewards:
+        r.prompt_metadata = table
 
 
 def make_context(
@@ -143,6 +172,7 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
         setup.describe("loading the rewards and prompts")
         ctx, algo, params = make_context(cfg, model, device, env)
         eval_reward = make_eval_reward(ctx.reward, model.has_world_metric)
+        attach_prompt_metadata(cfg, (ctx.reward, eval_reward), model.has_world_metric)
         eval_items = load_eval_items(cfg.eval.eval_prompts, cfg.eval.eval_per_category, cfg.run.seed)
         setup.update()
         setup.describe("building the optimiser")

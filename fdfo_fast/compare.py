@@ -66,6 +66,9 @@ class CompareConfig:
     reward: str = option("", "reward terms to score, e.g. 'alignment:1,quality:1' ('' = the run's, never human)")
     reward_models: str = option("", "network rewards, e.g. 'pickscore=PATH' ('' = the run's)")
     reward_dtype: str = option("", "network rewards' weights: fp32 | bf16 | fp16 ('' = the run's)")
+    reward_plugin: str = option(
+        "", "your own reward terms, 'module:factory' ('' = the run's; fdfo_fast.rewards.plugins)"
+    )
     diversity_model: str = option(
         "", "a local CLIP or DINOv2 folder: diversity as the image embeddings' cosine distance"
     )
@@ -134,6 +137,18 @@ def compare_prompts(cfg: CompareConfig, run_cfg, kind: str) -> list[str]:
     return list(dict.fromkeys(p if isinstance(p, str) else p.text() for p, _ in items))
 
 
+def compare_metadata(cfg: CompareConfig, run_cfg, kind: str, prompts: list[str]) -> dict[str, dict]:
+    """prompt -> metadata for the rewards that read it (fdfo_fast.prompts.prompt_metadata); --prompt texts carry
+    none beyond what the shapes world's grammar gives them."""
+    from fdfo_fast.prompts import prompt_metadata
+    from fdfo_fast.world.grammar import parse_prompt
+
+    if cfg.prompt:
+        return {p: parse_prompt(p).geneval_metadata() if kind == "toy" else {} for p in prompts}
+    spec = run_cfg.eval.eval_prompts if cfg.prompts == "auto" else cfg.prompts
+    return prompt_metadata(spec, world_grammar=kind == "toy")
+
+
 def check_world_prompts(prompts: list[str]) -> None:
     """The toy model's `geneval` parses every prompt with the shapes world's grammar: refuse a bad one before
     anything is sampled."""
@@ -168,6 +183,12 @@ def build_reward(cfg: CompareConfig, run_cfg, kind: str, device: torch.device):
         from fdfo_fast.rewards.hf_models import load_reward_models
 
         models = load_reward_models(models_spec, device=device, dtype=dtype)
+    plugins = cfg.reward_plugin or (run_cfg.rewards.reward_plugin if cfg.run else "")
+    from fdfo_fast.builder import load_reward_plugins, parse_plugin_free_terms
+    from fdfo_fast.config import RewardConfig
+
+    rc = RewardConfig(reward=spec, reward_plugin=plugins, reward_dtype=dtype or "fp32")
+    models += load_reward_plugins(rc, [t for t, _ in parse_plugin_free_terms(spec)], models, device)
     weights = parse_weights(spec, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}})
     if "human" in weights:
         if cfg.reward:
@@ -354,6 +375,8 @@ def compare(cfg: CompareConfig) -> dict:
     settings = {"num_steps": steps, "cfg_scale": w, "shift": run_cfg.sampling.shift, "impl": run_cfg.run.impl_or_none}
     embedder = ImageEmbedder(cfg.diversity_model, device) if cfg.diversity_model else None
     reward = build_reward(cfg, run_cfg, kind, device)
+    if reward.wants_metadata:  # a plugin reads prompt fields: the prompt source's (or the world grammar's) records
+        reward.prompt_metadata = compare_metadata(cfg, run_cfg, kind, prompts)
     metric = "cosine" if embedder is not None else "rms"
     grid_images = min(cfg.grid_images, n)
 

@@ -189,6 +189,11 @@ class RewardConfig:
         "network rewards' weights: fp32 | bf16 | fp16 (an entry's ';dtype=' overrides it)",
         choices=("fp32", "bf16", "fp16"),
     )
+    reward_plugin: str = _f(
+        "",
+        "your own reward terms: 'module:factory' or 'path/file.py:factory' (comma-separated, ';key=value' options "
+        "to the factory); see fdfo_fast.rewards.plugins",
+    )
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,21 @@ class PromptSpec:
             return f"{self.objects[0].text()} {self.relation} {self.objects[1].text()}"
         return " and ".join(o.text() for o in self.objects)
 
+    def geneval_metadata(self) -> dict:
+        """The prompt as a GenEval `evaluation_metadata.jsonl` record without its "prompt": `tag` (the category)
+        and `include`, one {"class", "count"[, "color"][, "position": [relation, index]]} per object, in GenEval's
+        own form (djghosh13/geneval prompts/evaluation_metadata.jsonl): "a cat left of a couch" lists the couch
+        first and the cat with "position": ["left of", 0]."""
+        include = []
+        for obj in self.objects:
+            entry = {"class": obj.shape, "count": self.count if self.category == "counting" else 1}
+            if obj.colour:
+                entry["color"] = obj.colour
+            include.append(entry)
+        if self.category == "position":  # text: objects[0] <relation> objects[1]
+            include = [include[1], {**include[0], "position": [self.relation, 0]}]
+        return {"tag": self.category, "include": include}
+
 
 def _enumerate() -> dict[str, list[PromptSpec]]:
     coloured = [ObjectSpec(s, c) for c in COLOURS for s in SHAPES]
