@@ -122,6 +122,7 @@ def make_context(
         sampling=cfg.sampling,
         impl=cfg.run.impl_or_none,
         env=env or DistEnv(),
+        overlap_scoring=cfg.rewards.overlap_scoring,
     )
     return ctx, algo, params
 

@@ -194,6 +194,11 @@ class RewardConfig:
         "your own reward terms: 'module:factory' or 'path/file.py:factory' (comma-separated, ';key=value' options "
         "to the factory); see fdfo_fast.rewards.plugins",
     )
+    overlap_scoring: bool = _f(
+        True,
+        "score each sampled chunk's images on a worker thread while the next chunk samples (the same rewards, bit "
+        "for bit, as scoring after sampling; fdfo_fast.scoring)",
+    )
 
 
 @dataclass(frozen=True)

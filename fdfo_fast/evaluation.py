@@ -55,27 +55,34 @@ def evaluate(
     batch_size: int = 128,
     impl: str | None = None,
     progress=None,
+    overlap_scoring: bool = True,
 ) -> EvalResult:
-    """Sample every (prompt, seed) item with the Euler ODE sampler, decode and score it.
+    """Sample every (prompt, seed) item with the Euler ODE sampler, decode and score it (with `overlap_scoring`
+    each batch's images on a worker thread while the next batch samples: the same scores, fdfo_fast.scoring).
 
     A prompt is a world `PromptSpec` (categorised) or plain text (category "prompts", e.g. for SD3 / FLUX runs).
     """
+    from fdfo_fast.scoring import ChunkScorer
+
     reward = reward or CompositeReward("alignment:1")
     shape = model.latent_shape
     sampler = Sampler("euler", model.sigma_schedule(num_steps, shift or None), cfg_scale=cfg_scale, impl=impl)
     texts = [p if isinstance(p, str) else p.text() for p, _ in items]
-    images = []
-    with (progress or Progress(False)).phase("evaluation", total=len(items), unit="img") as bar:
-        for i in range(0, len(items), batch_size):
-            chunk = texts[i : i + batch_size]
-            cond = model.encode_prompts(chunk)
-            uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
-            seeds = [s for _, s in items[i : i + batch_size]]
-            traj = sample_euler(model, sampler, cond, uncond, seeds, shape)
-            images.append(model.decode(traj.x0).float().clamp(-1, 1).cpu())
-            bar.update(len(chunk))
-    images = torch.cat(images)
-    scores = reward(images, texts)
+    scorer = ChunkScorer(reward, texts, overlap=overlap_scoring)
+    try:
+        with (progress or Progress(False)).phase("evaluation", total=len(items), unit="img") as bar:
+            for i in range(0, len(items), batch_size):
+                chunk = texts[i : i + batch_size]
+                cond = model.encode_prompts(chunk)
+                uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
+                seeds = [s for _, s in items[i : i + batch_size]]
+                traj = sample_euler(model, sampler, cond, uncond, seeds, shape)
+                scorer.add(model.decode(traj.x0).float().clamp(-1, 1).cpu())
+                bar.update(len(chunk))
+        scores = scorer.result()
+    finally:
+        scorer.close()
+    images = torch.cat(scorer.images)
     categories = ["prompts" if isinstance(p, str) else p.category for p, _ in items]
     return EvalResult(images, texts, categories, [s for _, s in items], scores)
 
@@ -153,7 +160,7 @@ class RunEvaluator:
             with engine.gathered():
                 res = evaluate(  # sampled and decoded sample_batch at a time, like the rollouts
                     model, mine, self.reward, ev.eval_num_steps, sm.shift, sm.cfg_scale, sm.sample_batch,
-                    impl=cfg.run.impl_or_none, progress=run.bar,
+                    impl=cfg.run.impl_or_none, progress=run.bar, overlap_scoring=cfg.rewards.overlap_scoring,
                 )  # fmt: skip
                 diversity = None
                 if ev.diversity_prompts:

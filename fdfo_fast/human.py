@@ -411,6 +411,7 @@ class HumanPreferenceReward(Reward):
 
     names = ("human",)
     wants_seeds = True
+    score_block = None  # an epoch's pairs are published and labelled together
 
     def __init__(
         self,

@@ -202,15 +202,15 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
 def test_non_finite_rewards_skip_the_epoch_and_never_reach_the_checkpoint(tmp_path, monkeypatch):
     from fdfo_fast.rewards import CompositeReward
 
-    real = CompositeReward.__call__
+    real = CompositeReward.weigh  # the weighted sum every scoring path (overlapped or not) ends in
 
-    def poisoned(self, images, prompts, **kw):
-        out = real(self, images, prompts, **kw)
-        if len(prompts) == 2 * TINY["pairs_per_epoch"]:  # training batches only, not evaluation
+    def poisoned(self, terms):
+        out = real(self, terms)
+        if len(out["reward"]) == 2 * TINY["pairs_per_epoch"]:  # training batches only, not evaluation
             out["reward"] = torch.full_like(out["reward"], float("nan"))
         return out
 
-    monkeypatch.setattr(CompositeReward, "__call__", poisoned)
+    monkeypatch.setattr(CompositeReward, "weigh", poisoned)
     train(make_config(overrides=dict(out=str(tmp_path), epochs=2, eval_every=0, **TINY)))
     recs = _records(tmp_path / "metrics.jsonl")
     assert recs[-2]["skipped_epochs_nonfinite"] == 2 and "loss" not in recs[-2]

@@ -13,6 +13,7 @@ from fdfo_fast.config import SamplingConfig
 from fdfo_fast.distributed import DistEnv
 from fdfo_fast.models.base import FlowModel
 from fdfo_fast.rewards import CompositeReward
+from fdfo_fast.rewards.base import SCORED_ROWS
 from fdfo_fast.sampling import Trajectory, cond_map, guided_velocity, model_velocities
 
 
@@ -33,6 +34,7 @@ class RunContext:
     env: DistEnv = field(default_factory=DistEnv)
     runner: object = None  # runs a Sampler (a CudaGraphSampler on CUDA); None = eager
     progress: object = None  # fdfo_fast.metrics.Progress: bars for the sampling and scoring phases (None = none)
+    overlap_scoring: bool = True  # score chunk j's images while chunk j + 1 samples (fdfo_fast.scoring)
 
     def phase(self, desc: str, total: int | None = None, unit: str = "it"):
         """A progress bar for one phase of the rollout (a no-op bar without `progress`)."""
@@ -85,27 +87,45 @@ class RunContext:
             return self.model.decode(x0)
         return torch.cat([self.model.decode(x0[j : j + chunk]) for j in range(0, len(x0), chunk)])
 
-    def sample_in_chunks(self, sample, cond: dict, uncond: dict | None, seeds: list[int], chunk: int) -> Trajectory:
-        """Run `sample(cond, uncond, seeds)` on slices of at most `chunk` prompts and join the trajectories."""
+    def sample_in_chunks(
+        self, sample, cond: dict, uncond: dict | None, seeds: list[int], chunk: int, on_chunk=None
+    ) -> Trajectory:
+        """Run `sample(cond, uncond, seeds)` on slices of at most `chunk` prompts and join the trajectories;
+        `on_chunk(trajectory)` sees each slice's trajectory as soon as it is sampled (the rollout decodes it there
+        and hands the images to the scorer, which may score them while the next slice samples)."""
         trajs = []
         with self.phase("sampling", total=len(seeds), unit="prompt") as bar:
             for j in range(0, len(seeds), chunk):
                 rows = lambda v, j=j: v[j : j + chunk]  # noqa: E731
                 trajs.append(sample(cond_map(rows, cond), cond_map(rows, uncond), seeds[j : j + chunk]))
+                if on_chunk is not None:
+                    on_chunk(trajs[-1])
                 bar.update(len(seeds[j : j + chunk]))
         return Trajectory.cat(trajs)
 
-    def score(self, images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> dict:
-        """The reward of a batch of decoded samples, with a progress bar over the scoring calls."""
-        from fdfo_fast.rewards.base import SCORED_ROWS
+    def sample_decode_score(
+        self, sample, cond: dict, uncond: dict | None, seeds: list[int], chunk: int, prompts: list[str],
+        score_seeds: list[int] | None,
+    ) -> tuple[Trajectory, dict]:  # fmt: skip
+        """Sample in chunks, decode each chunk as it is sampled, and score the images (`prompts`: one per row):
+        on a worker thread while the next chunk samples with `overlap_scoring` (fdfo_fast.scoring: the same
+        rewards bit for bit), else after the last chunk. Returns the joined trajectory and the rewards."""
+        from fdfo_fast.scoring import ChunkScorer
 
-        parts = len(getattr(self.reward, "parts", ())) or 1  # each term part scores every image
-        with self.phase("scoring", total=len(images) * parts, unit="img") as bar:
-            token = SCORED_ROWS.set(bar.update)
-            try:
-                return self.reward(images, prompts, seeds=seeds)
-            finally:
-                SCORED_ROWS.reset(token)
+        scorer = ChunkScorer(self.reward, prompts, score_seeds, overlap=self.overlap_scoring)
+        try:
+            traj = self.sample_in_chunks(sample, cond, uncond, seeds, chunk, lambda t: scorer.add(self.decode(t.x0)))
+            parts = len(getattr(self.reward, "parts", ())) or 1  # each term part scores every image
+            with self.phase("scoring", total=len(prompts) * parts, unit="img") as bar:
+                bar.update(scorer.take_ticks())  # what the worker scored while the chunks sampled
+                token = SCORED_ROWS.set(bar.update)
+                try:
+                    rewards = scorer.result(bar)
+                finally:
+                    SCORED_ROWS.reset(token)
+        finally:
+            scorer.close()
+        return traj, rewards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,10 +263,9 @@ class Algorithm:
         prompts, seeds = self.draw(ctx, generator)
         cond, uncond = ctx.encode(prompts)
         chunk = max(1, ctx.sampling.sample_batch // self.rows_per_prompt)  # both branches of a pair in one batch
-        traj = ctx.sample_in_chunks(lambda c, u, sd: self.sample(ctx, c, u, sd), cond, uncond, seeds, chunk)
-        images = ctx.decode(traj.x0)
-        rows = self.rows_per_prompt
-        rewards = ctx.score(images, [p for p in prompts for _ in range(rows)], seeds=self.score_seeds(seeds))
+        rows = [p for p in prompts for _ in range(self.rows_per_prompt)]
+        sample = lambda c, u, sd: self.sample(ctx, c, u, sd)  # noqa: E731
+        traj, rewards = ctx.sample_decode_score(sample, cond, uncond, seeds, chunk, rows, self.score_seeds(seeds))
         return self.finish(ctx, Samples(prompts, seeds, cond, uncond, traj, rewards), generator)
 
     def draw(self, ctx: RunContext, generator: torch.Generator) -> tuple[list[str], list[int]]:

@@ -94,18 +94,41 @@ class CompositeReward(Reward):
         """Score a batch. `seeds` (the samples' seeds) reach the parts that record them (the human term);
         `metadata` (one dict per row) the parts that read prompt fields; without it each prompt's record from
         `prompt_metadata` (the prompt files' extra fields), `{}` for a prompt without one."""
+        return self.weigh(self.score_terms(images, prompts, seeds, metadata))
+
+    def weigh(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms plus `reward` = Σ_i w_i·term_i (row by row: the same whichever calls scored the rows)."""
+        return {**terms, "reward": sum(w * terms[n] for n, w in self.weights.items())}
+
+    @property
+    def score_block(self) -> int | None:
+        """The least common multiple of the parts' blocks (`Reward.score_block`) over the parts that have one."""
+        return math.lcm(*(p.score_block for p in self.parts if p.score_block is not None))
+
+    def score_terms(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        seeds: list[int] | None = None,
+        metadata: list[dict] | None = None,
+        parts: list[Reward] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every term of `parts` (default: all) for a batch, without the weighted sum."""
         self.check_batch(images, prompts)
-        if metadata is None and any(p.wants_metadata for p in self.parts):
+        parts = self.parts if parts is None else parts
+        if metadata is None and any(p.wants_metadata for p in parts):
             metadata = [self.prompt_metadata.get(p, {}) for p in prompts]
         if metadata is not None and len(metadata) != len(prompts):
             raise FdfoError(f"reward got {len(metadata)} metadata records for {len(prompts)} prompts")
+        specs = [s for s in self.specs if any(isinstance(p, ModelReward) and p.input_spec == s for p in parts)]
+        wants_uint8 = any(p.wants_uint8 for p in parts)
         pixels, uint8 = [], None
-        if self.specs or self.wants_uint8:
+        if specs or wants_uint8:
             from fdfo_fast.rewards.preprocess import preprocess_images
 
-            pixels, uint8 = preprocess_images(images, self.specs, self.wants_uint8, impl=self.preprocess_impl)
+            pixels, uint8 = preprocess_images(images, specs, wants_uint8, impl=self.preprocess_impl)
         out: dict[str, torch.Tensor] = {}
-        for part in self.parts:
+        for part in parts:
             extras = {}
             if part.wants_uint8:
                 extras["uint8_nhwc"] = uint8
@@ -114,11 +137,10 @@ class CompositeReward(Reward):
             if part.wants_metadata:
                 extras["metadata"] = metadata
             if isinstance(part, ModelReward):  # reports its micro-batches itself (score_in_micro_batches)
-                extras["pixels"] = pixels[self.specs.index(part.input_spec)]
+                extras["pixels"] = pixels[specs.index(part.input_spec)]
             out.update(check_scores(part, part(images, prompts, **extras), len(images)))
             if not isinstance(part, ModelReward):
                 report_scored(len(images))
-        out["reward"] = sum(w * out[n] for n, w in self.weights.items())
         return out
 
 

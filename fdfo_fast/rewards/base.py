@@ -55,6 +55,14 @@ class Reward:
     wants_seeds: bool = False
     wants_metadata: bool = False
 
+    @property
+    def score_block(self) -> int | None:
+        """Rows whose scores do not depend on which other rows share the call, as long as each call covers whole
+        blocks of this many rows from the batch's start: 1 for a per-image reward; a reward scoring in fixed-size
+        micro-batches (`micro_batch`), its micro-batch; None for one that needs the whole batch at once (the human
+        term publishes an epoch's pairs together). Overlapped scoring (fdfo_fast.scoring) relies on it."""
+        return int(getattr(self, "micro_batch", 1))
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -120,6 +120,13 @@ class PluginReward(Reward):
         self.wants_uint8 = bool(getattr(inner, "wants_uint8", False))
         self.wants_seeds = bool(getattr(inner, "wants_seeds", False))
         self.wants_metadata = bool(getattr(inner, "wants_metadata", False))
+        # a plugin whose scores depend on which rows share a call says so (Reward.score_block; a Reward subclass
+        # inherits 1, or its `micro_batch`)
+        self._score_block = getattr(inner, "score_block", 1)
+
+    @property
+    def score_block(self) -> int | None:
+        return self._score_block
 
     def begin_epoch(self, epoch: int) -> None:
         if hasattr(self.inner, "begin_epoch"):
