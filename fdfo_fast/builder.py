@@ -23,6 +23,7 @@ from fdfo_fast.metrics import MetricsLog, Progress
 from fdfo_fast.models.base import FlowModel, load_model
 from fdfo_fast.prompts import load_eval_items, load_prompt_pool, merge_metadata, prompt_metadata
 from fdfo_fast.rewards import REWARD_TERMS, CompositeReward, parse_weights
+from fdfo_fast.rewards.remote import RemoteReward, names_remote_term
 from fdfo_fast.run_state import RunCheckpoint, RunProgress, check_run_folder
 from fdfo_fast.sampling import derive_seed
 from fdfo_fast.trackers import Trackers, check_trackers_available
@@ -37,13 +38,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_reward(rc: RewardConfig, hc: HumanConfig, out: Path, seed: int, device: torch.device) -> CompositeReward:
-    """The configured reward terms; network rewards (--reward-models) are loaded and the labelling page for the
-    `human` term is started here."""
+    """The configured reward terms; network rewards (--reward-models) are loaded, the reward servers of the `remote`
+    term asked for their terms, and the labelling page for the `human` term is started here. fdfo-reward-server
+    builds its reward through this function too (fdfo_fast.reward_server.build_served_reward)."""
     models = []
     if rc.reward_models:
         from fdfo_fast.rewards.hf_models import load_reward_models
 
         models = load_reward_models(rc.reward_models, device=device, dtype=rc.reward_dtype)
+    if names_remote_term(rc.reward):  # its term names come from the servers' /info
+        models.append(RemoteReward.from_config(rc))
     models += load_reward_plugins(rc, [n for n, _ in parse_plugin_free_terms(rc.reward)], models, device)
     if "human" in parse_weights(rc.reward, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}}):
         from fdfo_fast.human import HumanPreferenceReward

@@ -199,6 +199,28 @@ class RewardConfig:
         "score each sampled chunk's images on a worker thread while the next chunk samples (the same rewards, bit "
         "for bit, as scoring after sampling; fdfo_fast.scoring)",
     )
+    # the `remote` term (fdfo_fast.rewards.remote): batches scored by fdfo-reward-server(s)
+    reward_servers: str = _f(
+        "", "--reward remote / remote.TERM: reward server URLs, comma-separated (requests go round-robin), e.g. "
+        "http://127.0.0.1:8700",
+    )  # fmt: skip
+    remote_token: str = _f("", "remote term: the servers' --token ('' = none, loopback servers only)")
+    remote_timeout: float = _f(
+        120.0, "remote term: seconds a request may wait for a server (connect, and each read or write)", gt=0
+    )
+    remote_retries: int = _f(
+        3, "remote term: retries of a failed request (backoff 0.5 s, 1 s, 2 s, ... capped at 8 s; each on the next "
+        "server)", ge=0,
+    )  # fmt: skip
+    remote_encoding: str = _f(
+        "raw", "remote term: how images travel: raw (uint8 bytes; fastest on loopback and fast links, "
+        "benchmarks/reward_transport.py) | png (lossless, smaller on slow links)", choices=("raw", "png"),
+    )  # fmt: skip
+    remote_on_failure: str = _f(
+        "stop", "remote term, when the retries are spent: stop (the run stops with an error) | skip (the epoch is "
+        "skipped and counted as skipped_epochs_reward_unavailable; evaluation terms are NaN)",
+        choices=("stop", "skip"),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -458,6 +480,12 @@ class TrainConfig:
             bad("device", "must be auto, cpu, cuda or cuda:N")
         if opt.ds_config and not Path(opt.ds_config).is_file():
             bad("ds_config", "must be an existing DeepSpeed JSON file")
+        from fdfo_fast.rewards.remote import names_remote_term, parse_server_urls
+
+        if names_remote_term(rw.reward):
+            if not rw.reward_servers.strip():
+                bad("reward_servers", "is required when --reward names the remote term")
+            parse_server_urls(rw.reward_servers)
         human = any(p.split(":")[0].strip() == "human" for p in rw.reward.split(","))
         if human and algo != "fdfo":
             bad("reward", "uses 'human', which labels FDFO's pairs: it needs --algorithm fdfo")

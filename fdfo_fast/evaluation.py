@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,7 @@ from fdfo_fast.sampling import Sampler, derive_seed, sample_euler
 from fdfo_fast.viz import BAD, GOOD, captioned_pages, fit_images, save_grid, save_png
 from fdfo_fast.world.grammar import CATEGORIES, PromptSpec
 
+_log = logging.getLogger("fdfo_fast")
 OVERVIEW_CELLS = 64  # a real model's overview grid: its first 64 items (every item is on the captioned pages)
 MAX_TRACKER_PAGES = 4  # captioned pages sent to the trackers per evaluation (the files hold all)
 
@@ -174,7 +177,9 @@ class RunEvaluator:
                 summary["eval/diversity"] = diversity
             score = summary.get("eval/geneval", summary.get("eval/reward"))
             best = progress.best
-            if score is not None and score > best["score"]:
+            if score is not None and not math.isfinite(score):  # e.g. the remote term's servers were unavailable
+                _log.warning("held-out score at epoch %d is %s: not a candidate for the best checkpoint", epoch, score)
+            if score is not None and math.isfinite(score) and score > best["score"]:
                 best.update(score=score, epoch=epoch, since=0)
                 if ev.keep_best:
                     run.checkpoint.save_best(epoch, score, "geneval" if model.has_world_metric else "reward", summary)

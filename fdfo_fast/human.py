@@ -324,8 +324,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     """At most `limit` connections at once (503 and close beyond), and no tracebacks on stderr for clients that hang
-    up or stall."""
+    up or stall. (Also the reward server's, fdfo_fast.reward_server, with its own `label` in the log.)"""
 
+    label = "label server"
     daemon_threads = True
     # socketserver listens with a backlog of 5: with a few stalled clients not yet accepted, a new browser connection's
     # SYN is dropped and retried a second later (seen in CI); the kernel caps this at net.core.somaxconn anyway
@@ -339,7 +340,7 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
-            _log.debug("label server: %d connections busy, refusing %s", MAX_CONNECTIONS, client_address)
+            _log.debug("%s: %d connections busy, refusing %s", self.label, MAX_CONNECTIONS, client_address)
             try:
                 request.settimeout(1.0)
                 body = b'{"error": "server busy"}'
@@ -366,9 +367,9 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         err = sys.exc_info()[1]
         if isinstance(err, (ConnectionError, TimeoutError)):
-            _log.debug("label server: %s: %s", client_address, err or type(err).__name__)
+            _log.debug("%s: %s: %s", self.label, client_address, err or type(err).__name__)
         else:
-            _log.error("label server: request from %s failed", client_address, exc_info=True)
+            _log.error("%s: request from %s failed", self.label, client_address, exc_info=True)
 
 
 class LabelServer:

@@ -33,6 +33,9 @@ STATE_VERSION = 2
 RESUMABLE_CHANGES = (
     "epochs", "progress", "log_with", "wandb_project", "wandb_run_name", "wandb_tags", "rollout_images_every",
     "rollout_images", "threads", "eval_every", "save_every", "out", "impl", "device", "collective_timeout", "keep_last",
+    # where the remote term's servers are and how they are reached (a restarted server has a new port; raw and png
+    # are both lossless): not what they serve, which /info reports
+    "reward_servers", "remote_token", "remote_timeout", "remote_retries", "remote_encoding", "remote_on_failure",
 )  # fmt: skip
 SNAPSHOT_NAME = re.compile(r"epoch_(\d+)")
 
@@ -45,6 +48,7 @@ def _counters() -> dict:
         "wall_time": 0.0,
         "skipped_epochs_nonfinite": 0,
         "skipped_steps_nonfinite": 0,
+        "skipped_epochs_reward_unavailable": 0,  # the remote term's servers were down (--remote-on-failure skip)
     }
 
 

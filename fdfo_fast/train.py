@@ -25,6 +25,7 @@ from fdfo_fast.config import PRESETS, SECTIONS, TrainConfig, make_config
 from fdfo_fast.distributed import is_collective_timeout, split_items_global, timeout_error
 from fdfo_fast.errors import cli_entry
 from fdfo_fast.metrics import rollout_panel, summarise_loss_stats
+from fdfo_fast.rewards.remote import remote_failed_batches
 from fdfo_fast.run_state import saved_config
 from fdfo_fast.sampling import derive_seed
 from fdfo_fast.viz import save_png
@@ -83,8 +84,14 @@ def run_loop(run: Run) -> dict:
         record.update({k: env.sum(v) / env.world_size for k, v in rollout.stats.items()})
         finite = bool(torch.isfinite(rollout.rewards["reward"]).all() and torch.isfinite(rollout.advantages).all())
         if not env.all_true(finite):
-            counters["skipped_epochs_nonfinite"] += 1
-            record["skipped"] = "non-finite rewards or advantages"
+            # NaN from the remote term because its servers were unavailable (--remote-on-failure skip) is counted
+            # apart from a reward that produced non-finite values itself
+            if env.sum(remote_failed_batches(ctx.reward)) > 0:
+                counters["skipped_epochs_reward_unavailable"] += 1
+                record["skipped"] = "reward server unavailable"
+            else:
+                counters["skipped_epochs_nonfinite"] += 1
+                record["skipped"] = "non-finite rewards or advantages"
         else:
             # -- loss & backward & step (the engine also moves the EMA) -------------------------------------------
             env.phase = f"epoch {epoch + 1}'s optimiser steps"
