@@ -141,3 +141,51 @@ def test_a_training_run_is_identical_with_and_without_overlap(tmp_path, algorith
     (rec_a, ck_a), (rec_b, ck_b) = runs[True], runs[False]
     assert rec_a == rec_b
     assert all(torch.equal(ck_a["model"][k], ck_b["model"][k]) for k in ck_a["model"])
+
+
+def test_remote_requests_cover_the_servers_micro_batches_so_overlap_stays_exact(clip_dir):
+    # The server's reward micro-batches by 3 and 2 (block 6, from its /info): requests of whole blocks from the
+    # batch's start score exactly as one request over the batch, whichever chunks the trainer hands over.
+    from fdfo_fast.reward_server import RewardServer
+    from fdfo_fast.rewards.remote import RemoteReward
+
+    models = load_reward_models(f"clip_score={clip_dir};micro_batch=3,pickscore={clip_dir};micro_batch=2")
+    served = CompositeReward("clip_score:1,pickscore:0.5,quality:0.1", models=models)
+    server = RewardServer(served, max_batch=8).start()  # a batch of 12 travels as 6 + 6, not 8 + 4
+    try:
+        remote = RemoteReward(server.url)
+        assert remote.score_block == 6
+        reward = CompositeReward("remote:1", models=[remote])
+        images, prompts = _batch(12)
+        from fdfo_fast.rewards.base import to_uint8_hwc
+
+        # what travels is the 8-bit image (the composite's one conversion): the server scores that
+        expected = served(torch.from_numpy(to_uint8_hwc(images)).permute(0, 3, 1, 2), prompts)
+        direct = reward(images, prompts)
+        assert torch.equal(direct["remote"], expected["reward"])
+        assert torch.equal(direct["remote.clip_score"], expected["clip_score"])
+        for chunks in ([5, 5, 2], [1] * 12):
+            scorer = ChunkScorer(reward, prompts, overlap=True)
+            lo = 0
+            for n in chunks:
+                scorer.add(images[lo : lo + n])
+                lo += n
+            got = scorer.result()
+            scorer.close()
+            assert all(torch.equal(got[k], direct[k]) for k in direct), chunks
+    finally:
+        server.close()
+
+
+def test_the_overlap_benchmark_runs_and_its_rewards_agree(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import overlap_scoring
+
+    out = overlap_scoring.main(
+        ["--delays", "0,20", "--pairs", "4", "--sample-batch", "4", "--num-steps", "2", "--reps", "1"]
+    )
+    assert [r["chunks"] for r in out["results"]] == [2, 2] and all(r["identical"] for r in out["results"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('{"benchmark": "overlap_scoring"')
