@@ -466,6 +466,41 @@ MUTATIONS: list[Mutation] = [
         "results[name] = sample_and_score(model, prompts, seeds if name == 'base' else [x + 1 for x in seeds], n,",
         ["tests/test_compare.py::test_toy_comparison_matches_an_independent_recomputation"], extra=True,
     ),
+    # -- rewards at scale (issue 21) -----------------------------------------------------------------------------
+    mutation(
+        "plugin-nan-passes", "reward plugins: non-finite scores pass the check (a NaN reaches the update)",
+        "fdfo_fast/rewards/plugins.py", "bad = (~torch.isfinite(value)).nonzero().flatten().tolist()", "bad = []",
+        ["tests/test_plugins.py::test_a_plugin_returning_a_bad_score_is_one_clear_error"], extra=True,
+    ),
+    mutation(
+        "metadata-not-passed", "rewards: a part that wants prompt metadata gets none",
+        "fdfo_fast/rewards/__init__.py", 'extras["metadata"] = metadata', 'extras["metadata"] = [{}] * len(prompts)',
+        ["tests/test_plugins.py::test_jsonl_prompt_fields_reach_the_reward_as_metadata"], extra=True,
+    ),
+    mutation(
+        "overlap-ignores-blocks", "overlapped scoring: each chunk scored as it comes (micro-batches no longer those "
+        "of one call over the batch)", "fdfo_fast/scoring.py",
+        "n = available if last else available - (self.scored + available) % self.block", "n = available",
+        ["tests/test_scoring.py::test_overlapped_scores_equal_one_call_over_the_batch_bit_for_bit"], extra=True,
+    ),
+    mutation(
+        "remote-requests-unaligned", "remote term: requests split at max_batch, not at the server's blocks",
+        "fdfo_fast/rewards/remote.py", "if lo + rows < n and rows > self.block:", "if False:",
+        ["tests/test_scoring.py::test_remote_requests_cover_the_servers_micro_batches_so_overlap_stays_exact"],
+        extra=True,
+    ),
+    mutation(
+        "remote-skip-scores-zero", "remote term under --remote-on-failure skip: a dead server scores 0 (silently)",
+        "fdfo_fast/rewards/remote.py", "return {name: torch.full((n,), math.nan) for name in self.names}",
+        "return {name: torch.zeros(n) for name in self.names}",
+        ["tests/test_reward_server.py::test_a_killed_server_process_stops_the_run_or_scores_nan_under_skip"],
+        extra=True,
+    ),
+    mutation(
+        "server-reads-oversized-body", "reward server: the size limit checked only after reading the body",
+        "fdfo_fast/reward_server.py", "if int(length) > app.max_request_bytes:  # before reading a byte of the body",
+        "if False:", ["tests/test_reward_server.py::test_an_oversized_body_is_413_before_it_is_read"], extra=True,
+    ),
 ]
 # fmt: on
 
