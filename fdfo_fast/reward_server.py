@@ -62,7 +62,7 @@ class ServerConfig:
 
 # The remote term's own options: a server scores, it does not forward to other servers.
 CLIENT_ONLY = ("reward_servers", "remote_token", "remote_timeout", "remote_retries", "remote_encoding",
-               "remote_on_failure")  # fmt: skip
+               "remote_on_failure", "overlap_scoring")  # fmt: skip (the trainer's side of scoring)
 # The served reward's options: every RewardConfig field but those (a field added there, e.g. a plugin option,
 # is a server option too).
 ServedRewardOptions = dataclasses.make_dataclass(
