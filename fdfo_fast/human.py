@@ -27,18 +27,16 @@ import json
 import logging
 import os
 import secrets
-import socket
-import sys
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import torch
 
 from fdfo_fast.errors import FdfoError
+from fdfo_fast.local_http import MAX_CONNECTIONS, SOCKET_TIMEOUT, BoundedServer, JsonHandler
 from fdfo_fast.rewards.base import Reward
 from fdfo_fast.sampling import derive_seed
 
@@ -46,8 +44,6 @@ _log = logging.getLogger("fdfo_fast")
 CHOICES = ("left", "right", "none", "skip")
 PAGE = Path(__file__).parent / "assets" / "label.html"
 MAX_BODY = 4096
-SOCKET_TIMEOUT = 10.0  # seconds a connection may stall on one read or write before it is closed
-MAX_CONNECTIONS = 16  # connections served at once; one more gets 503 and is closed at once
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,30 +199,12 @@ class LabelTask:
 # ---------------------------------------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------------------------------------
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server_version = "fdfo-label/1"
+    label = "label server"
     task: LabelTask
     token: str
     hosts: frozenset[str]  # the Host header values accepted ('' in it: any, on a wildcard address)
-    timeout = SOCKET_TIMEOUT  # replaced per server by LabelServer (StreamRequestHandler sets it on the socket)
-
-    def log_message(self, fmt, *args):  # quiet: the trainer has its own progress output
-        _log.debug("label server: " + fmt, *args)
-
-    def _send(self, status: int, body: bytes, ctype: str = "application/json"):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if status >= 400:
-            self.close_connection = True  # a refused request's body may be unread: never parse it as a request
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj):
-        self._send(status, json.dumps(obj).encode())
 
     def _same_origin(self, value: str) -> bool:
         """`value` (an Origin or Referer) names this server as the request's own Host does."""
@@ -252,21 +230,6 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         self._json(HTTPStatus.FORBIDDEN, {"error": "missing or wrong token"})
         return False
-
-    def _guard(self, fn):
-        try:
-            fn()
-        except (ConnectionError, TimeoutError):
-            raise  # the client went away or stalled: handle_error logs it quietly
-        except Exception as err:  # a bug: answer 500 instead of dropping the connection
-            _log.exception("label server: %s %s failed", self.command, self.path)
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(err).__name__}"})
-
-    def do_GET(self):
-        self._guard(self._get)
-
-    def do_POST(self):
-        self._guard(self._post)
 
     def _get(self):
         url = urlparse(self.path)
@@ -322,54 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"ok": status == HTTPStatus.OK, "message": msg} if status == 200 else {"error": msg})
 
 
-class _Server(ThreadingHTTPServer):
-    """At most `limit` connections at once (503 and close beyond), and no tracebacks on stderr for clients that hang
-    up or stall. (Also the reward server's, fdfo_fast.reward_server, with its own `label` in the log.)"""
-
+class _Server(BoundedServer):
     label = "label server"
-    daemon_threads = True
-    # socketserver listens with a backlog of 5: with a few stalled clients not yet accepted, a new browser connection's
-    # SYN is dropped and retried a second later (seen in CI); the kernel caps this at net.core.somaxconn anyway
-    request_queue_size = 128
-
-    def __init__(self, address, handler, limit: int):
-        self.slots = threading.BoundedSemaphore(limit)
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            _log.debug("%s: %d connections busy, refusing %s", self.label, MAX_CONNECTIONS, client_address)
-            try:
-                request.settimeout(1.0)
-                body = b'{"error": "server busy"}'
-                request.sendall(
-                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-
-    def handle_error(self, request, client_address):
-        err = sys.exc_info()[1]
-        if isinstance(err, (ConnectionError, TimeoutError)):
-            _log.debug("%s: %s: %s", self.label, client_address, err or type(err).__name__)
-        else:
-            _log.error("%s: request from %s failed", self.label, client_address, exc_info=True)
 
 
 class LabelServer:

@@ -33,7 +33,6 @@ import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ import torch
 from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, option, overrides_from_args, replace_checked
 from fdfo_fast.config import HumanConfig, RewardConfig, _rule_error
 from fdfo_fast.errors import FdfoError, cli_entry
-from fdfo_fast.human import MAX_CONNECTIONS, SOCKET_TIMEOUT, _Server
+from fdfo_fast.local_http import MAX_CONNECTIONS, BoundedServer, JsonHandler
 from fdfo_fast.rewards.remote import ENCODINGS, PROTOCOL, encode_scores, names_remote_term
 
 _log = logging.getLogger("fdfo_fast")
@@ -61,8 +60,15 @@ class ServerConfig:
 
 
 # The remote term's own options: a server scores, it does not forward to other servers.
-CLIENT_ONLY = ("reward_servers", "remote_token", "remote_timeout", "remote_retries", "remote_encoding",
-               "remote_on_failure", "overlap_scoring")  # fmt: skip (the trainer's side of scoring)
+CLIENT_ONLY = (
+    "reward_servers",
+    "remote_token",
+    "remote_timeout",
+    "remote_retries",
+    "remote_encoding",
+    "remote_on_failure",
+    "overlap_scoring",
+)  # fmt: skip (the trainer's side of scoring)
 # The served reward's options: every RewardConfig field but those (a field added there, e.g. a plugin option,
 # is a server option too).
 ServedRewardOptions = dataclasses.make_dataclass(
@@ -164,31 +170,14 @@ def _decode_png(data: bytes, i: int, h: int, w: int) -> np.ndarray:
         raise BadRequest(f"png image {i} is not a valid PNG ({type(err).__name__})") from None
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server_version = "fdfo-reward/1"
-    timeout = SOCKET_TIMEOUT
+    label = "reward server"
     app: RewardServer  # set per server
 
-    def log_message(self, fmt, *args):  # quiet: one line per request only at debug level
-        _log.debug("reward server: " + fmt, *args)
-
-    def _json(self, status: int, obj: dict | bytes):
-        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if status == HTTPStatus.UNAUTHORIZED:
-            self.send_header("WWW-Authenticate", "Bearer")
-        if status >= 400:
-            self.close_connection = True  # a refused request's body may be unread: never parse it as a request
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
     def _error(self, status: int, message: str):
-        self._json(status, {"error": message})
+        headers = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
+        self._send(status, json.dumps({"error": message}).encode(), headers=headers)
 
     def _authorised(self) -> bool:
         app = self.app
@@ -206,21 +195,6 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         self._error(HTTPStatus.UNAUTHORIZED, "missing or wrong token (Authorization: Bearer TOKEN)")
         return False
-
-    def _guard(self, fn):
-        try:
-            fn()
-        except (ConnectionError, TimeoutError):
-            raise  # the client went away or stalled: handle_error logs it quietly
-        except Exception as err:  # a bug: answer 500, the traceback stays here
-            _log.exception("reward server: %s %s failed", self.command, self.path)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(err).__name__}")
-
-    def do_GET(self):
-        self._guard(self._get)
-
-    def do_POST(self):
-        self._guard(self._post)
 
     def _get(self):
         if not self._authorised():
@@ -262,7 +236,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(HTTPStatus.OK, encode_scores(scores))
 
 
-class _HTTPServer(_Server):
+class _HTTPServer(BoundedServer):
     label = "reward server"
 
 
