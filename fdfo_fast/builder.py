@@ -5,7 +5,7 @@ calls them in the order the run's randomness depends on."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from fdfo_fast.errors import FdfoError
 from fdfo_fast.evaluation import RunEvaluator
 from fdfo_fast.metrics import MetricsLog, Progress
 from fdfo_fast.models.base import FlowModel, load_model
+from fdfo_fast.placement import FrozenOffload, check_device
 from fdfo_fast.prompts import load_eval_items, load_prompt_pool, merge_metadata, prompt_metadata
 from fdfo_fast.rewards import REWARD_TERMS, CompositeReward, parse_weights
 from fdfo_fast.rewards.remote import RemoteReward, names_remote_term
@@ -37,6 +38,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_reward_placement(rc: RewardConfig) -> None:
+    """--reward-device and every --reward-models entry's options (its ';device=' included), checked without
+    loading anything."""
+    if rc.reward_device:
+        check_device(rc.reward_device, "--reward-device")
+    if rc.reward_models:
+        from fdfo_fast.rewards.hf_models import parse_reward_models
+
+        parse_reward_models(rc.reward_models)
+
+
 def make_reward(rc: RewardConfig, hc: HumanConfig, out: Path, seed: int, device: torch.device) -> CompositeReward:
     """The configured reward terms; network rewards (--reward-models) are loaded, the reward servers of the `remote`
     term asked for their terms, and the labelling page for the `human` term is started here. fdfo-reward-server
@@ -45,10 +57,11 @@ def make_reward(rc: RewardConfig, hc: HumanConfig, out: Path, seed: int, device:
     if rc.reward_models:
         from fdfo_fast.rewards.hf_models import load_reward_models
 
-        models = load_reward_models(rc.reward_models, device=device, dtype=rc.reward_dtype)
+        models = load_reward_models(rc.reward_models, device=rc.reward_device or device, dtype=rc.reward_dtype)
     if names_remote_term(rc.reward):  # its term names come from the servers' /info
         models.append(RemoteReward.from_config(rc))
-    models += load_reward_plugins(rc, [n for n, _ in parse_plugin_free_terms(rc.reward)], models, device)
+    wanted = [n for n, _ in parse_plugin_free_terms(rc.reward)]
+    models += load_reward_plugins(rc, wanted, models, torch.device(rc.reward_device) if rc.reward_device else device)
     if "human" in parse_weights(rc.reward, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}}):
         from fdfo_fast.human import HumanPreferenceReward
 
@@ -148,6 +161,7 @@ class Run:
     bar: Progress
     evaluate: RunEvaluator
     resumed: bool
+    offload: FrozenOffload = field(default_factory=lambda: FrozenOffload(None))  # --offload-frozen (off: no-op)
 
     def close(self) -> None:
         self.bar.close()
@@ -166,6 +180,7 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     check_ranks_agree({**cfg.to_dict(), "resume": resume}, env)  # every node launched with the same options
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
+    check_reward_placement(cfg.rewards)  # a reward device this machine lacks fails now, not after the model loads
     if env.is_main:
         check_trackers_available(cfg)  # a missing wandb fails now, not after minutes of model loading
     bar = Progress(cfg.logging.progress and env.is_main)
@@ -201,4 +216,5 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     bar.start_epochs(cfg.run.epochs, progress.epoch, cfg.run.algorithm)
     run = Run(cfg, out, env, model, algo, ctx, engine, checkpoint, progress, log, bar, None, resume)
     run.evaluate = RunEvaluator(run, eval_items, eval_reward)
+    run.offload = FrozenOffload(model, ctx.reward.models, enabled=cfg.model.offload_frozen)
     return run

@@ -170,6 +170,14 @@ class ModelConfig:
         "flux those plus the double blocks' ff / ff_context MLPs",
     )
     gradient_checkpointing: bool = _f(False, "sd3 / flux: recompute transformer activations in the backward")
+    # A model option beside gradient_checkpointing, the other memory switch of the training passes: it frees the
+    # training GPU of the model's own frozen parts (text encoders, VAE) even without any reward model.
+    offload_frozen: bool = _f(
+        False,
+        "sd3 / flux: during the training passes, move the text encoders, the VAE (not under ZeRO-3, which shards it) "
+        "and the reward models that sit on the training GPU to the CPU, and back before sampling / evaluation "
+        "(their weights' memory, docs/memory.md, for two host-device copies per epoch); no-op on CPU runs",
+    )
     init_lora: str = _f(
         "",
         "--finetune lora: start from this LoRA folder (diffusers pytorch_lora_weights.safetensors or a PEFT adapter); "
@@ -188,6 +196,11 @@ class RewardConfig:
         "fp32",
         "network rewards' weights: fp32 | bf16 | fp16 (an entry's ';dtype=' overrides it)",
         choices=("fp32", "bf16", "fp16"),
+    )
+    reward_device: str = _f(
+        "",
+        "device of the network rewards: '' = the run's device | cpu | cuda | cuda:N (an entry's ';device=' overrides "
+        "it); inputs are moved there, scores come back on the CPU",
     )
     reward_plugin: str = _f(
         "",

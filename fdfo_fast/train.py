@@ -98,7 +98,8 @@ def run_loop(run: Run) -> dict:
             step_stats: list[LossStats] = []  # this rank's statistics per optimiser step (merged over ranks below)
             losses, norms = [], []
             chunks = split_items_global(rollout.items, len(rollout.prompts), env, cfg.optim.opt_steps_per_epoch, gen)
-            with run.bar.phase("training", unit="pass") as passes_bar:
+            # --offload-frozen: the text encoders, VAE and reward models leave the GPU for these passes only
+            with run.bar.phase("training", unit="pass") as passes_bar, run.offload.training_phase():
                 for step_i, (chunk, global_len) in enumerate(chunks):
                     engine.zero_grad()
                     work = rollout.active_items(chunk)

@@ -3,7 +3,9 @@ temporary folder and loaded back through `from_pretrained` / `load_reward_models
 computation done by hand with the Hugging Face processor and model."""
 
 import dataclasses
+import functools
 import logging
+import math
 import os
 import shutil
 import sys
@@ -527,7 +529,7 @@ def test_load_reward_models_parses_terms_and_options(clip_dir, vlm_dir, head_fil
         ("clip_score", "must be term=path_or_hub_id"),
         (
             "clip_score={clip};bogus=1",
-            "clip_score: unknown option 'bogus'; known: micro_batch, dtype, processor, uint8, scale",
+            "clip_score: unknown option 'bogus'; known: micro_batch, dtype, device, processor, uint8, scale",
         ),
         ("clip_score={clip};micro_batch=two", "micro_batch='two' is not a valid int"),
         ("hps={clip};dtype=fp64", r"dtype='fp64' is not a valid dtype \(float32 \| fp32 \| float16"),
@@ -560,17 +562,120 @@ def test_composite_weighs_network_rewards(clip_dir, vlm_dir, head_files):
         torch.testing.assert_close(out[name], alone, atol=1e-6, rtol=0)
 
 
-def test_bfloat16_models_score_close_to_float32(clip_dir, vlm_dir, head_files):
-    spec = f"clip_score={clip_dir},aesthetic={clip_dir};head={head_files / 'head.pth'},vlm_yes={vlm_dir};form=p_yes"
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # round to nearest, 8 / 11 significand bits
+
+
+def _low_precision_path_length(reward, images, prompts) -> int:
+    """How many leaf modules of the reward's networks return a bf16 / fp16 tensor while one micro-batch is scored:
+    the number of roundings on the path from pixels (and tokens) to the score, each one relative error <= u."""
+    calls = []
+    hook = lambda m, i, out: calls.append(1) if torch.is_tensor(out) and out.dtype in UNIT_ROUNDOFF else None  # noqa: E731
+    leaves = [m for net in reward.networks() for m in net.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        reward(images[: reward.micro_batch], prompts[: reward.micro_batch], **({} if reward.names == ("vlm_yes",)
+               else {"impl": "ref"}))  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    return len(calls)
+
+
+def _score_error_bound(full, reward, images, prompts, u: float) -> float:
+    """First-order worst case of |score(low precision) - score(fp32)| from the unit roundoff u: n roundings on the
+    path (counted) give each embedding a relative error <= n·u (the ops assumed well conditioned), and the score's
+    own formula maps that to the score:
+      cosine of unit vectors: |Δcos| <= Δ|a|/|a| + Δ|b|/|b| <= n·u (n counts both towers);
+      clip_score = scale·cos; hps = cos; pickscore = e^s·cos with s = logit_scale itself rounded (relative u) and its
+        exp rounded once more: e^s·(n·u + |cos|·(|s| + 1)·u);
+      aesthetic: the LAION head is linear (no activations), head(x) = w·x + c in fp32 on the unit embedding:
+        ||w||·n·u;
+      vlm_yes: a logit l_i = w_i·h moves by <= ||w_i||·||h||·n·u (h: the last position's final hidden state, read
+        from the fp32 model); p_yes = sigmoid(lse_yes - lse_no) moves by <= 1/4 of its argument's change,
+        logit_diff = 100·sigmoid(l_Yes - l_No) by <= 25 times it."""
+    n = _low_precision_path_length(reward, images, prompts)
+    name = full.names[0]
+    if name == "aesthetic":
+        w = functools.reduce(
+            lambda acc, lin: acc @ lin.weight.double().T,
+            [m for m in full.head.layers if isinstance(m, torch.nn.Linear)],
+            torch.eye(full.head.layers[0].in_features).double(),
+        )
+        return float(w.norm()) * n * u
+    if name == "vlm_yes":
+        lm_head = full.model.get_output_embeddings()
+        seen = []
+        handle = lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0][:, -1].norm(dim=-1).max()))
+        try:
+            full(images, prompts)
+        finally:
+            handle.remove()
+        ids = full.yes_ids + full.no_ids
+        delta_logit = float(lm_head.weight[ids].norm(dim=-1).max()) * float(max(seen)) * n * u
+        return (25.0 if full.form == "logit_diff" else 0.25) * 2 * delta_logit
+    cos = full.cosine(preprocess_images(images, [full.input_spec], impl="ref")[0][0], prompts).abs().max()
+    if name == "pickscore":
+        s = float(full.model.logit_scale)
+        return math.exp(s) * (n * u + float(cos) * (abs(s) + 1) * u)
+    return getattr(full, "scale", 1.0) * n * u
+
+
+def test_low_precision_models_score_within_the_propagated_roundoff(clip_dir, vlm_dir, head_files):
+    """Every network reward loads in bf16 and in fp16 (`dtype=`), scores finite float32 values on the CPU, and stays
+    within the first-order propagation of the dtype's unit roundoff (`_score_error_bound`) of the fp32 model.
+
+    Measured on these tiny models (bound in brackets), bf16: clip_score / hps 7.6e-3 (0.18: 45 roundings x 2^-8),
+    pickscore 7.6e-2 (2.6), aesthetic 8.8e-5 (7.0e-3), vlm_yes p_yes 1.6e-4 (6.7e-2); fp16: 5.5e-4 (2.2e-2),
+    1.2e-2 (0.32), 6.4e-6 (8.8e-4), 2.0e-5 (8.4e-3). The bound holds with 20-400x to spare (it adds every rounding
+    up, where they mostly cancel), and fp16's errors sit below bf16's, as their roundoffs (2^-11 vs 2^-8) say.
+    The paper's logit_diff form in bf16 on the 504 px tiny VLM: test_reward_dtype_loads_the_weights_in_that_dtype."""
+    opts = ";micro_batch=5"  # the batch in one micro-batch, no padding rows
+    spec = (f"clip_score={clip_dir}{opts},pickscore={clip_dir}{opts},hps={clip_dir}{opts},aesthetic={clip_dir};head="
+            f"{head_files / 'head.pth'}{opts},vlm_yes={vlm_dir};form=p_yes{opts}")  # fmt: skip
     images = _images()
-    full, half = (load_reward_models(spec, dtype=d) for d in (torch.float32, "bf16"))
-    assert half[0].dtype == half[0].input_spec.dtype == half[2].dtype == torch.bfloat16
-    for a, b, atol in zip(full, half, (3e-2, 5e-3, 5e-3)):  # bf16 keeps ~3 digits; the cosine sums 16 products
-        (name,) = a.names
-        kw = {} if name == "vlm_yes" else {"impl": "ref"}
-        lo = b(images, VLM_PROMPTS, **kw)[name]
-        assert lo.dtype == torch.float32
-        torch.testing.assert_close(lo, a(images, VLM_PROMPTS, **kw)[name], atol=atol, rtol=0)
+    full = load_reward_models(spec, dtype="fp32")
+    kw = lambda m: {} if m.names[0] == "vlm_yes" else {"impl": "ref"}  # noqa: E731
+    reference = [m(images, VLM_PROMPTS, **kw(m))[m.names[0]] for m in full]
+    errors = {}
+    for low, u in UNIT_ROUNDOFF.items():
+        for a, hi, b in zip(full, reference, load_reward_models(spec, dtype=low), strict=True):
+            (name,) = a.names
+            assert {p.dtype for p in b.model.parameters()} == {low} and b.dtype == low, name
+            if name == "aesthetic":
+                assert {p.dtype for p in b.head.parameters()} == {torch.float32}  # the head stays fp32
+            if name != "vlm_yes":
+                assert b.input_spec.dtype == low
+            lo = b(images, VLM_PROMPTS, **kw(b))[name]
+            assert lo.dtype == torch.float32 and lo.device.type == "cpu" and torch.isfinite(lo).all(), name
+            errors[name, low] = float((lo - hi).abs().max())
+            bound = _score_error_bound(a, b, images, VLM_PROMPTS, u)
+            assert 0 < errors[name, low] <= bound, (name, low, errors[name, low], bound)  # > 0: it ran in `low`
+    for m in full:
+        assert errors[m.names[0], torch.float16] < errors[m.names[0], torch.bfloat16]
+
+
+def test_reward_device_option_and_errors(clip_dir, head_files, monkeypatch):
+    """`;device=` per entry and the `device` argument (--reward-device): the weights go there, the scores come back
+    on the CPU; a device this machine lacks is one FdfoError raised before any weights load."""
+    spec = f"clip_score={clip_dir};device=cpu,aesthetic={clip_dir};head={head_files / 'head.pth'}"
+    clip, aesthetic = load_reward_models(spec, device="cpu")
+    assert clip.device == aesthetic.device == torch.device("cpu")
+    assert {p.device.type for m in (clip, aesthetic) for net in m.networks() for p in net.parameters()} == {"cpu"}
+    assert clip(_images(), PROMPTS, impl="ref")["clip_score"].device.type == "cpu"
+    loads = []
+    monkeypatch.setattr(CLIPScoreReward, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    if not torch.cuda.is_available():
+        with pytest.raises(FdfoError, match="aesthetic: option device: cuda:0 requested but no CUDA device"):
+            load_reward_models(f"clip_score={clip_dir},aesthetic={clip_dir};device=cuda:0;head=x.pth")
+        with pytest.raises(FdfoError, match="reward models' device: cuda requested but no CUDA device"):
+            load_reward_models(f"clip_score={clip_dir}", device="cuda")
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(FdfoError, match=f"cuda:{n} requested but this machine has {n} CUDA device"):
+            load_reward_models(f"clip_score={clip_dir},hps={clip_dir};device=cuda:{n}")
+    with pytest.raises(FdfoError, match="hps: option device: 'gpu0' is not a device name"):
+        load_reward_models(f"clip_score={clip_dir},hps={clip_dir};device=gpu0")
+    assert loads == []  # no entry was loaded before the bad one was found
 
 
 def test_missing_transformers_is_a_clear_error(clip_dir, monkeypatch):

@@ -116,6 +116,12 @@ class FlowModel(torch.nn.Module, abc.ABC):
         """Write that export into `directory` (RunCheckpoint: save, save_best, snapshots)."""
         raise FdfoError(f"the {self.kind} model has no export beside its checkpoint")
 
+    def offloadable_modules(self) -> dict[str, torch.nn.Module]:
+        """The frozen networks the training passes never call (they serve sampling and evaluation only), by name:
+        what --offload-frozen may move off the training device for those passes (fdfo_fast.placement). None here
+        (the toy model is one small network)."""
+        return {}
+
     def lora_summary(self) -> dict:
         """The trained LoRA's rank, alpha and targets ({} = no LoRA)."""
         return {}

@@ -172,6 +172,14 @@ class DiffusersFlowModel(FlowModel):
         self.pipe.to(self.device)
         return self
 
+    def offloadable_modules(self) -> dict[str, nn.Module]:
+        """The pipeline's text encoders (their embeddings are cached on the CPU and the rollout keeps every
+        sample's conditioning) and the VAE (it decodes rollouts and evaluation images): the training passes call
+        neither."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        encoders = {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+        return {**encoders, "vae": self.vae}
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()  # frozen parts never switch to training behaviour (T5 dropout would make runs random)

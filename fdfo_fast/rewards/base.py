@@ -54,6 +54,9 @@ class Reward:
     wants_uint8: bool = False
     wants_seeds: bool = False
     wants_metadata: bool = False
+    # Where the part's networks are (None: it has none). A part with networks sets it and implements `to`, so that
+    # --offload-frozen can move it off the training GPU for the training passes (fdfo_fast.placement).
+    device: torch.device | None = None
 
     @property
     def score_block(self) -> int | None:
@@ -65,6 +68,10 @@ class Reward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Reward:
+        """Move the part's networks to `device` (its inputs follow them there); a part without any ignores it."""
+        return self
 
     @staticmethod
     def check_batch(images, prompts: list[str]) -> None:

@@ -80,10 +80,12 @@ def _choice(what: str, choices: dict) -> Callable[[str], object]:
 
 
 _BOOLEAN = _choice("boolean", {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False})
-# Options every network reward takes: micro-batch size and weight dtype (overriding load_reward_models' dtype).
+# Options every network reward takes: micro-batch size, weight dtype and device (overriding load_reward_models'
+# dtype and device for that model).
 _COMMON_OPTIONS: dict[str, tuple[str, Callable]] = {
     "micro_batch": ("micro_batch", int),
     "dtype": ("dtype", _choice("dtype", DTYPES)),
+    "device": ("device", str),
 }
 
 
@@ -151,6 +153,21 @@ def _freeze(model: nn.Module, device: torch.device | str) -> nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
+class _Placed:
+    """`to(device)` for a reward whose networks are `networks()`: they move, and `self.device` (where score() sends
+    its inputs) follows. Scores come back on the CPU wherever the networks are (score_in_micro_batches)."""
+
+    def networks(self) -> list[nn.Module]:
+        return [self.model]
+
+    def to(self, device: torch.device | str):
+        device = torch.device(device)
+        for net in self.networks():
+            net.to(device)
+        self.device = device
+        return self
+
+
 def load_clip(
     path_or_id: str | Path,
     what: str,
@@ -195,7 +212,7 @@ def load_clip(
 # ---------------------------------------------------------------------------------------------------------------
 # CLIP image-text similarity: CLIPScore, PickScore, HPSv2
 # ---------------------------------------------------------------------------------------------------------------
-class ClipSimilarityReward(ModelReward):
+class ClipSimilarityReward(_Placed, ModelReward):
     """cos(CLIP image embedding, CLIP text embedding) of each (image, prompt), mapped by `from_cosine`.
 
     Subclasses differ only in the term name, the default processor and the map; they share loading and scoring.
@@ -353,7 +370,7 @@ def load_aesthetic_head(path: str | Path, dim: int) -> AestheticHead:
     return head
 
 
-class AestheticReward(ModelReward):
+class AestheticReward(_Placed, ModelReward):
     """`aesthetic`: LAION aesthetic predictor v2 = MLP(L2-normalised CLIP image embedding); prompt-free.
 
     The published head expects CLIP ViT-L/14 (768-d); the head's input size follows the CLIP's projection size,
@@ -373,6 +390,9 @@ class AestheticReward(ModelReward):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.head = _freeze(head.float(), self.device)
+
+    def networks(self) -> list[nn.Module]:
+        return [self.model, self.head]
 
     @classmethod
     def from_pretrained(
@@ -418,7 +438,7 @@ def answer_token_ids(tokenizer, spellings: tuple[str, ...]) -> list[int]:
     return list(dict.fromkeys(i[0] for i in ids if i and i[0] != tokenizer.unk_token_id))
 
 
-class VLMYesNoReward(Reward):
+class VLMYesNoReward(_Placed, Reward):
     """`vlm_yes`: how strongly a vision-language model answers yes to `question.format(prompt=...)` about each image.
 
     Two forms (`form=`):
@@ -596,16 +616,34 @@ def load_reward_models(
 
         pickscore=yuvalkirstain/PickScore_v1
         clip_score=/m/clip;scale=2.5,aesthetic=/m/clip-l14;head=/m/sac+logos+ava1-l14-linearMSE.pth
-        vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=4;dtype=bf16;question=Is this "{prompt}"? Answer Yes or No.
+        vlm_yes=Qwen/Qwen2.5-VL-7B-Instruct;micro_batch=4;dtype=bf16;device=cuda:1;question=Is this "{prompt}"? ...
 
-    Terms: clip_score, pickscore, hps, aesthetic, vlm_yes. Options: micro_batch and dtype (all; dtype fp32 | bf16 |
-    fp16 overrides the `dtype` argument for that model), processor (CLIP terms and aesthetic: folder of the
+    Terms: clip_score, pickscore, hps, aesthetic, vlm_yes. Options: micro_batch, dtype and device (all; dtype fp32 |
+    bf16 | fp16 and device cpu | cuda | cuda:N override the `dtype` and `device` arguments for that model: its
+    inputs are moved there and its scores come back on the CPU), processor (CLIP terms and aesthetic: folder of the
     tokenizer and image processor), uint8 (CLIP terms and aesthetic: true = 8-bit PIL-style preprocessing, false =
     float; pickscore defaults to false, the others to true), scale (clip_score), head (aesthetic, required),
     question, form (logit_diff | p_yes) and size (vlm_yes). A value runs to the next `,name=` / `;name=`, so it may
-    hold commas and semicolons otherwise. "" gives [].
+    hold commas and semicolons otherwise. "" gives []. Every entry is parsed and every device checked before the
+    first model loads (`parse_reward_models`).
     """
-    models: list[Reward] = []
+    entries = parse_reward_models(spec)
+    if not entries:
+        return []
+    from fdfo_fast.placement import check_device
+
+    device = check_device(device, "reward models' device")
+    _as_dtype(dtype)
+    return [cls.from_pretrained(path, **{"device": device, "dtype": dtype, **kw}) for cls, path, kw in entries]
+
+
+def parse_reward_models(spec: str) -> list[tuple[type, str, dict]]:
+    """(class, path_or_id, from_pretrained keyword arguments) per entry of a `load_reward_models` string, options
+    converted and `;device=` checked against this machine; loads nothing (the trainer calls it before loading the
+    flow model, so a bad entry costs no minutes of loading)."""
+    from fdfo_fast.placement import check_device
+
+    entries: list[tuple[type, str, dict]] = []
     for entry in filter(None, (e.strip() for e in _ENTRY_SPLIT.split(spec or ""))):
         head, *options = _OPTION_SPLIT.split(entry)
         term, sep, path = (s.strip() for s in head.partition("="))
@@ -614,7 +652,7 @@ def load_reward_models(
         cls = HF_REWARD_CLASSES.get(term)
         if cls is None:
             raise FdfoError(f"unknown reward model term {term!r}; known: {', '.join(HF_REWARD_CLASSES)}")
-        if any(term in m.names for m in models):
+        if any(term in c.names for c, _, _ in entries):
             raise FdfoError(f"reward model term {term!r} is given twice")
         kwargs = {}
         for option in options:
@@ -626,8 +664,10 @@ def load_reward_models(
                 kwargs[name] = convert(value)
             except ValueError:
                 raise FdfoError(f"{term}: option {key}={value!r} is not a valid {convert.__name__}") from None
-        models.append(cls.from_pretrained(path, device=device, **{"dtype": dtype, **kwargs}))
-    return models
+        if "device" in kwargs:
+            kwargs["device"] = check_device(kwargs["device"], f"{term}: option device")
+        entries.append((cls, path, kwargs))
+    return entries
 
 
 __all__ = [
@@ -643,4 +683,5 @@ __all__ = [
     "load_aesthetic_head",
     "load_clip",
     "load_reward_models",
+    "parse_reward_models",
 ]
