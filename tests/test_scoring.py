@@ -5,10 +5,8 @@ import json
 import threading
 
 import pytest
+import test_hf_rewards
 import torch
-import transformers
-from test_hf_rewards import TINY as CLIP_TINY
-from test_hf_rewards import _clip_tokenizer, _tiny_image_processor
 
 from fdfo_fast.checkpoint import read_checkpoint
 from fdfo_fast.config import make_config
@@ -19,21 +17,21 @@ from fdfo_fast.scoring import ChunkScorer
 from fdfo_fast.train import train
 from fdfo_fast.world.grammar import prompt_sets
 
+clip_dir = test_hf_rewards.clip_dir  # the tiny CLIP folder fixture (module scope), shared
 TINY = dict(num_steps=3, eval_per_category=1, eval_num_steps=2, progress=False, log_with="none", eval_every=0)
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = _clip_tokenizer()
-    text = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id, **CLIP_TINY)
-    text.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg = transformers.CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **CLIP_TINY))
-    path = tmp_path_factory.mktemp("clip")
-    transformers.CLIPModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    _tiny_image_processor().save_pretrained(path)
-    return path
+def _score_in_chunks(reward, images, prompts, chunks, seeds=None, overlap=True) -> dict:
+    """The rows handed to a ChunkScorer `chunks[0]`, `chunks[1]`, ... at a time, as a rollout's chunks arrive."""
+    scorer = ChunkScorer(reward, prompts, seeds, overlap=overlap)
+    try:
+        lo = 0
+        for n in chunks:
+            scorer.add(images[lo : lo + n])
+            lo += n
+        return scorer.result()
+    finally:
+        scorer.close()
 
 
 class WholeBatch(Reward):
@@ -72,13 +70,7 @@ def test_overlapped_scores_equal_one_call_over_the_batch_bit_for_bit(clip_dir, c
     expected = reward(images, prompts, seeds=seeds)
     whole.calls.clear()
     for overlap in (True, False):
-        scorer = ChunkScorer(reward, prompts, seeds, overlap=overlap)
-        lo = 0
-        for n in chunks:
-            scorer.add(images[lo : lo + n])
-            lo += n
-        got = scorer.result()
-        scorer.close()
+        got = _score_in_chunks(reward, images, prompts, chunks, seeds, overlap)
         assert list(got) == list(expected)  # the same terms, in the same order
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
@@ -165,13 +157,7 @@ def test_remote_requests_cover_the_servers_micro_batches_so_overlap_stays_exact(
         assert torch.equal(direct["remote"], expected["reward"])
         assert torch.equal(direct["remote.clip_score"], expected["clip_score"])
         for chunks in ([5, 5, 2], [1] * 12):
-            scorer = ChunkScorer(reward, prompts, overlap=True)
-            lo = 0
-            for n in chunks:
-                scorer.add(images[lo : lo + n])
-                lo += n
-            got = scorer.result()
-            scorer.close()
+            got = _score_in_chunks(reward, images, prompts, chunks)
             assert all(torch.equal(got[k], direct[k]) for k in direct), chunks
     finally:
         server.close()
