@@ -13,7 +13,15 @@ import torch
 from fdfo_fast.algorithms import make_algorithm
 from fdfo_fast.algorithms.base import Algorithm, RunContext
 from fdfo_fast.backends import cuda_graphs_choice
-from fdfo_fast.config import HumanConfig, RewardConfig, TrainConfig, save_resolved, torch_dtype, tracker_names
+from fdfo_fast.config import (
+    HumanConfig,
+    RewardConfig,
+    TrainConfig,
+    reward_term_names,
+    save_resolved,
+    torch_dtype,
+    tracker_names,
+)  # fmt: skip
 from fdfo_fast.cuda_graph import CudaGraphSampler
 from fdfo_fast.distributed import DistEnv, check_ranks_agree, init_distributed
 from fdfo_fast.engine import make_engine
@@ -54,14 +62,14 @@ def make_reward(rc: RewardConfig, hc: HumanConfig, out: Path, seed: int, device:
     term asked for their terms, and the labelling page for the `human` term is started here. fdfo-reward-server
     builds its reward through this function too (fdfo_fast.reward_server.build_served_reward)."""
     models = []
+    reward_device = torch.device(rc.reward_device) if rc.reward_device else device
     if rc.reward_models:
         from fdfo_fast.rewards.hf_models import load_reward_models
 
-        models = load_reward_models(rc.reward_models, device=rc.reward_device or device, dtype=rc.reward_dtype)
+        models = load_reward_models(rc.reward_models, device=reward_device, dtype=rc.reward_dtype)
     if names_remote_term(rc.reward):  # its term names come from the servers' /info
         models.append(RemoteReward.from_config(rc))
-    wanted = [n for n, _ in parse_plugin_free_terms(rc.reward)]
-    models += load_reward_plugins(rc, wanted, models, torch.device(rc.reward_device) if rc.reward_device else device)
+    models += load_reward_plugins(rc, models, reward_device)
     if "human" in parse_weights(rc.reward, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}}):
         from fdfo_fast.human import HumanPreferenceReward
 
@@ -83,16 +91,12 @@ def make_reward(rc: RewardConfig, hc: HumanConfig, out: Path, seed: int, device:
     return CompositeReward(rc.reward, models=models)
 
 
-def parse_plugin_free_terms(spec: str) -> list[tuple[str, str]]:
-    """The (term, weight text) pairs of a --reward string, before any term is known (plugins define terms)."""
-    return [(p.partition(":")[0].strip(), p.partition(":")[2]) for p in spec.split(",") if p.strip()]
-
-
-def load_reward_plugins(rc: RewardConfig, wanted: list[str], models: list, device: torch.device) -> list:
-    """--reward-plugin's rewards, and installed entry-point plugins for the terms `wanted` that nothing else
-    defines (fdfo_fast.rewards.plugins)."""
+def load_reward_plugins(rc: RewardConfig, models: list, device: torch.device) -> list:
+    """--reward-plugin's rewards, and installed entry-point plugins for the terms of --reward that nothing else
+    (built-ins, `models`) defines (fdfo_fast.rewards.plugins)."""
     from fdfo_fast.rewards.plugins import load_plugins
 
+    wanted = reward_term_names(rc.reward)
     known = {"human", "remote", *REWARD_TERMS, *(n for m in models for n in m.names)}
     if not rc.reward_plugin and all(t in known for t in wanted):
         return []  # nothing to import: no entry-point scan for the common case

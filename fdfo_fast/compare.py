@@ -184,11 +184,11 @@ def build_reward(cfg: CompareConfig, run_cfg, kind: str, device: torch.device):
 
         models = load_reward_models(models_spec, device=device, dtype=dtype)
     plugins = cfg.reward_plugin or (run_cfg.rewards.reward_plugin if cfg.run else "")
-    from fdfo_fast.builder import load_reward_plugins, parse_plugin_free_terms
+    from fdfo_fast.builder import load_reward_plugins
     from fdfo_fast.config import RewardConfig
 
     rc = RewardConfig(reward=spec, reward_plugin=plugins, reward_dtype=dtype or "fp32")
-    models += load_reward_plugins(rc, [t for t, _ in parse_plugin_free_terms(spec)], models, device)
+    models += load_reward_plugins(rc, models, device)
     weights = parse_weights(spec, {"human": None, **REWARD_TERMS, **{n: m for m in models for n in m.names}})
     if "human" in weights:
         if cfg.reward:

@@ -43,6 +43,12 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DTYPE_NAMES = tuple(DTYPES)
 
 
+def reward_term_names(spec: str) -> list[str]:
+    """The term names of a --reward spec, 'alignment:1,quality:0.1' -> ['alignment', 'quality'], read before any
+    term is known (plugins and the remote term define theirs); fdfo_fast.rewards.parse_weights checks them."""
+    return [p.partition(":")[0].strip() for p in spec.split(",") if p.strip()]
+
+
 def torch_dtype(name: str):
     """--dtype bf16 | fp16 | fp32 -> the torch dtype (FdfoError on anything else)."""
     import torch
@@ -499,7 +505,7 @@ class TrainConfig:
             if not rw.reward_servers.strip():
                 bad("reward_servers", "is required when --reward names the remote term")
             parse_server_urls(rw.reward_servers)
-        human = any(p.split(":")[0].strip() == "human" for p in rw.reward.split(","))
+        human = "human" in reward_term_names(rw.reward)
         if human and algo != "fdfo":
             bad("reward", "uses 'human', which labels FDFO's pairs: it needs --algorithm fdfo")
         if human and hu.human_fraction < 1 and not hu.human_auto_label:
@@ -530,8 +536,7 @@ class TrainConfig:
             from fdfo_fast.rewards import TOY_WORLD_TERMS
 
             for name, spec in (("reward", rw.reward), ("human_auto_label", hu.human_auto_label)):
-                terms = [p.partition(":")[0].strip() for p in spec.split(",")]
-                toy_terms = [t for t in terms if t in TOY_WORLD_TERMS]
+                toy_terms = [t for t in reward_term_names(spec) if t in TOY_WORLD_TERMS]
                 if toy_terms:
                     bad(name, f"uses reward term {toy_terms[0]!r}, which scores the toy shapes world: "
                               f"--model {m.model} needs model rewards, e.g. 'pickscore:1' with "

@@ -85,7 +85,7 @@ def evaluate(
         scores = scorer.result()
     finally:
         scorer.close()
-    images = torch.cat(scorer.images)
+    (images,) = scorer.images  # every batch's images, joined once by `result`
     categories = ["prompts" if isinstance(p, str) else p.category for p, _ in items]
     return EvalResult(images, texts, categories, [s for _, s in items], scores)
 
@@ -179,7 +179,7 @@ class RunEvaluator:
             best = progress.best
             if score is not None and not math.isfinite(score):  # e.g. the remote term's servers were unavailable
                 _log.warning("held-out score at epoch %d is %s: not a candidate for the best checkpoint", epoch, score)
-            if score is not None and math.isfinite(score) and score > best["score"]:
+            elif score is not None and score > best["score"]:
                 best.update(score=score, epoch=epoch, since=0)
                 if ev.keep_best:
                     run.checkpoint.save_best(epoch, score, "geneval" if model.has_world_metric else "reward", summary)

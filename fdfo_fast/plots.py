@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fdfo_fast.checkpoint import _atomic_write
 from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args, replace_checked
+from fdfo_fast.config import reward_term_names
 from fdfo_fast.errors import FdfoError, cli_entry
 
 X_AXES = ("reward_queries", "wall_time", "epoch")
@@ -139,7 +140,7 @@ def _reward_terms(metrics_path: Path) -> tuple[str, ...] | None:
     jpeg_incompressibility, the toy world's GenEval accuracy)."""
     try:
         spec = json.loads((metrics_path.parent / "config.json").read_text(encoding="utf-8"))["reward"]
-        names = [part.partition(":")[0].strip() for part in spec.split(",")]  # parse_weights' format, names only
+        names = reward_term_names(spec)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return tuple(n for n in names if n)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, option, overrides_from_args, replace_checked
-from fdfo_fast.config import HumanConfig, RewardConfig, _rule_error
+from fdfo_fast.config import HumanConfig, RewardConfig, _rule_error, reward_term_names
 from fdfo_fast.errors import FdfoError, cli_entry
 from fdfo_fast.local_http import MAX_CONNECTIONS, BoundedServer, JsonHandler
 from fdfo_fast.rewards.remote import ENCODINGS, PROTOCOL, encode_scores, names_remote_term
@@ -322,7 +322,7 @@ def build_served_reward(rc: RewardConfig, device: str = "auto"):
         why = _rule_error(f.metadata, getattr(rc, f.name))
         if why:
             raise FdfoError(f"--{f.name.replace('_', '-')} {why}, got {getattr(rc, f.name)!r}")
-    if any(p.partition(":")[0].strip() == "human" for p in rc.reward.split(",")):
+    if "human" in reward_term_names(rc.reward):
         raise FdfoError("--reward human: nobody labels on a reward server; serve programmatic or model terms")
     if names_remote_term(rc.reward):
         raise FdfoError("--reward remote: a reward server scores itself; serve the terms the other server serves")

@@ -47,8 +47,7 @@ class ChunkScorer:
         max_pending: int = 2,
     ):
         self.reward, self.prompts, self.seeds = reward, list(prompts), seeds
-        self.images: list[torch.Tensor] = []  # the chunks received, in order
-        self.received = 0
+        self.images: list[torch.Tensor] = []  # the chunks received, in order (joined into one by `result`)
         # a plain callable (tests script rewards) has no parts to stream: it is scored after sampling
         self.streamed = [p for p in getattr(reward, "parts", ()) if p.score_block is not None]
         self.block = reward.score_block if self.streamed else 1
@@ -74,13 +73,13 @@ class ChunkScorer:
             event = torch.cuda.Event()
             event.record()
         self.images.append(images)
-        self.received += len(images)
         if self.overlap:
-            self._put((images, self.received, event))
+            self._put((images, event))
 
     def result(self, bar=None) -> dict[str, torch.Tensor]:
         """Every term and the weighted `reward` for all rows (waits for the worker; scores what is left)."""
         images = torch.cat(self.images) if len(self.images) != 1 else self.images[0]
+        self.images = [images]  # the caller may want them too (evaluation's grids): joined once
         if len(images) != len(self.prompts):
             raise RuntimeError(f"scored {len(images)} images for {len(self.prompts)} prompts")
         if not self.overlap:
@@ -136,7 +135,7 @@ class ChunkScorer:
                 item = self.queue.get()
                 last = item is _DONE
                 if not last:
-                    images, _, event = item
+                    images, event = item
                     if event is not None:
                         if self.stream is None:  # scoring kernels queue behind the decode, not behind sampling
                             self.stream = torch.cuda.Stream(images.device)

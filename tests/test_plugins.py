@@ -180,7 +180,7 @@ def test_an_installed_entry_point_plugin_is_found_by_its_term_name(tmp_path):
     (dist / "entry_points.txt").write_text("[fdfo_fast.rewards]\nbrightness = fake_plugin_pkg:make\n")
     code = (
         "import torch; from fdfo_fast.builder import load_reward_plugins; from fdfo_fast.config import RewardConfig\n"
-        "(p,) = load_reward_plugins(RewardConfig(reward='brightness:1'), ['brightness'], [], 'cpu')\n"
+        "(p,) = load_reward_plugins(RewardConfig(reward='brightness:1'), [], 'cpu')\n"
         "print(p.target, float(p(torch.ones(2, 3, 4, 4), ['a', 'b'])['brightness'][0]))\n"
     )
     env = {"PYTHONPATH": f"{site}:{REPO}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}

@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from fdfo_fast.config import reward_term_names
 from fdfo_fast.errors import FdfoError
 from fdfo_fast.rewards.base import Reward
 
@@ -55,8 +56,7 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 def names_remote_term(spec: str) -> bool:
     """Whether a --reward spec ('remote:1,quality:0.1') names the remote term or one of its `remote.*` terms."""
-    terms = [p.partition(":")[0].strip() for p in spec.split(",")]
-    return any(t == "remote" or t.startswith("remote.") for t in terms)
+    return any(t == "remote" or t.startswith("remote.") for t in reward_term_names(spec))
 
 
 def parse_server_urls(spec: str) -> list[tuple[str, int]]:
