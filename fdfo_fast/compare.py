@@ -38,6 +38,7 @@ import torch
 
 from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, option, overrides_from_args, replace_checked
 from fdfo_fast.errors import FdfoError, cli_entry
+from fdfo_fast.generate import SamplingOptions
 
 SEED_STREAM = 5  # derive_seed(seed, SEED_STREAM, prompt index, image index): apart from the training and eval streams
 RMS_SIZE = 64  # real models' images are area-downsampled to this before the RMS distance (as the run's diversity)
@@ -47,7 +48,7 @@ CAPTION_CHARS = 160
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(SamplingOptions):
     out: str = option("eval", "output folder (eval.json, eval.md, grid_000.png, …)")
     run: str = option("", "the trained model: a training run folder (its model, options and weights)")
     checkpoint: str = option("checkpoint.pt", "with --run: the state file to load (checkpoint.pt, or best.pt)")
@@ -72,13 +73,6 @@ class CompareConfig:
     diversity_model: str = option(
         "", "a local CLIP or DINOv2 folder: diversity as the image embeddings' cosine distance"
     )
-    num_steps: int = option(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
-    cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
-    shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
-    resolution: int = option(0, "sd3 / flux: pixels (0 = the run's, else 512)")
-    max_sequence_length: int = option(0, "sd3 / flux: T5 prompt tokens (0 = the run's, else 256 as in the pipelines)")
-    dtype: str = option("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
     batch: int = option(8, "images per model call (sampled, decoded and scored a batch at a time)")
     grid_prompts: int = option(8, "prompts (rows) per grid page")
     grid_images: int = option(4, "images per prompt and model shown in the grid")

@@ -28,7 +28,21 @@ from fdfo_fast.errors import FdfoError, cli_entry
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class SamplingOptions:
+    """How fdfo-generate and fdfo-eval sample: each option 0 / '' / -1 takes the run's value (or the model's
+    default without a run)."""
+
+    num_steps: int = option(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
+    cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
+    shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
+    resolution: int = option(0, "sd3 / flux: pixels (0 = the run's, else 512)")
+    max_sequence_length: int = option(0, "sd3 / flux: T5 prompt tokens (0 = the run's, else 256 as in the pipelines)")
+    dtype: str = option("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass(frozen=True)
+class GenerateConfig(SamplingOptions):
     out: str = option("generated", "output folder (PNG images, generated.json, latents.pt with --save-latents)")
     run: str = option("", "a training run folder: its model, options and latest weights (checkpoint.pt)")
     checkpoint: str = option("checkpoint.pt", "with --run: the state file to load (checkpoint.pt, or best.pt)")
@@ -40,13 +54,6 @@ class GenerateConfig:
     prompts: str = option("", "a text file with one prompt per line ('#' comments)")
     images_per_prompt: int = option(1, "images per prompt (seeds seed, seed + 1, …)")
     seed: int = option(0, "seed of the first image; image i uses seed + i")
-    num_steps: int = option(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
-    cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
-    shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
-    resolution: int = option(0, "sd3 / flux: pixels (0 = the run's, else 512)")
-    max_sequence_length: int = option(0, "sd3 / flux: T5 prompt tokens (0 = the run's, else 256 as in the pipelines)")
-    dtype: str = option("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
     latents: str = option("", "start noise: a torch.save'd tensor [N, C, H, W] (N = number of images)")
     save_latents: bool = option(False, "also write OUT/latents.pt (start noise and final latents)")
     batch: int = option(8, "images per model call")
