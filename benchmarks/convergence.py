@@ -25,7 +25,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PRESET = {"fdfo": "toy-fdfo", "flow_grpo": "toy-flow-grpo", "ddpo": "toy-ddpo"}
+PRESET = {
+    "fdfo": "toy-fdfo",
+    "fdfo_fast": "toy-fdfo-fast",  # FDFO with 3 of the 10 steps of each sample trained per epoch
+    "flow_grpo": "toy-flow-grpo",
+    "flow_grpo_fast": "toy-flow-grpo-fast",  # Flow-GRPO on a 2-step SDE window (Flow-GRPO-Fast)
+    "diffusion_nft": "toy-diffusion-nft",
+    "ddpo": "toy-ddpo",
+}
 FIELDS = (
     "method",
     "seed",

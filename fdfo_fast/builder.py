@@ -133,6 +133,7 @@ def make_context(
     algo = make_algorithm(cfg)
     torch.manual_seed(derive_seed(cfg.run.seed, 2))  # a LoRA init draws from the global generator: make it the run's
     params = model.setup_finetune(cfg.model)
+    algo.setup(params)
     reference = model.reference_model() if algo.needs_reference else None  # LoRA: the adapters off; else a copy
     ctx = RunContext(
         model=model,
@@ -201,6 +202,9 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
         setup.update()
         setup.describe("building the optimiser")
         engine = make_engine(model, params, cfg.optim, env)
+        if algo.needs_full_weights and engine.zero_stage == 3:
+            raise FdfoError(f"--algorithm {algo.name} keeps a copy of the trained weights on every rank: use ZeRO "
+                            "stage <= 2 or the plain optimiser (a LoRA run fits without ZeRO-3)")  # fmt: skip
         if cuda_graphs_choice(cfg.run.cuda_graph, device, cfg.run.impl_or_none, engine.zero_stage):
             ctx.runner = CudaGraphSampler()
         ctx.progress = bar

@@ -110,7 +110,7 @@ def _rule_error(meta: dict, value) -> str | None:
 class RunConfig:
     """What the run is: algorithm, folder, seed, length, training prompts, where and how it computes."""
 
-    algorithm: str = _f("fdfo", "fdfo | flow_grpo | ddpo", choices=_algorithm_names)
+    algorithm: str = _f("fdfo", "fdfo | flow_grpo | ddpo | diffusion_nft", choices=_algorithm_names)
     out: str = _f("runs/train", "run folder (config, metrics.jsonl, TensorBoard, grids, checkpoint.pt)")
     seed: int = _f(0, "all randomness derives from (seed, rank, epoch)")
     epochs: int = _f(60, "training epochs", ge=1)
@@ -311,10 +311,42 @@ class SDEPolicyConfig:
         "prompt text, std of the whole batch + 1e-4)",
         choices=("group", "global"),
     )
+    sde_window: int = _f(
+        0,
+        "Flow-GRPO/DDPO: SDE noise and training on a window of k consecutive steps only, ODE elsewhere "
+        "(Flow-GRPO-Fast, MixGRPO; 0 = SDE on every step)",
+        ge=0,
+    )
+    sde_window_range: int = _f(
+        0, "--sde-window: the window lies within steps 0 … range − 1 (0 = all T steps; range = k: a fixed window)", ge=0
+    )
+    sde_window_mode: str = _f(
+        "random",
+        "--sde-window: random (a uniform start within the range, drawn per epoch, as Flow-GRPO-Fast) | sliding "
+        "(moves one step later every --sde-window-every epochs and wraps, as MixGRPO)",
+        choices=("random", "sliding"),
+    )
+    sde_window_every: int = _f(25, "--sde-window-mode sliding: epochs per one-step move (MixGRPO: 25)", ge=1)
     stat_buffer: int = _f(16, "DDPO: per-prompt reward buffer size", ge=1)
     stat_min_count: int = _f(
         16, "DDPO: below this many rewards a prompt uses the batch's statistics (ddpo-pytorch: 16)", ge=0
     )
+
+
+@dataclass(frozen=True)
+class NFTConfig:
+    """DiffusionNFT (arXiv 2509.16117; docs/method.md §3b): forward-process training between implicit positive and
+    negative policies around a slowly updated sampling policy. Groups, advantage clip and trained-step fraction are
+    the `sde` section's --prompts-per-epoch, --group-size, --adv-clip and --train-timestep-fraction."""
+
+    nft_beta: float = _f(1.0, "DiffusionNFT: β of the implicit policies v± around the sampling policy", gt=0)
+    nft_kl_beta: float = _f(1e-4, "DiffusionNFT: weight of the velocity MSE to the frozen base model", ge=0)
+    old_decay_rate: float = _f(
+        1e-3, "DiffusionNFT: the sampling policy's soft-update decay grows by this per optimiser step", ge=0
+    )
+    old_decay_max: float = _f(0.5, "DiffusionNFT: the decay's ceiling (0 = the sampling policy is the trained one)",
+                              ge=0, lt=1)  # fmt: skip
+    old_decay_flat: int = _f(0, "DiffusionNFT: optimiser steps with decay 0 before it starts growing", ge=0)
 
 
 @dataclass(frozen=True)
@@ -410,6 +442,7 @@ SECTIONS = {
     "sampling": SamplingConfig,
     "fdfo": FDFOConfig,
     "sde": SDEPolicyConfig,
+    "nft": NFTConfig,
     "optim": OptimConfig,
     "eval": EvalConfig,
     "logging": LoggingConfig,
@@ -431,6 +464,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     fdfo: FDFOConfig = field(default_factory=FDFOConfig)
     sde: SDEPolicyConfig = field(default_factory=SDEPolicyConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -478,7 +512,7 @@ class TrainConfig:
                 why = _rule_error(f.metadata, v)
                 if why:
                     bad(f.name, why)
-        run, m, rw, hu, sm, fd, sde, opt, ev, lg = (getattr(self, s) for s in SECTIONS)
+        run, m, rw, hu, sm, fd, sde, nft, opt, ev, lg = (getattr(self, s) for s in SECTIONS)
         algo = run.algorithm
         if not run.out.strip():
             bad("out", "must name the run folder")
@@ -549,8 +583,22 @@ class TrainConfig:
             bad("lora_targets", "must name at least one module")
         if algo == "fdfo" and fd.churn == 0:
             bad("churn", "must be > 0 for fdfo (with γ = 0 both branches of a pair are identical)")
-        if sde.group_size < 2 and algo == "flow_grpo":
+        if sde.group_size < 2 and algo in ("flow_grpo", "diffusion_nft"):
             bad("group_size", "must be >= 2 for group-relative advantages")
+        if algo == "diffusion_nft" and sm.cfg_scale != 1.0:
+            bad("cfg_scale", "must be 1 for diffusion_nft (it samples and trains CFG-free, as its reference code)")
+        if sde.sde_window:
+            T = sm.num_steps
+            if algo not in ("flow_grpo", "ddpo"):
+                bad("sde_window", f"applies to flow_grpo / ddpo (not {algo})")
+            if sde.sde_window_range and not sde.sde_window <= sde.sde_window_range <= T:
+                bad("sde_window_range", f"must lie between --sde-window ({sde.sde_window}) and --num-steps ({T})")
+            if sde.sde_window > T:
+                bad("sde_window", f"must be <= --num-steps ({T})")
+            if sde.train_timestep_fraction != 1.0:
+                bad("train_timestep_fraction", "must be 1 with --sde-window (the window's steps are the trained ones)")
+        elif sde.sde_window_range:
+            bad("sde_window_range", "needs --sde-window k > 0")
         if sde.kl_beta and algo != "flow_grpo":
             bad("kl_beta", f"only applies to flow_grpo (not {algo})")
         if fd.velocity_penalty and algo != "fdfo":
@@ -623,6 +671,33 @@ PRESETS: dict[str, dict] = {
     # DDPO-IS: 16 prompt draws x 4 SDE samples, per-prompt running statistics (own statistics from 16 rewards, the
     # defaults = ddpo-pytorch's config/base.py buffer_size 16 / min_count 16), every step trained, no KL.
     "toy-ddpo": dict(algorithm="ddpo", epochs=150, lr=3e-5, prompts_per_epoch=16, group_size=4, num_steps=10),
+    # Flow-GRPO-Fast: the same, with SDE noise and training on a 2-step window drawn per epoch within the first 5
+    # steps, ODE elsewhere: 2 of the 10 steps trained (a fifth of the passes of all steps).
+    "toy-flow-grpo-fast": dict(
+        algorithm="flow_grpo",
+        epochs=150,
+        lr=1e-4,
+        prompts_per_epoch=8,
+        group_size=8,
+        num_steps=10,
+        grpo_std="global",
+        sde_window=2,
+        sde_window_range=5,
+    ),  # fmt: skip
+    # DiffusionNFT: 8 prompts x G = 8 deterministic ODE samples, CFG-free; ⌊0.99·10⌋ = 9 random steps of each
+    # sample trained on forward-noised points; β 1, the sampling policy's decay min(1e-3·n, 0.5) (the public code's
+    # GenEval / PickScore settings, config/nft.py); no EMA, as every toy preset. KL off: at the public 1e-4 it
+    # weighs ~4e-7 against a policy term of ~1.8 on the toy (measured), yet costs a base-model forward per item.
+    "toy-diffusion-nft": dict(
+        algorithm="diffusion_nft",
+        epochs=150,
+        lr=1e-4,
+        prompts_per_epoch=8,
+        group_size=8,
+        num_steps=10,
+        train_timestep_fraction=0.99,
+        nft_kl_beta=0.0,
+    ),  # fmt: skip
     # -- real models (need a GPU and the weights; docs/method.md §1.4 and §2) ---------------------------------------
     # FDFO on SD3.5-Medium as in the paper: 40 steps, bf16 with fp32 latent updates, CFG 1, reward
     # PickScore + 0.1·VLM, the VLM term in the paper's form 100·sigmoid(logit Yes − logit No) ∈ [0, 100];
@@ -672,6 +747,43 @@ PRESETS: dict[str, dict] = {
         micro_batch=8,
         epochs=1000,
         eval_every=50,
+        eval_num_steps=40,
+        save_every=10,
+    ),
+    # DiffusionNFT on SD3.5-Medium as its public PickScore recipe (NVlabs/DiffusionNFT config/nft.py `sd3_pickscore`
+    # on config/base.py; scripts/train_nft_sd3.py): 10 deterministic steps CFG-free for the rollouts, 40 for
+    # evaluation; 48 prompts x G = 24 per epoch in 1 optimiser step; ⌊0.99·10⌋ = 9 of the 10 σ per sample trained;
+    # β 1, KL 1e-4, advantages clipped to ±5 (mean per prompt, batch std); the sampling policy soft-updated with
+    # decay min(1e-3·n, 0.5); LoRA r 32 / α 64, lr 3e-4, EMA 0.9 every step, evaluated; T5 prompts of 128 tokens.
+    # Deliberate differences: bf16 weights (the reference: fp16 mixed precision), the Euler sampler (the reference
+    # uses a 2nd-order DPM solver; DiffusionNFT trains on forward-noised points, so any sampler is valid), and
+    # the sampling policy is a copy of the trained LoRA tensors rather than a second peft adapter (the same weights).
+    "sd35m-diffusion-nft": dict(
+        _REAL,
+        model="sd3",
+        model_path="stabilityai/stable-diffusion-3.5-medium",
+        algorithm="diffusion_nft",
+        num_steps=10,
+        cfg_scale=1.0,
+        prompts_per_epoch=48,
+        group_size=24,
+        opt_steps_per_epoch=1,
+        train_timestep_fraction=0.99,
+        timestep_selection="random",
+        adv_clip=5.0,
+        nft_beta=1.0,
+        nft_kl_beta=1e-4,
+        old_decay_rate=1e-3,
+        old_decay_max=0.5,
+        lr=3e-4,
+        ema_decay=0.9,
+        ema_every=1,
+        max_sequence_length=128,
+        **_PICKSCORE_REWARD,
+        sample_batch=16,
+        micro_batch=8,
+        epochs=1000,
+        eval_every=10,
         eval_num_steps=40,
         save_every=10,
     ),

@@ -32,7 +32,7 @@ class CudaGraphSampler:
         params = tuple((p.data_ptr(), tuple(p.shape)) for p in model.parameters())
         return (id(model), params, tuple(x1.shape), _layout(cond), _layout(uncond), sampler.kind,
                 tuple(sampler.sigmas.tolist()), float(sampler.cfg_scale), float(sampler.gamma),
-                float(sampler.noise_level), sampler.record, sampler.impl)  # fmt: skip
+                float(sampler.noise_level), sampler.record, sampler.impl, sampler.sde_window)  # fmt: skip
 
     def __call__(self, sampler: Sampler, model, x1: torch.Tensor, cond: dict, uncond: dict | None = None, seeds=None):
         if not x1.is_cuda:

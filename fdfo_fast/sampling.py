@@ -172,7 +172,8 @@ class Sampler:
     """One sampling configuration: the kind, its σ grid and settings; `run` walks a batch through it.
 
     kind="euler": deterministic ODE; "churn": FDFO's variance-preserving churn (`gamma` = γ), last step
-    deterministic; "sde": Flow-GRPO Euler–Maruyama (`noise_level` = a) with per-step Gaussian log-probs. With
+    deterministic; "sde": Flow-GRPO Euler–Maruyama (`noise_level` = a) with per-step Gaussian log-probs (only on
+    the steps of `sde_window` when given, Flow-GRPO-Fast / MixGRPO: the others are Euler steps, log-prob 0). With
     `record`, every step writes x_s and the CFG-combined velocity straight into the trajectory buffers. `impl`
     chooses the step's implementation (fdfo_fast.backends).
 
@@ -187,6 +188,7 @@ class Sampler:
     noise_level: float = 0.7  # SDE a
     record: bool = False
     impl: str | None = None
+    sde_window: tuple[int, int] | None = None  # SDE: noise on steps start … stop − 1 only, ODE elsewhere (None = all)
 
     def __post_init__(self):
         if self.kind not in SAMPLER_KINDS:
@@ -237,6 +239,8 @@ class Sampler:
                 # instead of exactly 1.
                 vels = v_c.new_empty((T, *x1.shape), dtype=torch.float32 if v_u is not None else v_c.dtype)
             mode = "euler" if kind == "euler" or (kind == "churn" and k == T - 1) else kind  # FDFO: last step γ = 0
+            if kind == "sde" and self.sde_window is not None and not self.sde_window[0] <= k < self.sde_window[1]:
+                mode = "euler"  # Flow-GRPO-Fast / MixGRPO: deterministic outside the window (log-prob 0 there)
             _, lp = step_op.sampler_step(
                 x,
                 v_c,
@@ -255,7 +259,7 @@ class Sampler:
                 impl=impl,
             )
             if kind == "sde":
-                lps.append(lp)
+                lps.append(lp if lp is not None else x.new_zeros(B))
         return Trajectory(
             sigmas=sigmas,
             x0=states[-1],

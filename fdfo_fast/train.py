@@ -125,6 +125,7 @@ def run_loop(run: Run) -> dict:
                         continue
                     losses.append(loss_val)
                     norms.append(norm)
+            algo.end_epoch(ctx, len(losses))  # DiffusionNFT: the sampling policy's soft update
             record["loss"] = sum(losses) / max(1, len(losses))
             record["grad_norm"] = sum(norms) / max(1, len(norms))
             record.update(summarise_loss_stats(algo.name, step_stats, env, len(rollout.items), epoch + 1))

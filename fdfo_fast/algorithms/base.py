@@ -206,6 +206,18 @@ def draw_step_items(
     return torch.stack([torch.arange(n_local).repeat_interleave(k), steps.flatten()], dim=1)
 
 
+def draw_groups(
+    ctx: RunContext, prompts_per_epoch: int, group_size: int, generator: torch.Generator
+) -> tuple[list[str], list[int]]:
+    """This rank's prompts, each repeated `group_size` times in group order, and one seed per sample; drawn for the
+    whole global batch with the shared generator and sharded (the batch does not depend on the number of ranks)."""
+    prompts, _ = ctx.draw_prompts(prompts_per_epoch, generator)
+    prompts = [p for p in prompts for _ in range(group_size)]
+    n_global = prompts_per_epoch * group_size
+    seeds = torch.randint(0, 2**62, (n_global,), generator=generator).tolist()
+    return prompts, seeds[ctx.env.shard(n_global)]
+
+
 def policy_velocity(
     model, rollout: Rollout, items: torch.Tensor, cfg_scale: float, detach_uncond: bool = False
 ) -> torch.Tensor:
@@ -247,8 +259,9 @@ class Algorithm:
     """
 
     name = "base"
-    config_section = ""  # the TrainConfig section the algorithm receives
+    config_section: str | tuple[str, ...] = ""  # the TrainConfig section(s) the algorithm receives
     rows_per_prompt = 1  # sampled rows per drawn prompt (FDFO: 2, the branches of a pair)
+    needs_full_weights = False  # True: keeps a copy of the trained tensors (refused under ZeRO-3 partitioning)
 
     def __init__(self, cfg):
         self.cfg = cfg  # the algorithm's own config section
@@ -257,6 +270,12 @@ class Algorithm:
     def needs_reference(self) -> bool:
         """True when the loss reads the frozen base model."""
         return False
+
+    def setup(self, params: list[torch.nn.Parameter]) -> None:
+        """Called once with the trainable parameters, before a checkpoint's state is loaded."""
+
+    def end_epoch(self, ctx: RunContext, optimizer_steps: int) -> None:
+        """Called after an epoch's optimiser steps (`optimizer_steps` of them were taken)."""
 
     # -- the rollout skeleton ------------------------------------------------------------------------------------
     def rollout(self, ctx: RunContext, epoch: int, generator: torch.Generator) -> Rollout:

@@ -11,11 +11,29 @@ from fdfo_fast.algorithms.base import (
     Rollout,
     RunContext,
     Samples,
+    draw_groups,
     draw_step_items,
     policy_velocity,
 )
 from fdfo_fast.kernels.sampler_step import gaussian_log_prob, largest_sigma_below_one, sde_mean, sde_std
 from fdfo_fast.sampling import Sampler, Trajectory, sample_sde
+
+
+def sde_window(cfg, T: int, epoch: int, generator: torch.Generator) -> tuple[int, int] | None:
+    """The steps [start, start + k) that get SDE noise and training this epoch (--sde-window k), None = all T.
+
+    Flow-GRPO-Fast (flow_grpo's fast trainer; docs/method.md §2) draws the window's start uniformly within the first
+    `sde_window_range` steps; MixGRPO (arXiv 2507.21802) slides it one step later every `sde_window_every` epochs,
+    wrapping around. A window of k steps costs k/T of the all-steps training passes."""
+    k = cfg.sde_window
+    if not k:
+        return None
+    starts = (cfg.sde_window_range or T) - k + 1
+    if cfg.sde_window_mode == "sliding":
+        start = (epoch // cfg.sde_window_every) % starts
+    else:  # drawn from the epoch's shared generator: the same window on every rank
+        start = int(torch.randint(starts, (1,), generator=generator))
+    return start, start + k
 
 
 def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip_range: float):
@@ -32,6 +50,7 @@ class SDEPolicyGradient(Algorithm):
 
     config_section = "sde"  # SDEPolicyConfig
     detach_uncond = False  # with CFG: no gradient through the unconditional pass (see FlowGRPO)
+    window: tuple[int, int] | None = None  # this epoch's SDE window (--sde-window), None = every step
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -40,18 +59,23 @@ class SDEPolicyGradient(Algorithm):
     def preview_group_size(self) -> int:
         return self.cfg.group_size  # the images of one drawn prompt
 
+    def rollout(self, ctx: RunContext, epoch: int, generator: torch.Generator) -> Rollout:
+        self.window = sde_window(self.cfg, len(ctx.sigmas) - 1, epoch, generator)
+        return super().rollout(ctx, epoch, generator)
+
     def draw(self, ctx: RunContext, generator: torch.Generator):
         """This rank's prompts (in group order) and per-sample seeds, drawn globally (rank-count invariant)."""
-        cfg = self.cfg
-        prompts, _ = ctx.draw_prompts(cfg.prompts_per_epoch, generator)
-        prompts = [p for p in prompts for _ in range(cfg.group_size)]
-        n_global = cfg.prompts_per_epoch * cfg.group_size
-        seeds = torch.randint(0, 2**62, (n_global,), generator=generator).tolist()
-        return prompts, seeds[ctx.env.shard(n_global)]
+        return draw_groups(ctx, self.cfg.prompts_per_epoch, self.cfg.group_size, generator)
 
     def sample(self, ctx: RunContext, cond: dict, uncond: dict | None, seeds: list[int]) -> Trajectory:
         sampler = Sampler(
-            "sde", ctx.sigmas, ctx.sampling.cfg_scale, noise_level=self.cfg.noise_level, record=True, impl=ctx.impl
+            "sde",
+            ctx.sigmas,
+            ctx.sampling.cfg_scale,
+            noise_level=self.cfg.noise_level,
+            record=True,
+            impl=ctx.impl,
+            sde_window=self.window,
         )
         return sample_sde(ctx.model, sampler, cond, uncond, seeds, ctx.shape, ctx.runner)
 
@@ -64,7 +88,12 @@ class SDEPolicyGradient(Algorithm):
         # Flow-GRPO's steps 0 … k − 1 (f = 0.99 of 10 steps drops the last one), "random" DDPO's per-sample subset.
         k_train = int(cfg.train_timestep_fraction * T)
         n_global = cfg.prompts_per_epoch * cfg.group_size
-        items = draw_step_items(B, T, k_train, cfg.timestep_selection, generator, ctx.env, n_global)
+        window, stats = self.window, {}
+        if window is None:
+            items = draw_step_items(B, T, k_train, cfg.timestep_selection, generator, ctx.env, n_global)
+        else:  # the window's steps, the only stochastic ones (outside it the policy is deterministic)
+            items = torch.cartesian_prod(torch.arange(B), torch.arange(*window))
+            stats[f"{self.name}/sde_window_start"] = float(window[0])
         return Rollout(
             prompts=samples.prompts,
             cond=samples.cond,
@@ -73,6 +102,7 @@ class SDEPolicyGradient(Algorithm):
             rewards=samples.rewards,
             advantages=adv,
             items=items,
+            stats=stats,
         )
 
     def step_log_probs(self, ctx: RunContext, rollout: Rollout, items: torch.Tensor, model=None):
