@@ -153,6 +153,9 @@ ENGINE_PY = "fdfo_fast/engine.py"
 STATE_PY = "fdfo_fast/run_state.py"
 ARCH = "tests/test_architecture.py"  # the seams of the issue-17 layout
 TRACK = "tests/test_tracking.py"
+NFT = "tests/test_diffusion_nft.py"
+WINDOW = "tests/test_sde_window.py"
+NFT_PY = "fdfo_fast/algorithms/diffusion_nft.py"
 
 # One mutation per paragraph reads better than one argument per line:
 # fmt: off
@@ -500,6 +503,51 @@ MUTATIONS: list[Mutation] = [
         "server-reads-oversized-body", "reward server: the size limit checked only after reading the body",
         "fdfo_fast/reward_server.py", "if int(length) > app.max_request_bytes:  # before reading a byte of the body",
         "if False:", ["tests/test_reward_server.py::test_an_oversized_body_is_413_before_it_is_read"], extra=True,
+    ),
+    # -- DiffusionNFT and the SDE window (issue 22) --------------------------------------------------------------
+    mutation(
+        "nft-r-swapped", "DiffusionNFT: r weights the negative policy and 1 − r the positive one",
+        NFT_PY, "policy = (r * positive + (1 - r) * negative) / beta * adv_clip",
+        "policy = ((1 - r) * positive + r * negative) / beta * adv_clip", [NFT], extra=True,
+    ),
+    mutation(
+        "nft-no-adaptive-weight", "DiffusionNFT: the adaptive 1/mean|x̂₀ − x₀| weight dropped",
+        NFT_PY, "return (err.pow(2) / w).mean(dims)", "return err.pow(2).mean(dims)", [NFT], extra=True,
+    ),
+    mutation(
+        "nft-negative-is-positive", "DiffusionNFT: the implicit negative policy built like the positive one",
+        NFT_PY, "negative = weighted_error((1 + beta) * v_old - beta * v_theta)",
+        "negative = weighted_error(beta * v_theta + (1 - beta) * v_old)", [NFT], extra=True,
+    ),
+    mutation(
+        "nft-samples-with-trained-weights", "DiffusionNFT: the rollout samples with θ instead of the sampling "
+        "policy θ_old", NFT_PY, "        with self.policy_old.swapped():\n            return super().rollout",
+        "        with contextlib.nullcontext():\n            return super().rollout", [NFT], extra=True,
+    ),
+    mutation(
+        "nft-soft-update-inverted", "DiffusionNFT: θ_old ← (1 − η)·θ_old + η·θ (the decay applied the wrong way)",
+        NFT_PY, "s.mul_(decay).add_(p.detach(), alpha=1 - decay)", "s.mul_(1 - decay).add_(p.detach(), alpha=decay)",
+        [NFT], extra=True,
+    ),
+    mutation(
+        "nft-policy-not-resumed", "DiffusionNFT: the sampling policy is not restored on --resume",
+        NFT_PY, '        self.policy_old.load_state_dict(state["sampling_policy"])\n', "",
+        [f"{TRAIN}::test_resume_matches_an_uninterrupted_run_exactly"], k="diffusion_nft", extra=True,
+    ),
+    mutation(
+        "window-one-step-too-long", "SDE window: noise also on the step after the window",
+        "fdfo_fast/sampling.py", "not self.sde_window[0] <= k < self.sde_window[1]",
+        "not self.sde_window[0] <= k <= self.sde_window[1]", [WINDOW], extra=True,
+    ),
+    mutation(
+        "window-trains-every-step", "SDE window: every step trained (the deterministic ones too)",
+        SDE_PY, "torch.cartesian_prod(torch.arange(B), torch.arange(*window))",
+        "torch.cartesian_prod(torch.arange(B), torch.arange(T))", [WINDOW], extra=True,
+    ),
+    mutation(
+        "window-sliding-no-wrap", "SDE window, sliding: the start never wraps around",
+        SDE_PY, "start = (epoch // cfg.sde_window_every) % starts", "start = epoch // cfg.sde_window_every",
+        [WINDOW], extra=True,
     ),
 ]
 # fmt: on

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fdfo_fast.algorithms.ddpo import DDPO, PerPromptStatTracker
+from fdfo_fast.algorithms.diffusion_nft import DiffusionNFT
 from fdfo_fast.algorithms.fdfo import FDFO, fd_direction
 from fdfo_fast.algorithms.flow_grpo import FlowGRPO, group_advantages, prompt_advantages
 from fdfo_fast.algorithms.sde_policy import clipped_policy_loss
@@ -373,7 +374,7 @@ def test_fdfo_rollout_pairs_and_rho_is_one_on_first_step():
 
 
 def test_algorithms_are_chosen_by_config():
-    for name, cls in (("fdfo", FDFO), ("flow_grpo", FlowGRPO), ("ddpo", DDPO)):
+    for name, cls in (("fdfo", FDFO), ("flow_grpo", FlowGRPO), ("ddpo", DDPO), ("diffusion_nft", DiffusionNFT)):
         _, algo, _ = _context(name)
         assert isinstance(algo, cls)
 

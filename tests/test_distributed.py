@@ -195,9 +195,10 @@ def test_deepspeed_zero3_two_ranks_match_one_process_and_resume(fdfo_single, tmp
     _assert_same_run(fdfo_single, out)
 
 
-@pytest.mark.parametrize("preset", ["toy-flow-grpo", "toy-ddpo"])
+@pytest.mark.parametrize("preset", ["toy-flow-grpo", "toy-ddpo", "toy-diffusion-nft", "toy-flow-grpo-fast"])
 def test_group_methods_two_ranks_match_one_process(preset, tmp_path):
-    """Group statistics (Flow-GRPO) and DDPO's per-prompt tracker see the all-gathered rewards of every rank."""
+    """Group statistics (Flow-GRPO, DiffusionNFT) and DDPO's per-prompt tracker see the all-gathered rewards of every
+    rank; DiffusionNFT's forward noise is keyed by sample and step, the SDE window drawn from the shared generator."""
     args = ("--preset", preset, "--prompts-per-epoch", "4", "--group-size", "2", "--epochs", "2")
     _single(tmp_path / "one", *args)
     _torchrun(tmp_path / "two", *args)

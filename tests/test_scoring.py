@@ -117,7 +117,7 @@ def test_an_error_on_the_scoring_thread_reaches_the_trainer_as_one_error():
     assert not scorer.worker.is_alive()
 
 
-@pytest.mark.parametrize("algorithm", ["fdfo", "flow_grpo", "ddpo"])
+@pytest.mark.parametrize("algorithm", ["fdfo", "flow_grpo", "ddpo", "diffusion_nft"])
 def test_a_training_run_is_identical_with_and_without_overlap(tmp_path, algorithm):
     runs = {}
     extra = dict(pairs_per_epoch=4) if algorithm == "fdfo" else dict(prompts_per_epoch=2, group_size=2)

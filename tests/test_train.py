@@ -34,6 +34,10 @@ TINY = dict(
 # exactly 0 at the sizes of tests/test_loop_guards.py's CFG runs).
 def _assert_first_steps_reproduce_sampling(records, algorithm):
     # An epoch whose first optimiser step has no item with nonzero weight (every pair tied) measures nothing.
+    if algorithm == "diffusion_nft":  # θ_old lags θ after the first epoch; at the start both are the base weights
+        first = next(r for r in records if r["kind"] == "train")
+        assert first["diffusion_nft/old_deviation_mean_per_step"][0] <= 1e-10
+        return
     devs = [r[FIRST_STEP_KEY[algorithm]] for r in records if r["kind"] == "train" and FIRST_STEP_KEY[algorithm] in r]
     assert devs and max(devs) <= 1e-5, devs
 
@@ -48,7 +52,7 @@ def _strip_time(records):
 
 def test_presets_resolve_and_bad_values_are_one_clear_error(tmp_path):
     for name in PRESETS:
-        assert make_config(name).run.algorithm in ("fdfo", "flow_grpo", "ddpo")
+        assert make_config(name).run.algorithm in ("fdfo", "flow_grpo", "ddpo", "diffusion_nft")
     with pytest.raises(FdfoError, match=r"--lr must be in \(0, 1\], got -1.0"):
         make_config("toy-fdfo", overrides={"lr": -1.0})
     with pytest.raises(FdfoError, match="unknown preset"):
@@ -99,7 +103,7 @@ def test_cli_dry_run_and_errors(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --churn must be >= 0, got -1.0"
 
 
-@pytest.mark.parametrize("algorithm", ["fdfo", "flow_grpo", "ddpo"])
+@pytest.mark.parametrize("algorithm", ["fdfo", "flow_grpo", "ddpo", "diffusion_nft"])
 def test_a_few_epochs_change_every_trainable_parameter(tmp_path, algorithm):
     cfg = make_config(
         overrides=dict(
@@ -127,7 +131,16 @@ def test_a_few_epochs_change_every_trainable_parameter(tmp_path, algorithm):
     assert (tmp_path / "grids" / "eval_00000.png").exists() and (tmp_path / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("algorithm, extra", [("fdfo", {}), ("ddpo", {}), ("flow_grpo", {"kl_beta": 0.1})])
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [
+        ("fdfo", {}),
+        ("ddpo", {}),
+        ("flow_grpo", {"kl_beta": 0.1}),
+        ("flow_grpo", {"sde_window": 2}),  # the window drawn per epoch from the shared generator
+        ("diffusion_nft", {"nft_kl_beta": 1e-2, "old_decay_rate": 0.1}),  # the sampling policy is checkpointed
+    ],
+)
 def test_resume_matches_an_uninterrupted_run_exactly(tmp_path, algorithm, extra):
     common = dict(algorithm=algorithm, eval_every=2, save_every=2, ema_decay=0.9, **extra, **TINY)
     train(make_config(overrides=dict(out=str(tmp_path / "full"), epochs=4, **common)))
