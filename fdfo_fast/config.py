@@ -644,6 +644,15 @@ _PAPER_FDFO = dict(
 # each trajectory, advantages normalised by the batch std with groups pooled by prompt text.
 _GRPO_REFERENCE = dict(train_timestep_fraction=0.99, timestep_selection="first", grpo_std="global")
 
+# What Flow-GRPO's and DiffusionNFT's published SD3.5-Medium PickScore recipes share (flow_grpo config/grpo.py
+# `pickscore_sd3`, NVlabs/DiffusionNFT config/nft.py `sd3_pickscore`): 48 prompts x G = 24 per epoch, 10 sampling
+# steps for training and 40 for evaluation, LoRA lr 3e-4, T5 prompts of 128 tokens; our batch sizes and cadence.
+_SD35M_GROUP_RECIPE = dict(
+    _REAL, model="sd3", model_path="stabilityai/stable-diffusion-3.5-medium", num_steps=10, prompts_per_epoch=48,
+    group_size=24, max_sequence_length=128, lr=3e-4, **_PICKSCORE_REWARD, sample_batch=16, micro_batch=8,
+    epochs=1000, eval_num_steps=40, save_every=10,
+)  # fmt: skip
+
 # Named presets: overrides on top of the dataclass defaults.
 PRESETS: dict[str, dict] = {
     # Toy presets: 64 reward queries per epoch for every method, 10 sampling steps, 150 epochs (9,600 queries);
@@ -725,30 +734,17 @@ PRESETS: dict[str, dict] = {
     # also warms its decay up as min((1 + n)/(10 + n), 0.9) and, being stepped once per training batch, moves twice
     # at each 8th step (flow_grpo/ema.py): here a plain 0.9 every 8th step; evaluation/checkpoint cadence is ours.
     "sd35m-flow-grpo": dict(
-        _REAL,
-        model="sd3",
-        model_path="stabilityai/stable-diffusion-3.5-medium",
+        _SD35M_GROUP_RECIPE,
         algorithm="flow_grpo",
-        num_steps=10,
-        prompts_per_epoch=48,
-        group_size=24,
         opt_steps_per_epoch=2,
         **_GRPO_REFERENCE,
         ema_decay=0.9,
         ema_every=8,
-        max_sequence_length=128,
         noise_level=0.7,
         clip_range=1e-4,
         kl_beta=0.01,
-        lr=3e-4,
         cfg_scale=4.5,
-        **_PICKSCORE_REWARD,
-        sample_batch=16,
-        micro_batch=8,
-        epochs=1000,
         eval_every=50,
-        eval_num_steps=40,
-        save_every=10,
     ),
     # DiffusionNFT on SD3.5-Medium as its public PickScore recipe (NVlabs/DiffusionNFT config/nft.py `sd3_pickscore`
     # on config/base.py; scripts/train_nft_sd3.py): 10 deterministic steps CFG-free for the rollouts, 40 for
@@ -759,14 +755,9 @@ PRESETS: dict[str, dict] = {
     # uses a 2nd-order DPM solver; DiffusionNFT trains on forward-noised points, so any sampler is valid), and
     # the sampling policy is a copy of the trained LoRA tensors rather than a second peft adapter (the same weights).
     "sd35m-diffusion-nft": dict(
-        _REAL,
-        model="sd3",
-        model_path="stabilityai/stable-diffusion-3.5-medium",
+        _SD35M_GROUP_RECIPE,
         algorithm="diffusion_nft",
-        num_steps=10,
         cfg_scale=1.0,
-        prompts_per_epoch=48,
-        group_size=24,
         opt_steps_per_epoch=1,
         train_timestep_fraction=0.99,
         timestep_selection="random",
@@ -775,17 +766,9 @@ PRESETS: dict[str, dict] = {
         nft_kl_beta=1e-4,
         old_decay_rate=1e-3,
         old_decay_max=0.5,
-        lr=3e-4,
         ema_decay=0.9,
         ema_every=1,
-        max_sequence_length=128,
-        **_PICKSCORE_REWARD,
-        sample_batch=16,
-        micro_batch=8,
-        epochs=1000,
         eval_every=10,
-        eval_num_steps=40,
-        save_every=10,
     ),
     # FDFO on FLUX.1-dev: the same recipe; guidance-distilled (flux_guidance 3.5, no CFG), 28 steps.
     "flux-fdfo": dict(

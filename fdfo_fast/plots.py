@@ -28,11 +28,10 @@ from pathlib import Path
 
 from fdfo_fast.checkpoint import _atomic_write
 from fdfo_fast.cli_args import ArgumentParser, add_dataclass_args, overrides_from_args, replace_checked
-from fdfo_fast.config import reward_term_names
+from fdfo_fast.config import _algorithm_names, reward_term_names
 from fdfo_fast.errors import FdfoError, cli_entry
 
 X_AXES = ("reward_queries", "wall_time", "epoch")
-ALGORITHMS = ("fdfo", "flow_grpo", "ddpo")
 
 # Panel titles of the quantities a person looks at first; a key not named here is titled by its key.
 TITLES = {
@@ -49,6 +48,9 @@ TITLES = {
     "flow_grpo/ratio_dev_mean": "Flow-GRPO mean |ratio − 1|",
     "ddpo/clipped_frac": "DDPO clip fraction",
     "ddpo/ratio_dev_mean": "DDPO mean |ratio − 1|",
+    "diffusion_nft/policy_loss_mean": "DiffusionNFT policy loss",
+    "diffusion_nft/old_deviation_mean": "DiffusionNFT mean (v_θ − v_old)² (distance to the sampling policy)",
+    "diffusion_nft/kl_mean": "DiffusionNFT velocity KL to the base",
 }
 # Shares and accuracies: drawn on [0, 1], so a constant 1.0 or a drift from 0.30 to 0.35 reads as what it is.
 FRACTIONS = ("*_frac", "eval/geneval*", "reward/geneval*", "fdfo/pairs_with_reward_gap")
@@ -192,7 +194,7 @@ def default_panels(runs: Sequence[RunMetrics]) -> list[str]:
             held_out += ["eval/reward", *(f"eval/{t}" for t in terms if several)]
     panels += [*held_out, "eval/diversity"]
     present = dict.fromkeys(k for run in runs for k in run.keys())
-    for algo in ALGORITHMS:
+    for algo in _algorithm_names():  # the registry's order: fdfo, flow_grpo, ddpo, diffusion_nft
         named = [k for k in TITLES if k.startswith(f"{algo}/")]
         quiet = lambda k: any(fnmatch.fnmatchcase(k, pat) for pat in QUIET_DIAGNOSTICS)  # noqa: E731
         panels += named + [k for k in present if k.startswith(f"{algo}/") and k not in named and not quiet(k)]
