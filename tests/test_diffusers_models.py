@@ -215,7 +215,7 @@ def _check_exported_lora(model, cls, path, folder, kind, tmp_path, require_effec
 @pytest.mark.parametrize(
     "kind, algorithm, extra",
     [("sd3", "fdfo", {"velocity_penalty": 0.1}), ("sd3", "flow_grpo", {"kl_beta": 0.01, "cfg_scale": 2.0}),
-     ("flux", "fdfo", {})],
+     ("flux", "fdfo", {}), ("sd3", "diffusion_nft", {"nft_kl_beta": 0.01, "old_decay_rate": 0.2})],
 )  # fmt: skip
 def test_lora_training_changes_only_lora_and_exports(kind, algorithm, extra, sd3_dir, flux_dir, tmp_path, monkeypatch):
     path = sd3_dir if kind == "sd3" else flux_dir
@@ -365,7 +365,7 @@ def test_bad_models_give_one_clear_error(sd3_dir, flux_dir, tmp_path, monkeypatc
         SD3FlowModel.from_pretrained(sd3_dir)
 
 
-@pytest.mark.parametrize("preset", ["sd35m-fdfo", "sd35m-flow-grpo", "flux-fdfo"])
+@pytest.mark.parametrize("preset", ["sd35m-fdfo", "sd35m-flow-grpo", "sd35m-diffusion-nft", "flux-fdfo"])
 def test_real_model_presets_resolve_and_their_reward_specs_parse(preset, capsys):
     """The presets validate as they are (a GPU user runs them unchanged); their reward-model strings parse, and
     offline the first hub id fails with one clear line instead of a traceback."""
