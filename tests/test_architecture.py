@@ -1,6 +1,6 @@
 """The refactor's seams, each against what it promises (README "Layout", the modules' docstrings):
 
-- config: ten sections, flat option names unique across them, presets round-trip through the flat dict and through
+- config: eleven sections, flat option names unique across them, presets round-trip through the flat dict and through
   the saved config.json / config.yaml, every field's own rule (choices, bounds) rejects its wrong side with one
   message built from the field's metadata, and `fdfo-train --help` lists every option once, grouped by section;
 - algorithms.base: LossStats.merge is the statistics of the union, draw_step_items' three selections (rank 1 of a
@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(LOOP_TINY, device="cpu", impl="ref")
 
 # The sections the README names, in its order.
-SECTION_NAMES = ["run", "model", "rewards", "human", "sampling", "fdfo", "sde", "optim", "eval", "logging"]
+SECTION_NAMES = ["run", "model", "rewards", "human", "sampling", "fdfo", "sde", "nft", "optim", "eval", "logging"]
 
 
 def _tiny(out, **kw):
@@ -81,7 +81,7 @@ def _all_fields():
 # ---------------------------------------------------------------------------------------------------------------
 # 1. config
 # ---------------------------------------------------------------------------------------------------------------
-def test_config_has_the_ten_sections_and_option_names_unique_across_them():
+def test_config_has_the_eleven_sections_and_option_names_unique_across_them():
     assert list(SECTIONS) == SECTION_NAMES
     assert [f.name for f in dataclasses.fields(TrainConfig)] == SECTION_NAMES
     assert [f.default_factory for f in dataclasses.fields(TrainConfig)] == list(SECTIONS.values())
