@@ -179,10 +179,8 @@ class DiffusionNFT(Algorithm):
         )  # fmt: skip
         i, k = items[:, 0], items[:, 1]
         sigma = ctx.sigmas.to(x0.device)[k].float()
-        eps = torch.cat(
-            [NoiseStream([derive_seed(samples.seeds[a], 3, b)], x0.device).randn(tuple(x0.shape[1:]))
-             for a, b in items.tolist()]
-        ) if len(items) else x0[:0]  # fmt: skip
+        keys = [derive_seed(samples.seeds[a], 3, b) for a, b in items.tolist()]  # one generator per item
+        eps = NoiseStream(keys, x0.device).randn(tuple(x0.shape[1:])) if keys else x0[:0]
         s = sigma.view(-1, *[1] * (x0.ndim - 1))
         x_t = (1 - s) * x0[i] + s * eps
         # v_old (this epoch's sampling policy, swapped in) and v_base are fixed during the epoch: predicted once here
