@@ -152,7 +152,7 @@ def make_size(name: str, device: str, steps: int | None = None, pairs: int | Non
         if device != "cuda":
             raise FdfoError("--size full needs CUDA (2.2 B + 4.8 B + 1 B parameters); --size tiny runs on a CPU")
         size = Size("full", sd35m_shape.SD35M_CONFIG, CLIP_L, CLIP_G, T5_XXL, SD35_VAE, PICKSCORE_TEXT,
-                    PICKSCORE_VISION, 1024, cfg.model.resolution, cfg.model.max_sequence_length,
+                    PICKSCORE_VISION, 1024, cfg.model.resolution, (cfg.model.max_sequence_length or 256),
                     cfg.sampling.num_steps, cfg.sampling.sample_batch // 2, cfg.optim.micro_batch, 16,
                     torch.bfloat16)  # fmt: skip
     else:

@@ -178,7 +178,7 @@ def counts() -> dict:
     """Parameter counts of every component, the presets' LoRA adapters (rank and targets from the preset) and what
     each preset holds on its training GPU (dtypes from the preset)."""
     from fdfo_fast.config import PRESETS, ModelConfig, OptimConfig
-    from fdfo_fast.models.diffusers_flow import DEFAULT_LORA_TARGETS
+    from fdfo_fast.models import MODEL_KINDS
 
     components = build_components()
     comp = {m: {c: count_parameters(mod) for c, mod in parts.items()} for m, parts in components.items()}
@@ -186,7 +186,7 @@ def counts() -> dict:
     for preset in PRESETS_SHOWN:
         p = PRESETS[preset]
         model = "SD3.5-Medium" if p["model"] == "sd3" else "FLUX.1-dev"
-        modules, params = lora_parameters(components[model]["transformer"], DEFAULT_LORA_TARGETS[p["model"]],
+        modules, params = lora_parameters(components[model]["transformer"], MODEL_KINDS[p["model"]].lora_recipe_targets,
                                           p["lora_rank"])  # fmt: skip
         dtype = p.get("dtype", ModelConfig().dtype)
         parts = comp[model]

@@ -364,8 +364,10 @@ def compare(cfg: CompareConfig) -> dict:
     seeds = compare_seeds(cfg.seed, len(prompts), n)
     steps = cfg.num_steps or (run_cfg.eval.eval_num_steps if cfg.run else 20 if kind == "toy" else 40)
     w = run_cfg.sampling.cfg_scale
-    if kind == "flux" and w != 1.0:
-        raise FdfoError("--cfg-scale: FLUX is guidance-distilled (no CFG); its guidance is the run's flux_guidance")
+    from fdfo_fast.models.base import MODEL_KINDS
+
+    if MODEL_KINDS[kind].guidance_distilled and w != 1.0:
+        raise FdfoError(f"--cfg-scale: {kind} is guidance-distilled (no CFG); its guidance is the run's flux_guidance")
     settings = {"num_steps": steps, "cfg_scale": w, "shift": run_cfg.sampling.shift, "impl": run_cfg.run.impl_or_none}
     embedder = ImageEmbedder(cfg.diversity_model, device) if cfg.diversity_model else None
     reward = build_reward(cfg, run_cfg, kind, device)

@@ -153,11 +153,15 @@ class ModelConfig:
     model: str = _f("toy", "toy | sd3 | flux", choices=_model_kinds)
     base_checkpoint: str = _f("", "base model checkpoint ('' = the shipped toy base model)")
     model_path: str = _f("", "sd3 / flux: a local diffusers pipeline folder or a hub id")
-    resolution: int = _f(512, "sd3 / flux: image resolution (pixels)", ge=1)
+    resolution: int = _f(512, "real models: image height = width in pixels (with --width: the height)", ge=1)
+    width: int = _f(0, "real models: image width in pixels (0 = --resolution, square)", ge=0)
+    num_frames: int = _f(0, "video models: frames per sample, 4k + 1 (0 = the model's default)", ge=0)
     dtype: str = _f(
         "bf16", "sd3 / flux: weight dtype bf16 | fp16 | fp32 (the sampler state is always fp32)", choices=DTYPE_NAMES
     )
-    max_sequence_length: int = _f(256, "sd3 / flux: T5 prompt tokens", ge=1)
+    max_sequence_length: int = _f(
+        0, "real models: prompt tokens of the text encoder (0 = the pipeline's default: sd3 256, flux 512, ...)", ge=0
+    )
     flux_guidance: float = _f(3.5, "flux: the distilled guidance scale fed to the model (FLUX has no CFG)")
     attention: str = _f(
         "auto",
@@ -527,8 +531,11 @@ class TrainConfig:
             bad("model_path", f"is required for --model {m.model} (a local pipeline folder or a hub id)")
         if m.model == "toy" and m.model_path:
             bad("model_path", "applies to --model sd3 / flux; the toy model loads --base-checkpoint")
-        if m.model == "flux" and sm.cfg_scale != 1.0:
-            bad("cfg_scale", "must be 1 for flux (guidance-distilled: set --flux-guidance instead)")
+        from fdfo_fast.models.base import MODEL_KINDS
+
+        family = MODEL_KINDS[m.model]
+        if family.guidance_distilled and sm.cfg_scale != 1.0:
+            bad("cfg_scale", f"must be 1 for {m.model} (guidance-distilled: set --flux-guidance instead)")
         if not (run.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", run.device)):
             bad("device", "must be auto, cpu, cuda or cuda:N")
         if opt.ds_config and not Path(opt.ds_config).is_file():

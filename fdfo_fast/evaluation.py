@@ -77,7 +77,7 @@ def evaluate(
             for i in range(0, len(items), batch_size):
                 chunk = texts[i : i + batch_size]
                 cond = model.encode_prompts(chunk)
-                uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
+                uncond = model.encode_negative(len(chunk)) if cfg_scale != 1.0 else None
                 seeds = [s for _, s in items[i : i + batch_size]]
                 traj = sample_euler(model, sampler, cond, uncond, seeds, shape)
                 scorer.add(model.decode(traj.x0).float().clamp(-1, 1).cpu())
@@ -112,7 +112,7 @@ def sample_diversity(
     texts = [p for p in prompts for _ in range(samples)]
     seeds = [derive_seed(seed, 3, j, i) for j in range(len(prompts)) for i in range(samples)]
     cond = model.encode_prompts(texts)
-    uncond = model.encode_prompts([""] * len(texts)) if cfg_scale != 1.0 else None
+    uncond = model.encode_negative(len(texts)) if cfg_scale != 1.0 else None
     sampler = Sampler("euler", model.sigma_schedule(num_steps, shift or None), cfg_scale=cfg_scale, impl=impl)
     x0 = sample_euler(model, sampler, cond, uncond, seeds, model.latent_shape).x0
     images = model.decode(x0).float().clamp(-1, 1)

@@ -36,7 +36,7 @@ class SamplingOptions:
     cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
     shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
     resolution: int = option(0, "sd3 / flux: pixels (0 = the run's, else 512)")
-    max_sequence_length: int = option(0, "sd3 / flux: T5 prompt tokens (0 = the run's, else 256 as in the pipelines)")
+    max_sequence_length: int = option(0, "real models: prompt tokens (0 = the run's, else the pipeline's default)")
     dtype: str = option("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
@@ -74,8 +74,6 @@ def _run_config(cfg: GenerateConfig):
         flat = {k: v for k, v in base.items() if k in OPTION_SECTION}
     else:
         flat = {"model": cfg.model or "toy", "base_checkpoint": cfg.base_checkpoint}
-        if cfg.model == "flux":  # FluxPipeline's default T5 length (the dataclass default, 256, is SD3's)
-            flat["max_sequence_length"] = 512
     for name, value, unset in (
         ("model_path", cfg.model_path, ""),
         ("resolution", cfg.resolution, 0),
@@ -88,14 +86,16 @@ def _run_config(cfg: GenerateConfig):
             flat[name] = value
     run_cfg = TrainConfig.from_flat(flat)
     m, sm = run_cfg.model, run_cfg.sampling
-    if m.model not in ("toy", "sd3", "flux"):
-        raise FdfoError(f"--model must be toy, sd3 or flux, got {m.model!r}")
+    from fdfo_fast.models.base import MODEL_KINDS
+
+    if m.model not in MODEL_KINDS:
+        raise FdfoError(f"--model must be one of {', '.join(MODEL_KINDS)}, got {m.model!r}")
     if m.model != "toy" and not m.model_path:
         raise FdfoError(f"--model {m.model} needs --model-path (a diffusers pipeline folder or a hub id)")
     if m.dtype not in DTYPE_NAMES:
         raise FdfoError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {m.dtype!r}")
-    if m.resolution < 1 or m.max_sequence_length < 1 or sm.shift < 0 or not sm.cfg_scale > 0:
-        raise FdfoError("--resolution and --max-sequence-length must be >= 1, --shift >= 0, --cfg-scale > 0")
+    if m.resolution < 1 or m.max_sequence_length < 0 or sm.shift < 0 or not sm.cfg_scale > 0:
+        raise FdfoError("--resolution must be >= 1, --max-sequence-length >= 0, --shift >= 0, --cfg-scale > 0")
     return run_cfg
 
 
@@ -156,8 +156,9 @@ def generate(cfg: GenerateConfig) -> dict:
     model, run_cfg = load_generator_model(cfg, device)
     steps = cfg.num_steps or (run_cfg.eval.eval_num_steps if cfg.run else 20 if model.kind == "toy" else 40)
     w = run_cfg.sampling.cfg_scale
-    if model.kind == "flux" and w != 1.0:
-        raise FdfoError("--cfg-scale: FLUX is guidance-distilled (no CFG); its guidance is the run's flux_guidance")
+    if model.guidance_distilled and w != 1.0:
+        raise FdfoError(f"--cfg-scale: {model.kind} is guidance-distilled (no CFG); its guidance is the run's "
+                        "flux_guidance")  # fmt: skip
     seeds = [cfg.seed + i for i in range(len(prompts))]
     shape = tuple(model.latent_shape)
     if cfg.latents:
@@ -179,7 +180,7 @@ def generate(cfg: GenerateConfig) -> dict:
     for lo in range(0, len(prompts), cfg.batch):
         hi = min(lo + cfg.batch, len(prompts))
         cond = model.encode_prompts(prompts[lo:hi])
-        uncond = model.encode_prompts([""] * (hi - lo)) if w != 1.0 else None
+        uncond = model.encode_negative(hi - lo) if w != 1.0 else None
         traj = sampler.run(model, x1[lo:hi].to(device), cond, uncond)
         x0[lo:hi] = traj.x0.cpu()
         images.append(model.decode(traj.x0).float().clamp(-1, 1).cpu())

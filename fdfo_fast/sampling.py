@@ -97,14 +97,29 @@ def cond_cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+def combine_guidance(model, v_c: torch.Tensor, v_u: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
+    """The guided velocity in fp32: v_c without guidance, else the model's own combine (`FlowModel.combine_guidance`:
+    v_u + w·(v_c − v_u) unless its pipeline does otherwise, e.g. Qwen-Image's norm-preserving CFG); a bare callable
+    (tests' analytic velocities) gets the linear one."""
+    if v_u is None:
+        return v_c.float()
+    own = getattr(model, "combine_guidance", None)
+    if own is not None:
+        return own(v_c, v_u, cfg_scale)
+    return v_u.float() + cfg_scale * (v_c.float() - v_u.float())
+
+
+def fuses_linear_guidance(model) -> bool:
+    """Whether the sampler step may fuse CFG as v_u + w·(v_c − v_u) (else the model's combine runs first)."""
+    return getattr(model, "linear_guidance", True)
+
+
 def guided_velocity(
     model, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict | None, cfg_scale: float
 ) -> torch.Tensor:
-    """v = v_u + w·(v_c − v_u) in fp32 (the training-side combine; sampling fuses it into the step kernel)."""
-    v_c, v_u = model_velocities(model, x, sigma, cond, uncond, cfg_scale)
-    if v_u is None:
-        return v_c.float()
-    return v_u.float() + cfg_scale * (v_c.float() - v_u.float())
+    """The guided velocity in fp32 from one batched call (the training side; sampling fuses a linear combine into
+    the step kernel)."""
+    return combine_guidance(model, *model_velocities(model, x, sigma, cond, uncond, cfg_scale), cfg_scale)
 
 
 def model_velocities(
@@ -130,7 +145,7 @@ class Trajectory:
     """
 
     sigmas: torch.Tensor  # [T + 1]
-    x0: torch.Tensor  # [B, C, H, W] fp32
+    x0: torch.Tensor  # [B, *latent_shape] fp32 ([B, C, H, W], video [B, C, F, H, W])
     states: torch.Tensor | None = None  # [T, B, C, H, W] fp32
     velocities: torch.Tensor | None = None  # [T, B, C, H, W]
     log_probs: torch.Tensor | None = None  # [T, B] (SDE)
@@ -196,7 +211,7 @@ class Sampler:
 
     @torch.no_grad()
     def run(self, model, x1: torch.Tensor, cond: dict, uncond: dict | None = None, seeds=None) -> Trajectory:
-        """Walk σ from 1 to 0 starting at x1 [B, C, H, W]; every state update is one fused `sampler_step` call.
+        """Walk σ from 1 to 0 starting at x1 [B, *latent_shape]; every state update is one fused `sampler_step` call.
 
         `seeds` (int64 [B]; needed by churn and SDE) key each sample's Philox noise: stream 0 is FDFO's start
         churn, stream k + 1 the noise of step k, identical on the reference and Triton paths.
@@ -232,11 +247,13 @@ class Sampler:
             t, s = sig[k], sig[k + 1]
             x = states[k if self.record else 0]
             v_c, v_u = model_velocities(model, x, torch.full((B,), t, device=x.device), cond, uncond, self.cfg_scale)
+            if v_u is not None and not fuses_linear_guidance(model):
+                v_c, v_u = combine_guidance(model, v_c, v_u, self.cfg_scale), None  # fp32, so recorded in fp32
             if self.record and vels is None:
                 # The stored velocity is what training recomputes. Without CFG that is the model's output itself
                 # (kept in its dtype); with CFG it is the fp32 combine v_u + w·(v_c − v_u), so it is kept in fp32:
                 # rounding it to a bf16 model's dtype would make the first step's ρ (or PPO ratio) 1 ± 5e-4
-                # instead of exactly 1.
+                # instead of exactly 1. (A model's own combine is fp32 already.)
                 vels = v_c.new_empty((T, *x1.shape), dtype=torch.float32 if v_u is not None else v_c.dtype)
             mode = "euler" if kind == "euler" or (kind == "churn" and k == T - 1) else kind  # FDFO: last step γ = 0
             if kind == "sde" and self.sde_window is not None and not self.sde_window[0] <= k < self.sde_window[1]:

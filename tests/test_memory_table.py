@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_table  # noqa: E402
 
 from fdfo_fast.config import ModelConfig  # noqa: E402
-from fdfo_fast.models.diffusers_flow import DEFAULT_LORA_TARGETS, SD3FlowModel  # noqa: E402
+from fdfo_fast.models.diffusers_flow import SD3FlowModel  # noqa: E402
 
 
 def test_meta_counts_and_lora_count_match_the_loaded_model_and_peft(sd3_dir):
@@ -35,7 +35,7 @@ def test_meta_counts_and_lora_count_match_the_loaded_model_and_peft(sd3_dir):
         assert all(p.is_meta for p in meta.parameters())
     with torch.device("meta"):
         meta_transformer = type(model.transformer).from_config(model.transformer.config)
-    modules, lora = memory_table.lora_parameters(meta_transformer, DEFAULT_LORA_TARGETS["sd3"], rank=4)
+    modules, lora = memory_table.lora_parameters(meta_transformer, SD3FlowModel.lora_recipe_targets, rank=4)
     before = sum(p.numel() for p in model.transformer.parameters())
     model.setup_finetune(ModelConfig(model="sd3", finetune="lora", lora_rank=4, lora_alpha=8.0))
     added = {n: p for n, p in model.transformer.named_parameters() if "lora_" in n}

@@ -229,7 +229,7 @@ def test_diffusers_models_behind_the_interface(sd3_dir, monkeypatch):
     pytest.importorskip("peft")
     from peft import LoraConfig
 
-    from fdfo_fast.models.diffusers_flow import DEFAULT_LORA_TARGETS, SD3FlowModel
+    from fdfo_fast.models.diffusers_flow import SD3FlowModel
 
     mc = SimpleNamespace(model="sd3", model_path=sd3_dir, resolution=32, dtype="fp32", max_sequence_length=16,
                          finetune="lora", lora_rank=4, lora_alpha=8.0, lora_targets="auto",
@@ -254,7 +254,7 @@ def test_diffusers_models_behind_the_interface(sd3_dir, monkeypatch):
     peft_own = load_model(mc).transformer
     torch.manual_seed(5)
     peft_own.add_adapter(LoraConfig(r=4, lora_alpha=8.0, init_lora_weights="gaussian",
-                                    target_modules=list(DEFAULT_LORA_TARGETS["sd3"])))  # fmt: skip
+                                    target_modules=list(SD3FlowModel.lora_recipe_targets)))  # fmt: skip
     ours = {n: p for n, p in model.transformer.named_parameters() if "lora_" in n}
     theirs = {n: p for n, p in peft_own.named_parameters() if "lora_" in n}
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)

@@ -14,7 +14,7 @@ from fdfo_fast.distributed import DistEnv
 from fdfo_fast.models.base import FlowModel
 from fdfo_fast.rewards import CompositeReward
 from fdfo_fast.rewards.base import SCORED_ROWS
-from fdfo_fast.sampling import Trajectory, cond_map, guided_velocity, model_velocities
+from fdfo_fast.sampling import Trajectory, combine_guidance, cond_map, guided_velocity, model_velocities
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class RunContext:
     def encode(self, prompts: list[str]) -> tuple[dict, dict | None]:
         """Text conditioning (frozen text encoder) and the empty-prompt conditioning when CFG is on."""
         cond = self.model.encode_prompts(prompts)
-        uncond = self.model.encode_prompts([""] * len(prompts)) if self.sampling.cfg_scale != 1.0 else None
+        uncond = self.model.encode_negative(len(prompts)) if self.sampling.cfg_scale != 1.0 else None
         return cond, uncond
 
     @torch.no_grad()
@@ -227,16 +227,13 @@ def policy_velocity(
     v = sg(v_u) + w·(v_c − sg(v_u)); the value is the same bit for bit, only the backward differs.
     """
     i, k = items[:, 0], items[:, 1]
-    x = rollout.traj.states[k, i]  # [N, C, H, W]
+    x = rollout.traj.states[k, i]  # [N, *latent_shape]
     sigma = rollout.traj.sigmas.to(x.device)[k]  # [N]
     cond, uncond = rollout.select_cond(i)
     if not detach_uncond:
         return guided_velocity(model, x, sigma, cond, uncond, cfg_scale)
     v_c, v_u = model_velocities(model, x, sigma, cond, uncond, cfg_scale)
-    if v_u is None:
-        return v_c.float()
-    v_u = v_u.detach()
-    return v_u.float() + cfg_scale * (v_c.float() - v_u.float())  # guided_velocity's combine, same op order
+    return combine_guidance(model, v_c, None if v_u is None else v_u.detach(), cfg_scale)  # guided_velocity's combine
 
 
 @dataclass

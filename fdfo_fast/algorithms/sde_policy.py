@@ -112,11 +112,12 @@ class SDEPolicyGradient(Algorithm):
         sig = traj.sigmas.tolist()
         T = len(sig) - 1
         sigma_max = largest_sigma_below_one(traj.sigmas)
-        t = traj.sigmas[k].view(-1, 1, 1, 1).double()
-        s = traj.sigmas[k + 1].view(-1, 1, 1, 1).double()
-        g = torch.tensor([sde_std(sig[j], self.cfg.noise_level, sigma_max) for j in range(T)], dtype=torch.float64)
-        g = g[k].view(-1, 1, 1, 1)
         x, x_next = traj.states[k, i], traj.next_state(k, i)
+        per_item = (-1, *[1] * (x.ndim - 1))  # [N, 1, 1, 1] (images) or [N, 1, 1, 1, 1] (video latents)
+        t = traj.sigmas[k].view(per_item).double()
+        s = traj.sigmas[k + 1].view(per_item).double()
+        g = torch.tensor([sde_std(sig[j], self.cfg.noise_level, sigma_max) for j in range(T)], dtype=torch.float64)
+        g = g[k].view(per_item)
         t, s, g = t.to(x.device), s.to(x.device), g.to(x.device)  # the schedule lives on the CPU
         std = (g * (t - s).sqrt()).float()  # [N, 1, 1, 1]: g·√(−dt)
         v = policy_velocity(

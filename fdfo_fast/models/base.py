@@ -45,9 +45,20 @@ class FlowModel(torch.nn.Module, abc.ABC):
     base_checkpoint, dtype, resolution, max_sequence_length, flux_guidance; finetune, lora_rank, lora_alpha,
     lora_targets, gradient_checkpointing."""
 
-    kind: ClassVar[str]  # "toy" | "sd3" | "flux": the --model name
+    kind: ClassVar[str]  # the --model name (MODEL_KINDS)
     has_world_metric: ClassVar[bool] = False  # the shapes world's GenEval-style accuracy applies (the toy model)
-    latent_shape: tuple[int, int, int]  # one sample as the samplers walk it
+    # What differs between model families, read by the config, the samplers and the CLIs (never the model's type):
+    guidance_distilled: ClassVar[bool] = False  # guidance is a model input (FLUX): --cfg-scale must be 1
+    negative_prompt: ClassVar[str] = ""  # the prompt of classifier-free guidance's unconditional branch
+    linear_guidance: ClassVar[bool] = True  # CFG is v_u + w·(v_c − v_u) (fused into the sampler step), else its own
+    pipeline_max_sequence_length: ClassVar[int] = 256  # the text length the model's pipeline defaults to
+    lora_recipe_targets: ClassVar[tuple[str, ...]] = ()  # --lora-targets auto: the community recipe's modules
+    latent_shape: tuple[int, ...]  # one sample as the samplers walk it: [C, H, W], or [C, F, H, W] for video
+
+    @property
+    def is_video(self) -> bool:
+        """Samples have a time axis ([C, F, H, W] latents; `decode` returns [B, 3, F, H, W] videos)."""
+        return len(self.latent_shape) == 4
 
     @classmethod
     @abc.abstractmethod
@@ -64,7 +75,17 @@ class FlowModel(torch.nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Final samples -> images in [-1, 1]."""
+        """Final samples -> images [B, 3, H, W] (videos [B, 3, F, H, W]) in [-1, 1]."""
+
+    def encode_negative(self, n: int) -> dict:
+        """The unconditional branch of classifier-free guidance for `n` samples: the model's negative prompt."""
+        return self.encode_prompts([self.negative_prompt] * n)
+
+    def combine_guidance(self, v_c: torch.Tensor, v_u: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Classifier-free guidance in fp32: v_u + w·(v_c − v_u) (Ho & Salimans, arXiv:2207.12598). A model whose
+        pipeline combines differently sets `linear_guidance = False` and overrides this (the samplers then call it
+        instead of fusing the linear combine into the step kernel)."""
+        return v_u.float() + cfg_scale * (v_c.float() - v_u.float())
 
     @abc.abstractmethod
     def sigma_schedule(self, num_steps: int, shift: float | None = None) -> torch.Tensor:

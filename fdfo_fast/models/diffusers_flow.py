@@ -32,17 +32,14 @@ from fdfo_fast.errors import FdfoError
 from fdfo_fast.models.base import FlowModel
 
 _log = logging.getLogger("fdfo_fast")
-# The recipes' LoRA target_modules per model (peft matches each as a module-name suffix), from Flow-GRPO's
-# scripts/train_sd3.py and scripts/train_flux.py. SD3: the joint attention's projections `attn.*` only, so SD3.5's
-# second image self-attention `attn2` (MMDiT-X blocks) stays frozen; FLUX: the same plus both MLPs of the double blocks.
+# The recipes' LoRA target_modules (peft matches each as a module-name suffix; each model class names its list in
+# `lora_recipe_targets`), from Flow-GRPO's scripts/train_sd3.py and scripts/train_flux.py. SD3: the joint attention's
+# projections `attn.*` only, so SD3.5's second image self-attention `attn2` (MMDiT-X blocks) stays frozen; FLUX: the
+# same plus both MLPs of the double blocks.
 _ATTN_LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 )  # fmt: skip
-DEFAULT_LORA_TARGETS = {
-    "sd3": _ATTN_LORA_TARGETS,
-    "flux": _ATTN_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
-}
 
 
 def parse_lora_targets(spec: str) -> tuple[str, ...]:
@@ -114,9 +111,12 @@ class DiffusersFlowModel(FlowModel):
     """What SD3 and FLUX share: the embedding cache, VAE decode, fine-tuning setup, reference view, LoRA export."""
 
     kind = "diffusers"
-    pipeline_class = ""
+    pipeline_class = ""  # the diffusers pipeline class the model folder holds
+    display_name = "diffusers"  # the family's name in messages
 
-    def __init__(self, pipe, resolution: int, max_sequence_length: int, path: str = "", transformer=None):
+    def __init__(
+        self, pipe, resolution: int, max_sequence_length: int, path: str = "", transformer=None, width: int = 0
+    ):
         super().__init__()
         self.transformer = pipe.transformer if transformer is None else transformer
         self.vae = pipe.vae
@@ -128,23 +128,45 @@ class DiffusersFlowModel(FlowModel):
             if m is not None:
                 m.requires_grad_(False).eval()
         self.vae.requires_grad_(False).eval()
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if resolution % (2 * self.vae_scale):
-            raise FdfoError(f"resolution {resolution} must be a multiple of {2 * self.vae_scale} for this VAE")
         self.resolution = resolution
+        self.width = width or resolution
         self.max_sequence_length = max_sequence_length
         self.path = path
-        self.latent_channels = int(self.vae.config.latent_channels)
-        self.latent_shape = (self.latent_channels, resolution // self.vae_scale, resolution // self.vae_scale)
+        self.latent_shape = self._latent_shape(resolution, self.width)
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
         self._lora = False
 
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (a 2-D AutoencoderKL: 2 ** (levels − 1))."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """One sample's latent shape for height × width pixels ([C, H/s, W/s]); both must fill whole 2×2 patches
+        of latent cells (the transformers' patch size)."""
+        cell = 2 * self.vae_scale
+        for name, px in (("resolution", height), ("width", width)):
+            if px % cell:
+                raise FdfoError(f"{name} {px} must be a multiple of {cell} for this VAE")
+        return (int(self.vae.config.latent_channels), height // self.vae_scale, width // self.vae_scale)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: torch.dtype = torch.bfloat16, resolution: int = 512, max_sequence_length: int = 0,
+        width: int = 0, **options,
+    ) -> DiffusersFlowModel:  # fmt: skip
+        """The model over `<pipeline_class>.from_pretrained(path)`; max_sequence_length 0 = the pipeline's default,
+        `options` what the family's __init__ takes besides (FLUX's guidance, a video model's frames)."""
+        pipe = _load_pipeline(cls.pipeline_class, path, dtype, f"{cls.display_name} model")
+        length = max_sequence_length or cls.pipeline_max_sequence_length
+        return cls(pipe, resolution, length, path, width=width, **options)
+
     @classmethod
     def load(cls, mc) -> DiffusersFlowModel:
-        """`from_pretrained` with the config's path, dtype, resolution and T5 length (and what `_load_options` adds)."""
+        """`from_pretrained` with the config's path, dtype, size and text length (and what `_load_options` adds)."""
         return cls.from_pretrained(
             mc.model_path, dtype=torch_dtype(mc.dtype), resolution=mc.resolution,
-            max_sequence_length=mc.max_sequence_length, **cls._load_options(mc),
+            max_sequence_length=mc.max_sequence_length, width=getattr(mc, "width", 0), **cls._load_options(mc),
         )  # fmt: skip
 
     @classmethod
@@ -186,7 +208,8 @@ class DiffusersFlowModel(FlowModel):
         return self
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "resolution": self.resolution, "lora": self.lora}
+        return {"kind": self.kind, "path": self.path, "resolution": self.resolution, "width": self.width,
+                "lora": self.lora}  # fmt: skip
 
     # -- conditioning ------------------------------------------------------------------------------------
     def _encode_uncached(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -242,7 +265,7 @@ class DiffusersFlowModel(FlowModel):
         """Freeze what is not trained; return the trainable parameters (LoRA factors, or the whole transformer).
 
         mc.finetune full | lora; mc.lora_rank, mc.lora_alpha; mc.lora_targets: comma-separated peft target_modules
-        (module-name suffixes), "auto" = this model's recipe list (DEFAULT_LORA_TARGETS). Targets that match no
+        (module-name suffixes), "auto" = this model's recipe list (`lora_recipe_targets`). Targets that match no
         module are dropped with a warning; none matching is an error. mc.gradient_checkpointing."""
         mode = mc.finetune
         self.requires_grad_(False)
@@ -259,7 +282,7 @@ class DiffusersFlowModel(FlowModel):
             else:
                 lora_targets = parse_lora_targets(mc.lora_targets)
                 if lora_targets == ("auto",):
-                    lora_targets = DEFAULT_LORA_TARGETS.get(self.kind, _ATTN_LORA_TARGETS)
+                    lora_targets = self.lora_recipe_targets
                 targets = _matching_lora_targets(self.transformer, lora_targets)
                 config = LoraConfig(
                     r=mc.lora_rank, lora_alpha=mc.lora_alpha, init_lora_weights="gaussian", target_modules=targets
@@ -388,7 +411,7 @@ class DiffusersFlowModel(FlowModel):
 
             targets = parse_lora_targets(mc.lora_targets)
             if targets == ("auto",):
-                targets = DEFAULT_LORA_TARGETS.get(self.kind, _ATTN_LORA_TARGETS)
+                targets = self.lora_recipe_targets
             config = LoraConfig(target_modules=list(targets))
             from peft.tuners.lora import LoraLayer
 
@@ -456,7 +479,8 @@ class DiffusersFlowModel(FlowModel):
             self.transformer.enable_adapters()
 
     def _init_kwargs(self) -> dict:
-        return {"resolution": self.resolution, "max_sequence_length": self.max_sequence_length, "path": self.path}
+        return {"resolution": self.resolution, "max_sequence_length": self.max_sequence_length, "path": self.path,
+                "width": self.width}  # fmt: skip
 
     def reference_model(self) -> FlowModel:
         """The frozen base model: LoRA -> this model with adapters off (no copy); full -> a frozen copy of the
@@ -556,6 +580,16 @@ class _AdaptersOff(FlowModel):
     def encode_prompts(self, prompts):
         return self._model[0].encode_prompts(prompts)
 
+    def encode_negative(self, n: int):
+        return self._model[0].encode_negative(n)
+
+    @property
+    def linear_guidance(self) -> bool:
+        return self._model[0].linear_guidance
+
+    def combine_guidance(self, v_c, v_u, cfg_scale):
+        return self._model[0].combine_guidance(v_c, v_u, cfg_scale)
+
     def decode(self, x0):
         return self._model[0].decode(x0)
 
@@ -592,13 +626,9 @@ class SD3FlowModel(DiffusersFlowModel):
 
     kind = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str, dtype: torch.dtype = torch.bfloat16, resolution: int = 512, max_sequence_length: int = 256
-    ):
-        pipe = _load_pipeline(cls.pipeline_class, path, dtype, "SD3 model")
-        return cls(pipe, resolution, max_sequence_length, path)
+    display_name = "SD3"
+    pipeline_max_sequence_length = 256
+    lora_recipe_targets = _ATTN_LORA_TARGETS
 
     def _encode_uncached(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -653,25 +683,24 @@ class FluxFlowModel(DiffusersFlowModel):
 
     kind = "flux"
     pipeline_class = "FluxPipeline"
+    display_name = "FLUX"
+    guidance_distilled = True
+    pipeline_max_sequence_length = 512
+    lora_recipe_targets = _ATTN_LORA_TARGETS + (
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    )
 
-    def __init__(self, pipe, resolution, max_sequence_length, path="", transformer=None, guidance: float = 3.5):
-        super().__init__(pipe, resolution, max_sequence_length, path, transformer)
+    def __init__(
+        self, pipe, resolution, max_sequence_length, path="", transformer=None, width: int = 0, guidance: float = 3.5
+    ):
+        super().__init__(pipe, resolution, max_sequence_length, path, transformer, width)
         self.guidance = guidance
 
     def _init_kwargs(self) -> dict:
         return {**super()._init_kwargs(), "guidance": self.guidance}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        dtype: torch.dtype = torch.bfloat16,
-        resolution: int = 512,
-        max_sequence_length: int = 512,
-        guidance: float = 3.5,
-    ):
-        pipe = _load_pipeline(cls.pipeline_class, path, dtype, "FLUX model")
-        return cls(pipe, resolution, max_sequence_length, path, guidance=guidance)
 
     @classmethod
     def _load_options(cls, mc) -> dict:
