@@ -100,7 +100,8 @@ def resolve_shape(ctx) -> Shape:
     if scale == "full":
         res = ctx.args.sd35m_resolution
         resolutions = (res,) + ((cfg.model.resolution,) if cfg.model.resolution != res else ())
-        return Shape("full", SD35M_CONFIG, resolutions, 77 + (cfg.model.max_sequence_length or 256), torch.bfloat16 if cuda
+        t5 = cfg.model.max_sequence_length or 256  # 0 = the pipeline's default
+        return Shape("full", SD35M_CONFIG, resolutions, 77 + t5, torch.bfloat16 if cuda
                      else torch.float32, ctx.args.sd35m_steps, 1, cfg.sampling.sample_batch // 2,
                      cfg.optim.micro_batch)  # fmt: skip
     return Shape("tiny", TINY_CONFIG, (8 * TINY_CONFIG["sample_size"],), 32, torch.bfloat16 if cuda else torch.float32,
