@@ -52,13 +52,13 @@ class CompareConfig(SamplingOptions):
     out: str = option("eval", "output folder (eval.json, eval.md, grid_000.png, …)")
     run: str = option("", "the trained model: a training run folder (its model, options and weights)")
     checkpoint: str = option("checkpoint.pt", "with --run: the state file to load (checkpoint.pt, or best.pt)")
-    lora: str = option("", "the trained model: a diffusers LoRA folder on top of --model sd3|flux --model-path")
-    base: str = option("", "the base model ('' = the run's base): toy a checkpoint file, sd3 / flux a pipeline folder")
-    model: str = option("", "toy | sd3 | flux ('' = the run's)")
-    model_path: str = option("", "sd3 / flux: the diffusers pipeline folder (or hub id) the LoRA / run sits on")
+    lora: str = option("", "the trained model: a diffusers LoRA folder on a diffusers --model and its --model-path")
+    base: str = option("", "the base model ('' = the run's base): toy a checkpoint file, else a pipeline folder")
+    model: str = option("", "toy | sd3 | flux | flux2 | qwen_image | wan ('' = the run's)")
+    model_path: str = option("", "diffusers models: the diffusers pipeline folder (or hub id) the LoRA / run sits on")
     prompt: tuple[str, ...] = option((), "one or more prompts (instead of --prompts)")
     prompts: str = option(
-        "auto", "auto (the run's eval prompts: 'heldout' for toy, 'geneval-coco:test' for sd3 / flux) | 'heldout' | "
+        "auto", "auto (the run's eval prompts: 'heldout' for toy, 'geneval-coco:test' for the others) | 'heldout' | "
         "'geneval-coco:test' | a prompt file",
     )  # fmt: skip
     per_category: int = option(4, "with 'heldout' or a named set: prompts per category")
@@ -86,9 +86,9 @@ def trained_generate_config(cfg: CompareConfig):
     from fdfo_fast.generate import GenerateConfig
 
     if not cfg.run and not cfg.lora:
-        raise FdfoError("give the trained model: --run RUN (a training run folder) or --lora DIR with --model sd3|flux")
+        raise FdfoError("give the trained model: --run RUN (a training run folder) or --lora DIR (a diffusers model's)")
     if cfg.run and cfg.lora:
-        raise FdfoError("give either --run RUN or --lora DIR (on --model sd3|flux --model-path), not both")
+        raise FdfoError("give either --run RUN or --lora DIR (on a diffusers --model and its --model-path), not both")
     if cfg.run and not Path(cfg.run).is_dir():
         raise FdfoError(f"--run {cfg.run} does not exist (expected a training run folder)")
     if cfg.lora and not Path(cfg.lora).is_dir():
@@ -104,7 +104,7 @@ def trained_generate_config(cfg: CompareConfig):
 
 def base_model_config(cfg: CompareConfig, run_cfg):
     """The base model's ModelConfig: the trained model's own (resolution, dtype, T5 length, FLUX guidance), with
-    --base as its checkpoint (toy) or pipeline (sd3 / flux)."""
+    --base as its checkpoint (toy) or pipeline (diffusers models)."""
     mc = run_cfg.model
     if not cfg.base:
         return mc
@@ -354,7 +354,7 @@ def compare(cfg: CompareConfig) -> dict:
     if kind == "toy" and not cfg.run:
         raise FdfoError("the toy model's trained weights come from a run: give --run RUN")
     if cfg.lora and kind == "toy":
-        raise FdfoError("--lora applies to sd3 / flux models (the toy model has no LoRA)")
+        raise FdfoError("--lora applies to the diffusers models (the toy model has no LoRA)")
     base_mc = base_model_config(cfg, run_cfg)
     prompts = compare_prompts(cfg, run_cfg, kind)
     if kind == "toy":
@@ -366,6 +366,9 @@ def compare(cfg: CompareConfig) -> dict:
     w = run_cfg.sampling.cfg_scale
     from fdfo_fast.models.base import MODEL_KINDS
 
+    if MODEL_KINDS[kind].makes_videos:  # its diversity embedder and pages are per image; training evaluates videos
+        raise FdfoError(f"fdfo-eval compares image models; --model {kind} makes videos (the training run's held-out "
+                        "evaluation scores them, and fdfo-generate writes them)")  # fmt: skip
     if MODEL_KINDS[kind].guidance_distilled and w != 1.0:
         raise FdfoError(f"--cfg-scale: {kind} is guidance-distilled (no CFG); its guidance is the run's flux_guidance")
     settings = {"num_steps": steps, "cfg_scale": w, "shift": run_cfg.sampling.shift, "impl": run_cfg.run.impl_or_none}

@@ -116,7 +116,7 @@ class RunConfig:
     epochs: int = _f(60, "training epochs", ge=1)
     prompts: str = _f(
         "auto",
-        "auto ('train' for the toy model, 'geneval-coco:train' for sd3 / flux) | 'train' (the shapes world's training "
+        "auto ('train' for the toy model, 'geneval-coco:train' for the others) | 'train' (the shapes world's training "
         "split) | 'geneval-coco:train' / 'geneval-coco:test' (GenEval-style COCO prompts) | a prompt file (one per "
         'line, or .jsonl with a "prompt" field)',
     )
@@ -129,7 +129,7 @@ class RunConfig:
     save_every: int = _f(10, "checkpoint every N epochs (and at the end)", ge=1)
     keep_last: int = _f(
         0,
-        "sd3 / flux: also keep the exported LoRA (or transformer) of the last N saves under "
+        "diffusers models: also keep the exported LoRA (or transformer) of the last N saves under "
         "RUN/lora_snapshots/epoch_NNNNN (transformer_snapshots/ for --finetune full); 0 = only the latest (RUN/lora)",
         ge=0,
     )
@@ -150,26 +150,28 @@ class RunConfig:
 class ModelConfig:
     """The flow model: the toy model, or SD3 / FLUX through diffusers, and what of it is trained."""
 
-    model: str = _f("toy", "toy | sd3 | flux", choices=_model_kinds)
+    model: str = _f("toy", "toy | sd3 | flux | flux2 | qwen_image | wan", choices=_model_kinds)
     base_checkpoint: str = _f("", "base model checkpoint ('' = the shipped toy base model)")
-    model_path: str = _f("", "sd3 / flux: a local diffusers pipeline folder or a hub id")
+    model_path: str = _f("", "diffusers models: a local diffusers pipeline folder or a hub id")
     resolution: int = _f(512, "real models: image height = width in pixels (with --width: the height)", ge=1)
     width: int = _f(0, "real models: image width in pixels (0 = --resolution, square)", ge=0)
     num_frames: int = _f(0, "video models: frames per sample, 4k + 1 (0 = the model's default)", ge=0)
     dtype: str = _f(
-        "bf16", "sd3 / flux: weight dtype bf16 | fp16 | fp32 (the sampler state is always fp32)", choices=DTYPE_NAMES
+        "bf16", "diffusers models: weight dtype bf16 | fp16 | fp32 (the sampler state is fp32)", choices=DTYPE_NAMES
     )
     max_sequence_length: int = _f(
         0, "real models: prompt tokens of the text encoder (0 = the pipeline's default: sd3 256, flux 512, ...)", ge=0
     )
-    flux_guidance: float = _f(3.5, "flux: the distilled guidance scale fed to the model (FLUX has no CFG)")
+    flux_guidance: float = _f(
+        0.0, "flux / flux2: the distilled guidance scale fed to the model (no CFG); 0 = the pipeline's: 3.5 / 4.0", ge=0
+    )
     attention: str = _f(
         "auto",
-        "sd3 / flux attention: auto (flash-attn on CUDA if installed, else sdpa) | sdpa | flash | xformers",
+        "diffusers models' attention: auto (flash-attn on CUDA if installed, else sdpa) | sdpa | flash | xformers",
         choices=ATTENTION_BACKENDS,
     )
     finetune: str = _f(
-        "full", "full | lora (sd3 / flux; the toy model is always fully fine-tuned)", choices=("full", "lora")
+        "full", "full | lora (diffusers models; the toy model is always fully fine-tuned)", choices=("full", "lora")
     )
     lora_rank: int = _f(32, "--finetune lora: rank r", ge=1)
     lora_alpha: float = _f(64.0, "--finetune lora: alpha", gt=0)
@@ -179,12 +181,13 @@ class ModelConfig:
         "auto = the model's recipe (Flow-GRPO): sd3 the joint attention's attn.* projections (not SD3.5's attn2), "
         "flux those plus the double blocks' ff / ff_context MLPs",
     )
-    gradient_checkpointing: bool = _f(False, "sd3 / flux: recompute transformer activations in the backward")
+    gradient_checkpointing: bool = _f(False, "diffusers models: recompute transformer activations in the backward")
     # A model option beside gradient_checkpointing, the other memory switch of the training passes: it frees the
     # training GPU of the model's own frozen parts (text encoders, VAE) even without any reward model.
     offload_frozen: bool = _f(
         False,
-        "sd3 / flux: during the training passes, move the text encoders, the VAE (not under ZeRO-3, which shards it) "
+        "diffusers models: during the training passes, move the text encoders, the VAE (not under ZeRO-3, which "
+        "shards it) "
         "and the reward models that sit on the training GPU to the CPU, and back before sampling / evaluation "
         "(their weights' memory, docs/memory.md, for two host-device copies per epoch); no-op on CPU runs",
     )
@@ -270,9 +273,7 @@ class SamplingConfig:
     """How rollouts are sampled (training); the held-out evaluation shares the CFG scale and the batch size."""
 
     num_steps: int = _f(10, "sampling steps while training", ge=1)
-    shift: float = _f(
-        0.0, "time shift of the σ grid; 0 = the model's own (the scheduler config for sd3 / flux, 1.0 for toy)", ge=0
-    )
+    shift: float = _f(0.0, "time shift of the σ grid; 0 = the model's own (its scheduler config; 1.0 for toy)", ge=0)
     cfg_scale: float = _f(1.0, "classifier-free guidance scale (training and evaluation)", ge=1)
     sample_batch: int = _f(256, "samples per model call while sampling", ge=1)
 
@@ -376,7 +377,7 @@ class EvalConfig:
 
     eval_prompts: str = _f(
         "auto",
-        "auto ('heldout' for the toy model, 'geneval-coco:test' for sd3 / flux) | 'heldout' (the shapes world's "
+        "auto ('heldout' for the toy model, 'geneval-coco:test' for the others) | 'heldout' (the shapes world's "
         "held-out split) | 'geneval-coco:test' / 'geneval-coco:train' | a prompt file (as --prompts)",
     )
     eval_every: int = _f(
@@ -474,7 +475,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        # 'auto' prompt sets follow the model: the shapes world's splits, or GenEval-style COCO prompts for sd3 / flux
+        # 'auto' prompt sets follow the model: the shapes world's splits, or GenEval-style COCO prompts for the others
         toy = self.model.model == "toy"
         if self.run.prompts == "auto":
             object.__setattr__(
@@ -526,16 +527,27 @@ class TrainConfig:
         if weights and all(w == 0 for w in weights):
             bad("reward", "gives every term weight 0: the trained reward would be constant")
         if m.model == "toy" and m.finetune != "full":
-            bad("finetune", "must be 'full' for the toy model (LoRA is for --model sd3 / flux)")
+            bad("finetune", "must be 'full' for the toy model (LoRA is for the diffusers models)")
         if m.model != "toy" and not m.model_path:
             bad("model_path", f"is required for --model {m.model} (a local pipeline folder or a hub id)")
         if m.model == "toy" and m.model_path:
-            bad("model_path", "applies to --model sd3 / flux; the toy model loads --base-checkpoint")
+            bad("model_path", "applies to the diffusers models; the toy model loads --base-checkpoint")
         from fdfo_fast.models.base import MODEL_KINDS
 
         family = MODEL_KINDS[m.model]
         if family.guidance_distilled and sm.cfg_scale != 1.0:
             bad("cfg_scale", f"must be 1 for {m.model} (guidance-distilled: set --flux-guidance instead)")
+        from fdfo_fast.rewards import VIDEO_TERMS
+
+        video_terms = [t for t in reward_term_names(rw.reward) if t in VIDEO_TERMS]
+        if video_terms and not family.makes_videos:
+            bad("reward", f"uses {video_terms[0]!r}, which scores videos: --model {m.model} makes images")
+        if family.makes_videos and "human" in reward_term_names(rw.reward):
+            bad("reward", f"uses 'human': the labelling page shows images, --model {m.model} makes videos")
+        if m.num_frames and not family.makes_videos:
+            bad("num_frames", f"applies to video models; --model {m.model} makes images")
+        if m.width and m.model == "toy":
+            bad("width", "applies to the diffusers models; the toy model's images are square")
         if not (run.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", run.device)):
             bad("device", "must be auto, cpu, cuda or cuda:N")
         if opt.ds_config and not Path(opt.ds_config).is_file():
@@ -555,7 +567,7 @@ class TrainConfig:
             bad("diversity_samples", "must be >= 2 (distances between samples of one prompt)")
         if fd.steps_per_sample and algo != "fdfo":
             bad("steps_per_sample", "applies to fdfo (Flow-GRPO / DDPO use --train-timestep-fraction)")
-        # The toy model knows only the shapes world's prompts; sd3 / flux must never train or evaluate on them.
+        # The toy model knows only the shapes world's prompts; the others must never train or evaluate on them.
         for name, spec, toy_split, real in (
             ("prompts", run.prompts, "train", "train"),
             ("eval_prompts", ev.eval_prompts, "heldout", "test"),
@@ -568,11 +580,11 @@ class TrainConfig:
                 if spec not in NAMED_PROMPT_SETS:
                     bad(name, f"names an unknown prompt set (known: {', '.join(NAMED_PROMPT_SETS)})")
                 if m.model == "toy":
-                    bad(name, f"is a prompt set for sd3 / flux: the toy model knows only the shapes world "
+                    bad(name, f"is a prompt set for the diffusers models: the toy model knows only the shapes world "
                               f"('{toy_split}' or a file of its prompts)")  # fmt: skip
             elif not Path(spec).is_file():
                 sets = " / ".join(map(repr, NAMED_PROMPT_SETS))
-                bad(name, f"must be '{toy_split}' (toy model), {sets} (sd3 / flux) or an existing prompt file")
+                bad(name, f"must be '{toy_split}' (toy model), {sets} (diffusers models) or an existing prompt file")
         if m.model != "toy":  # terms that parse the shapes world's grammar cannot score a real image
             from fdfo_fast.rewards import TOY_WORLD_TERMS
 
@@ -583,7 +595,7 @@ class TrainConfig:
                               f"--model {m.model} needs model rewards, e.g. 'pickscore:1' with "
                               "--reward-models pickscore=...")  # fmt: skip
         if m.init_lora and m.finetune != "lora":
-            bad("init_lora", "needs --finetune lora (and --model sd3 / flux)")
+            bad("init_lora", "needs --finetune lora (and a diffusers model)")
         if m.init_lora and not Path(m.init_lora).is_dir():
             bad("init_lora", "must be an existing LoRA folder")
         if not [t for t in m.lora_targets.split(",") if t.strip()]:
@@ -790,6 +802,93 @@ PRESETS: dict[str, dict] = {
         micro_batch=4,
         eval_num_steps=28,
     ),
+    # The paper's FDFO schedule (432 pairs, 4 AdamW steps at lr 3e-5, churn 0.0025, LoRA r 32 / α 64 on the
+    # recipes' targets) on the other families, each sampled as its pipeline samples by default (steps, guidance,
+    # native resolution) unless a public RL recipe for it does otherwise; PickScore as the reward (per frame for
+    # video). Not run here (no GPU): docs/memory.md gives each one's memory and time per epoch before any download.
+    # SD3.5-Large (8.1B, the sd3 adapter): its model card's sampling, 28 steps at CFG 3.5, 1024².
+    "sd35l-fdfo": dict(
+        _PAPER_FDFO,
+        model="sd3",
+        model_path="stabilityai/stable-diffusion-3.5-large",
+        resolution=1024,
+        num_steps=28,
+        cfg_scale=3.5,
+        eval_num_steps=28,
+        **_PICKSCORE_REWARD,
+        sample_batch=8,
+        micro_batch=2,
+    ),  # fmt: skip
+    # Qwen-Image (20B MMDiT, Qwen2.5-VL-7B text encoder): true CFG 4 with the negative prompt " " (the pipeline's
+    # norm-preserving combine), Flow-GRPO's Qwen-Image PickScore sampling (10 steps for training, 50 for evaluation,
+    # 512²), LoRA r 64 / α 128 as verl's Flow-GRPO Qwen-Image example on diffusers' dreambooth targets.
+    "qwen-image-fdfo": dict(
+        _PAPER_FDFO,
+        model="qwen_image",
+        model_path="Qwen/Qwen-Image",
+        num_steps=10,
+        eval_num_steps=50,
+        cfg_scale=4.0,
+        lora_rank=64,
+        lora_alpha=128.0,
+        **_PICKSCORE_REWARD,
+        sample_batch=4,
+        micro_batch=2,
+    ),  # fmt: skip
+    # FLUX.2-dev (32B, Mistral-Small-3.2-24B text encoder; guidance-distilled): Flux2Pipeline's guidance 4 and 512
+    # text tokens, at flux-fdfo's 512² and 28 steps (its 1024² / 50 steps would cost ~35 GPU-hours per epoch,
+    # docs/memory.md); the text encoder is offloaded while training (its prompt embeddings are cached).
+    "flux2-fdfo": dict(
+        _PAPER_FDFO,
+        model="flux2",
+        model_path="black-forest-labs/FLUX.2-dev",
+        num_steps=28,
+        eval_num_steps=28,
+        flux_guidance=4.0,
+        offload_frozen=True,
+        **_PICKSCORE_REWARD,
+        sample_batch=4,
+        micro_batch=1,
+    ),
+    # Wan2.1 text-to-video at 480p (832 × 480): the RL video recipes' shorter clips and fewer steps (FastVideo's Wan
+    # GRPO: 33 frames, 20 steps; CFG 5 and flow shift 3 as WanPipeline's 480p defaults), 50 evaluation steps; LoRA
+    # on DiffSynth-Studio's Wan targets (both attentions' q, k, v, o and the FFN). Reward: PickScore on every frame
+    # (averaged per video) + the temporal-consistency term (fdfo_fast/rewards/video.py; weight not tuned).
+    # The first FDFO for video: 96 pairs per epoch (a 33-frame clip is 14,040 latent tokens).
+    "wan21-1.3b-fdfo": dict(
+        _PAPER_FDFO,
+        model="wan",
+        model_path="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        resolution=480,
+        width=832,
+        num_frames=33,
+        num_steps=20,
+        eval_num_steps=50,
+        cfg_scale=5.0,
+        reward="pickscore:1,temporal_consistency:1",
+        reward_models=PICKSCORE,
+        pairs_per_epoch=96,
+        sample_batch=4,
+        micro_batch=1,
+        eval_per_category=2,
+    ),  # fmt: skip
+    "wan21-14b-fdfo": dict(
+        _PAPER_FDFO,
+        model="wan",
+        model_path="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        resolution=480,
+        width=832,
+        num_frames=33,
+        num_steps=20,
+        eval_num_steps=50,
+        cfg_scale=5.0,
+        reward="pickscore:1,temporal_consistency:1",
+        reward_models=PICKSCORE,
+        pairs_per_epoch=48,
+        sample_batch=2,
+        micro_batch=1,
+        eval_per_category=2,
+    ),  # fmt: skip
 }
 
 

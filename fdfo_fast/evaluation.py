@@ -11,7 +11,7 @@ import torch
 from fdfo_fast.metrics import Progress
 from fdfo_fast.rewards import CompositeReward
 from fdfo_fast.sampling import Sampler, derive_seed, sample_euler
-from fdfo_fast.viz import BAD, GOOD, captioned_pages, fit_images, save_grid, save_png
+from fdfo_fast.viz import BAD, GOOD, captioned_pages, fit_images, save_grid, save_page, still
 from fdfo_fast.world.grammar import CATEGORIES, PromptSpec
 
 _log = logging.getLogger("fdfo_fast")
@@ -116,8 +116,8 @@ def sample_diversity(
     sampler = Sampler("euler", model.sigma_schedule(num_steps, shift or None), cfg_scale=cfg_scale, impl=impl)
     x0 = sample_euler(model, sampler, cond, uncond, seeds, model.latent_shape).x0
     images = model.decode(x0).float().clamp(-1, 1)
-    if images.shape[-1] > size:
-        images = F.interpolate(images, size=(size, size), mode="area")
+    if images.shape[-1] > size:  # (a video's frames each: area pooling over pixels, not time)
+        images = F.interpolate(images, size=(*images.shape[2:-2], size, size), mode="area")
     flat = images.flatten(1).view(len(prompts), samples, -1)
     d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, n, n] RMS distances
     iu = torch.triu_indices(samples, samples, 1)
@@ -220,6 +220,6 @@ class RunEvaluator:
         folder = run.out / "grids" / f"eval_{epoch:05d}"
         out = []
         for k, page in enumerate(pages):
-            save_png(page, folder / f"page_{k:02d}.png")
-            out.append((page, f"held-out, epoch {epoch}, page {k + 1} of {len(pages)}"))
+            save_page(page, folder / f"page_{k:02d}.png")  # a video model's: page_<k>.gif
+            out.append((still(page), f"held-out, epoch {epoch}, page {k + 1} of {len(pages)}"))
         return out

@@ -7,8 +7,9 @@ with the diffusers pipeline directly.
     fdfo-generate --prompt "a red circle" --out gen/                                    # the shipped toy base model
     fdfo-generate --run RUN --prompt "..." --latents x1.pt --save-latents true --out gen/
 
-Writes OUT/000.png, 001.png, … and OUT/generated.json (prompt, seed, settings per image); with --save-latents,
-OUT/latents.pt holds {"x1": start noise, "x0": final latents} ([N, C, H, W], the unpacked latent layout, fp32).
+Writes OUT/000.png, 001.png, … (a video model: 000.gif, …) and OUT/generated.json (prompt, seed, settings per
+image); with --save-latents, OUT/latents.pt holds {"x1": start noise, "x0": final latents} ([N, C, H, W], the
+unpacked latent layout, fp32).
 --latents FILE starts from given noise: a tensor [N, C, H, W] (torch.save) — the same tensor passed as
 `StableDiffusion3Pipeline(...)(latents=x1, num_inference_steps=T, guidance_scale=w, output_type="latent")` (FLUX:
 `latents=FluxPipeline._pack_latents(x1, ...)`) gives the same latents to fp32 rounding.
@@ -35,9 +36,9 @@ class SamplingOptions:
     num_steps: int = option(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
     cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
     shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
-    resolution: int = option(0, "sd3 / flux: pixels (0 = the run's, else 512)")
+    resolution: int = option(0, "diffusers models: pixels (0 = the run's, else 512)")
     max_sequence_length: int = option(0, "real models: prompt tokens (0 = the run's, else the pipeline's default)")
-    dtype: str = option("", "sd3 / flux: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
+    dtype: str = option("", "diffusers models: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
 
@@ -46,10 +47,10 @@ class GenerateConfig(SamplingOptions):
     out: str = option("generated", "output folder (PNG images, generated.json, latents.pt with --save-latents)")
     run: str = option("", "a training run folder: its model, options and latest weights (checkpoint.pt)")
     checkpoint: str = option("checkpoint.pt", "with --run: the state file to load (checkpoint.pt, or best.pt)")
-    model: str = option("", "toy | sd3 | flux ('' = the run's, else toy)")
-    model_path: str = option("", "sd3 / flux: a local diffusers pipeline folder or a hub id")
+    model: str = option("", "toy | sd3 | flux | flux2 | qwen_image | wan ('' = the run's, else toy)")
+    model_path: str = option("", "diffusers models: a local diffusers pipeline folder or a hub id")
     base_checkpoint: str = option("", "toy: a base model checkpoint ('' = the shipped toy base model)")
-    lora: str = option("", "sd3 / flux: a diffusers-format LoRA folder (RUN/lora) loaded with pipe.load_lora_weights")
+    lora: str = option("", "diffusers models: a diffusers LoRA folder (RUN/lora), loaded with pipe.load_lora_weights")
     prompt: tuple[str, ...] = option((), "one or more prompts")
     prompts: str = option("", "a text file with one prompt per line ('#' comments)")
     images_per_prompt: int = option(1, "images per prompt (seeds seed, seed + 1, …)")
@@ -57,6 +58,8 @@ class GenerateConfig(SamplingOptions):
     latents: str = option("", "start noise: a torch.save'd tensor [N, C, H, W] (N = number of images)")
     save_latents: bool = option(False, "also write OUT/latents.pt (start noise and final latents)")
     batch: int = option(8, "images per model call")
+    width: int = option(0, "diffusers models: width in pixels (0 = the run's, else --resolution: square)")
+    num_frames: int = option(0, "video models: frames per sample, 4k + 1 (0 = the run's, else the pipeline's)")
 
 
 def _run_config(cfg: GenerateConfig):
@@ -77,6 +80,8 @@ def _run_config(cfg: GenerateConfig):
     for name, value, unset in (
         ("model_path", cfg.model_path, ""),
         ("resolution", cfg.resolution, 0),
+        ("width", cfg.width, 0),
+        ("num_frames", cfg.num_frames, 0),
         ("max_sequence_length", cfg.max_sequence_length, 0),
         ("dtype", cfg.dtype, ""),
         ("cfg_scale", cfg.cfg_scale, 0.0),
@@ -107,7 +112,7 @@ def load_generator_model(cfg: GenerateConfig, device: torch.device):
 
     run_cfg = _run_config(cfg)
     if cfg.lora and run_cfg.model.model == "toy":
-        raise FdfoError("--lora applies to sd3 / flux models (the toy model has no LoRA)")
+        raise FdfoError("--lora applies to the diffusers models (the toy model has no LoRA)")
     model = load_model(run_cfg.model)
     if cfg.run:
         path = Path(cfg.run) / cfg.checkpoint
@@ -198,8 +203,7 @@ def write_outputs(cfg: GenerateConfig, result: dict) -> Path:
         raise FdfoError(f"--out {out} cannot be created ({err})") from None
     records = []
     for i, (img, prompt, seed) in enumerate(zip(result["images"], result["prompts"], result["seeds"], strict=True)):
-        path = out / f"{i:03d}.png"
-        save_image(img, path)
+        path = save_image(img, out / f"{i:03d}.png")  # a video model's: 000.gif, ...
         records.append({"file": path.name, "prompt": prompt, "seed": seed})
     meta = {"images": records, **result["settings"], "run": cfg.run, "lora": cfg.lora, "latents": cfg.latents}
     (out / "generated.json").write_text(json.dumps(meta, indent=1))

@@ -1,5 +1,5 @@
 """A run folder's checkpoint state: checkpoint.pt (everything a resume needs), best.pt, and the exports of the
-trained weights for other tools (sd3 / flux): RUN/lora + best_lora (a LoRA run) or RUN/transformer +
+trained weights for other tools (diffusers models): RUN/lora + best_lora (a LoRA run) or RUN/transformer +
 best_transformer (full fine-tuning), the last --keep-last of them under RUN/<export>_snapshots/epoch_NNNNN, each
 with a model card (README.md) written by diffusers' model-card helpers.
 
@@ -199,8 +199,8 @@ class RunCheckpoint:
         return progress
 
     def save_best(self, epoch: int, score: float, metric: str, summary: dict | None = None) -> None:
-        """best.pt: the evaluated weights (the EMA when on) of the best held-out score so far; sd3 / flux also write
-        best_lora/ (or best_transformer/) with its model card (`summary`: that evaluation's eval/* values). Every
+        """best.pt: the evaluated weights (the EMA when on) of the best held-out score so far; the diffusers models also
+        write best_lora/ (or best_transformer/) with its model card (`summary`: that evaluation's eval/* values). Every
         rank calls it (ZeRO-3 gathers the weights), rank 0 writes."""
         meta = {"epoch": epoch, "score": score, "metric": metric, "run": str(self.out)}
         with self.engine.gathered():
@@ -332,7 +332,9 @@ def model_card_text(cfg: TrainConfig, model, card: dict) -> str:
         lines.append("No held-out evaluation before these weights were written.")
     if isinstance(best.get("score"), float) and math.isfinite(best["score"]):
         lines += ["", f"Best held-out score of the run so far: {_value(best['score'])} (epoch {best['epoch']})."]
-    pipeline = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}.get(m.model, "DiffusionPipeline")
+    from fdfo_fast.models.base import MODEL_KINDS
+
+    pipeline = getattr(MODEL_KINDS.get(m.model), "pipeline_class", "") or "DiffusionPipeline"
     lines += ["", "## How to load", "", "```python", "import torch", f"from diffusers import {pipeline}", ""]
     if name == "lora":
         lines += [

@@ -28,7 +28,7 @@ from fdfo_fast.metrics import rollout_panel, summarise_loss_stats
 from fdfo_fast.rewards.remote import remote_failed_batches
 from fdfo_fast.run_state import saved_config
 from fdfo_fast.sampling import derive_seed
-from fdfo_fast.viz import save_png
+from fdfo_fast.viz import save_page, still
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -157,8 +157,8 @@ def show_rollouts(run: Run, rollout, epoch: int) -> None:
     if not run.env.is_main:
         return
     for k, (page, _) in enumerate(pages):
-        save_png(page, run.out / "rollouts" / f"epoch_{epoch + 1:05d}{f'_{k}' if k else ''}.png")
-    run.log.images("rollouts", pages, run.progress.counters["reward_queries"])
+        save_page(page, run.out / "rollouts" / f"epoch_{epoch + 1:05d}{f'_{k}' if k else ''}.png")  # video: .gif
+    run.log.images("rollouts", [(still(p), c) for p, c in pages], run.progress.counters["reward_queries"])
 
 
 def save_checkpoint(run: Run, epoch: int) -> None:

@@ -1,4 +1,5 @@
-"""Image grids as PNG: nearest-neighbour upscaled tiles, optional coloured borders (green = correct)."""
+"""Image grids as PNG: nearest-neighbour upscaled tiles, optional coloured borders (green = correct); for a video
+model the same grids and pages animated, as GIF (`AnimatedPage`: one page per preview frame)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def image_grid(
 
 
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int, correct: torch.Tensor | None = None, scale: int = 4):
+    """The grid as PNG at `path`; videos [N, 3, F, H, W] as an animated grid, the GIF beside it (`save_page`)."""
     borders = None if correct is None else [GOOD if bool(c) else BAD for c in correct]
+    if images.ndim == 5:
+        return save_page(AnimatedPage([image_grid(f, ncol, scale, borders) for f in preview_frames(images)]), path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, ncol, scale, borders).save(path)
@@ -40,8 +44,55 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int, correct: torch.
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
-    """One [3, H, W] image in [-1, 1] as a lossless PNG at its own resolution (`save_png`)."""
+    """One [3, H, W] image in [-1, 1] as a lossless PNG at its own resolution (`save_png`); a video [3, F, H, W] as
+    a GIF of all its frames beside it (path with .gif)."""
+    if image.ndim == 4:
+        frames = [Image.fromarray(t) for t in to_uint8_hwc(image.transpose(0, 1))]
+        return save_page(AnimatedPage(frames), path)
     return save_png(Image.fromarray(to_uint8_hwc(image[None])[0]), path)
+
+
+# -- videos -----------------------------------------------------------------------------------------------------
+PREVIEW_FRAMES = 16  # a preview page or grid animates at most this many frames, evenly spaced (bounded files)
+PREVIEW_FPS = 16  # Wan2.1's frame rate (its pipeline exports at 16 fps)
+
+
+def preview_frames(videos: torch.Tensor, most: int = PREVIEW_FRAMES) -> list[torch.Tensor]:
+    """[N, 3, F, H, W] -> at most `most` evenly spaced frames, each [N, 3, H, W] (first and last included)."""
+    f = videos.shape[2]
+    picks = sorted({round(j * (f - 1) / (most - 1)) for j in range(most)}) if f > most else range(f)
+    return [videos[:, :, t] for t in picks]
+
+
+class AnimatedPage:
+    """A page of a video model's outputs: one PIL page per preview frame, saved as a looping GIF; `still` (the
+    middle frame) is what an image tracker shows."""
+
+    def __init__(self, frames: list[Image.Image], fps: int = PREVIEW_FPS):
+        self.frames, self.fps = frames, fps
+
+    @property
+    def still(self) -> Image.Image:
+        return self.frames[len(self.frames) // 2]
+
+
+def still(page) -> Image.Image:
+    """A page as one PIL image (an animated page's middle frame)."""
+    return page.still if isinstance(page, AnimatedPage) else page
+
+
+def save_page(page, path: str | Path) -> Path:
+    """A page from `captioned_pages` / a grid: PNG at `path`, an `AnimatedPage` as GIF (suffix .gif), each written
+    to a temp file beside it and moved into place; returns the path written."""
+    if not isinstance(page, AnimatedPage):
+        return save_png(page, path)
+    path = Path(path).with_suffix(".gif")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    first, *rest = page.frames
+    first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=round(1000 / page.fps), loop=0)
+    tmp.replace(path)
+    return path
 
 
 # -- captioned, bounded pages (held-out grids and rollout panels for files and trackers) ----------------------------
@@ -113,9 +164,14 @@ def captioned_pages(
 ) -> list[Image.Image]:
     """Cells with their captions under them, `ncol` per row, `rows_per_page` rows per page (so a page is bounded
     whatever the number and size of the images); `row_titles[r]` is drawn across row r (e.g. a rollout's prompt),
-    `borders[i]` frames cell i (green = correct)."""
+    `borders[i]` frames cell i (green = correct). Videos [N, 3, F, H, W] give `AnimatedPage`s (`save_page`)."""
     from PIL import ImageDraw
 
+    if images.ndim == 5:
+        kw = dict(ncol=ncol, rows_per_page=rows_per_page, row_titles=row_titles, borders=borders,
+                  caption_lines=caption_lines)  # fmt: skip
+        per_frame = [captioned_pages(f, captions, **kw) for f in preview_frames(images)]
+        return [AnimatedPage([pages[k] for pages in per_frame]) for k in range(len(per_frame[0]))]
     cells = cell_images(images)
     if len(captions) != len(cells):
         raise ValueError(f"captioned_pages: {len(cells)} images, {len(captions)} captions")
@@ -165,10 +221,13 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 
 def fit_images(images: torch.Tensor, max_px: int) -> torch.Tensor:
-    """[N, 3, H, W] shrunk (area average) so the longer side is at most `max_px`; smaller images unchanged."""
+    """[N, 3, H, W] (or videos [N, 3, F, H, W], frame by frame) shrunk (area average) so the longer side is at most
+    `max_px`; smaller images unchanged."""
     h, w = images.shape[-2:]
     if max(h, w) <= max_px:
         return images
     f = max_px / max(h, w)
     size = (max(1, round(h * f)), max(1, round(w * f)))
+    if images.ndim == 5:  # area pooling of each frame (no mixing along time)
+        return torch.nn.functional.interpolate(images.float(), size=(images.shape[2], *size), mode="area")
     return torch.nn.functional.interpolate(images.float(), size=size, mode="area")

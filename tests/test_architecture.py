@@ -472,9 +472,11 @@ def test_ema_moves_only_on_a_step_taken():
 # 7. models
 # ---------------------------------------------------------------------------------------------------------------
 def test_load_model_goes_through_model_kinds(monkeypatch):
-    from fdfo_fast.models import FluxFlowModel, SD3FlowModel, ToyFlowModel
+    from fdfo_fast import models
 
-    assert MODEL_KINDS == {"toy": ToyFlowModel, "sd3": SD3FlowModel, "flux": FluxFlowModel}
+    assert MODEL_KINDS == {"toy": models.ToyFlowModel, "sd3": models.SD3FlowModel, "flux": models.FluxFlowModel,
+                           "flux2": models.Flux2FlowModel, "qwen_image": models.QwenImageFlowModel,
+                           "wan": models.WanFlowModel}  # fmt: skip
     loaded = []
 
     class Fake:
@@ -493,7 +495,7 @@ def test_load_model_goes_through_model_kinds(monkeypatch):
         make_config(overrides={"model": "fake"})
     with pytest.raises(FdfoError) as err:
         load_model(SimpleNamespace(model="nope"))
-    assert str(err.value) == "--model must be one of toy, sd3, flux, fake, got 'nope'"
+    assert str(err.value) == "--model must be one of toy, sd3, flux, flux2, qwen_image, wan, fake, got 'nope'"
 
 
 TRAINER_MODULES = ["train.py", "builder.py", "run_state.py", "evaluation.py", "algorithms/*.py"]

@@ -21,8 +21,9 @@ from tiny_diffusers import build_tiny_sd35  # noqa: E402
 
 import fdfo_fast.builder as builder  # noqa: E402
 import fdfo_fast.train as train_mod  # noqa: E402
-from fdfo_fast.config import make_config  # noqa: E402
+from fdfo_fast.config import PRESETS, make_config  # noqa: E402
 from fdfo_fast.errors import FdfoError  # noqa: E402
+from fdfo_fast.models import MODEL_KINDS  # noqa: E402
 from fdfo_fast.models.diffusers_flow import FluxFlowModel, SD3FlowModel, pack_latents, unpack_latents  # noqa: E402
 from fdfo_fast.sampling import Sampler, sample_euler, sigma_schedule  # noqa: E402
 
@@ -365,14 +366,22 @@ def test_bad_models_give_one_clear_error(sd3_dir, flux_dir, tmp_path, monkeypatc
         SD3FlowModel.from_pretrained(sd3_dir)
 
 
-@pytest.mark.parametrize("preset", ["sd35m-fdfo", "sd35m-flow-grpo", "sd35m-diffusion-nft", "flux-fdfo"])
+REAL_PRESETS = [name for name, values in PRESETS.items() if values.get("model", "toy") != "toy"]
+
+
+def test_every_model_family_has_a_preset():
+    assert {PRESETS[name]["model"] for name in REAL_PRESETS} == set(MODEL_KINDS) - {"toy"}
+
+
+@pytest.mark.parametrize("preset", REAL_PRESETS)
 def test_real_model_presets_resolve_and_their_reward_specs_parse(preset, capsys):
     """The presets validate as they are (a GPU user runs them unchanged); their reward-model strings parse, and
     offline the first hub id fails with one clear line instead of a traceback."""
     from fdfo_fast.rewards.hf_models import load_reward_models
 
     cfg = make_config(preset)
-    assert cfg.model.model in ("sd3", "flux") and cfg.model.finetune == "lora" and cfg.model.lora_rank == 32
+    assert cfg.model.model in MODEL_KINDS and cfg.model.finetune == "lora" and cfg.model.lora_rank in (32, 64)
+    assert cfg.run.prompts == "geneval-coco:train" and cfg.model.gradient_checkpointing
     train_mod.main(["--preset", preset, "--dry-run"])
     assert f'"model": "{cfg.model.model}"' in capsys.readouterr().out
     with pytest.raises(FdfoError, match="cannot load"):

@@ -58,8 +58,18 @@ def test_sd3_grid_is_the_pipelines(sd3_dir):
     assert 0.0089 < model.sigma_schedule(40)[-2] < 0.009  # shift 3: the last nonzero σ (docs/method.md §1.1)
 
 
-def test_generate_sd3_equals_the_pipeline_with_its_defaults(sd3_dir, tmp_path):
-    """The CLI as a user runs it: base model, two prompts, CFG 4.5, given start noise; vs the plain pipeline."""
+@pytest.fixture(scope="module")
+def sd35_large_dir(tmp_path_factory):
+    from tiny_diffusers import build_tiny_sd35_large
+
+    return str(build_tiny_sd35_large(tmp_path_factory.mktemp("tiny_sd35_large")))
+
+
+@pytest.mark.parametrize("layout", ["sd3", "sd35-large"])
+def test_generate_sd3_equals_the_pipeline_with_its_defaults(layout, sd3_dir, sd35_large_dir, tmp_path):
+    """The CLI as a user runs it: base model, two prompts, CFG 4.5, given start noise; vs the plain pipeline. Both
+    SD3's layout and SD3.5-Large's (RMS qk-norm; the sd35l-fdfo preset's model)."""
+    sd3_dir = sd3_dir if layout == "sd3" else sd35_large_dir
     steps, w = 4, 4.5
     prompts = ["a red cube", "two cats"]
     x1 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
@@ -118,7 +128,7 @@ def test_generate_errors_are_one_line(sd3_dir, tmp_path, capsys):
             ],
             "expected a tensor of shape (1, 4, 16, 16)",
         ),  # fmt: skip
-        (["--prompt", "a", "--lora", str(tmp_path)], "--lora applies to sd3 / flux"),
+        (["--prompt", "a", "--lora", str(tmp_path)], "--lora applies to the diffusers models"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:

@@ -122,7 +122,8 @@ ABSTRACT = {
 
 
 def test_every_registered_kind_is_a_flow_model_implementing_the_interface():
-    assert models.MODEL_KINDS is MODEL_KINDS and set(MODEL_KINDS) == {"toy", "sd3", "flux"}
+    assert models.MODEL_KINDS is MODEL_KINDS
+    assert set(MODEL_KINDS) == {"toy", "sd3", "flux", "flux2", "qwen_image", "wan"}
     assert FlowModel.__abstractmethods__ == ABSTRACT
     with pytest.raises(TypeError, match="abstract"):
         FlowModel()
@@ -142,7 +143,7 @@ def test_load_model_follows_the_registry():
     base = load_toy_model(TOY_BASE_CHECKPOINT)
     assert model.cfg == base.cfg and model.meta == base.meta
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
-    with pytest.raises(FdfoError, match="--model must be one of toy, sd3, flux, got 'sdxl'"):
+    with pytest.raises(FdfoError, match="--model must be one of toy, sd3, flux, flux2, qwen_image, wan, got 'sdxl'"):
         load_model(SimpleNamespace(model="sdxl"))
 
 

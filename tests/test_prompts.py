@@ -182,9 +182,9 @@ def test_real_models_refuse_toy_prompts_and_toy_rewards(overrides, msg):
 
 
 def test_toy_model_refuses_the_coco_sets():
-    with pytest.raises(FdfoError, match="--prompts is a prompt set for sd3 / flux"):
+    with pytest.raises(FdfoError, match="--prompts is a prompt set for the diffusers models"):
         make_config(overrides=dict(prompts="geneval-coco:train"))
-    with pytest.raises(FdfoError, match="--eval-prompts is a prompt set for sd3 / flux"):
+    with pytest.raises(FdfoError, match="--eval-prompts is a prompt set for the diffusers models"):
         make_config(overrides=dict(eval_prompts="geneval-coco:test"))
 
 

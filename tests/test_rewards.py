@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.rewards import REWARD_TERMS, TOY_WORLD_TERMS, CompositeReward, parse_weights
+from fdfo_fast.rewards import REWARD_TERMS, TOY_WORLD_TERMS, VIDEO_TERMS, CompositeReward, parse_weights
 from fdfo_fast.rewards.image_stats import JpegReward, PaletteQualityReward
 from fdfo_fast.world.grammar import eval_prompts
 from fdfo_fast.world.render import render_batch
@@ -73,8 +73,9 @@ def test_toy_world_terms_are_the_terms_that_parse_the_grammar():
     """The terms refused for sd3 / flux are exactly those that cannot score a prompt outside the shapes world."""
     images = torch.zeros(1, 3, 16, 16)
     for name in REWARD_TERMS:
-        try:
-            CompositeReward(f"{name}:1")(images, ["a photo of a dog"])
+        try:  # a video term scores a clip (here 3 frames of the image)
+            clip = images[:, :, None].expand(1, 3, 3, 16, 16) if name in VIDEO_TERMS else images
+            CompositeReward(f"{name}:1")(clip, ["a photo of a dog"])
             parses = False
         except FdfoError as err:
             assert "not a shapes-world prompt" in str(err), name

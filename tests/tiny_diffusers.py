@@ -118,6 +118,12 @@ def build_tiny_sd35(directory, seed: int = 0):
     return build_tiny_sd3(directory, seed, dual_attention_layers=(0,), qk_norm="rms_norm")
 
 
+def build_tiny_sd35_large(directory, seed: int = 0):
+    """The tiny SD3 pipeline in SD3.5-Large's layout: MMDiT blocks only (no MMDiT-X `attn2`), RMS qk-norm
+    (diffusers scripts/convert_sd3_to_diffusers.py derives both for the 8B checkpoint)."""
+    return build_tiny_sd3(directory, seed, qk_norm="rms_norm")
+
+
 def build_tiny_flux(directory, seed: int = 0, guidance_embeds: bool = True):
     """FluxPipeline: 1 double + 1 single block, CLIP + T5 text encoders, VAE with 4 latent channels (16 packed)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel

@@ -53,6 +53,7 @@ class FlowModel(torch.nn.Module, abc.ABC):
     linear_guidance: ClassVar[bool] = True  # CFG is v_u + w·(v_c − v_u) (fused into the sampler step), else its own
     pipeline_max_sequence_length: ClassVar[int] = 256  # the text length the model's pipeline defaults to
     lora_recipe_targets: ClassVar[tuple[str, ...]] = ()  # --lora-targets auto: the community recipe's modules
+    makes_videos: ClassVar[bool] = False  # latents [C, F, H, W], decoded to videos [B, 3, F, H, W] (is_video)
     latent_shape: tuple[int, ...]  # one sample as the samplers walk it: [C, H, W], or [C, F, H, W] for video
 
     @property

@@ -80,6 +80,9 @@ def _load_pipeline(cls_name: str, path: str, dtype: torch.dtype, what: str):
     _require_diffusers()
     import diffusers
 
+    if not hasattr(diffusers, cls_name):  # the newer families (FLUX.2, Qwen-Image, Wan) need a recent diffusers
+        raise FdfoError(f"{what}: diffusers {diffusers.__version__} has no {cls_name}; upgrade diffusers "
+                        "(tested with 0.42.1)")  # fmt: skip
     local = Path(path).expanduser()
     if not path:
         raise FdfoError(f"{what}: --model-path is empty (a local pipeline folder or a hub id)")
@@ -102,6 +105,7 @@ def _load_pipeline(cls_name: str, path: str, dtype: torch.dtype, what: str):
         raise FdfoError(f"{what}: cannot load a {cls_name} from {path}: {msg}") from None
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tok = getattr(pipe, name, None)
+        tok = getattr(tok, "tokenizer", tok)  # a processor (FLUX.2's PixtralProcessor) holds the text tokenizer
         if tok is not None and len(tok) <= 2:  # offline hub misses can yield a 2-token stand-in instead of raising
             raise FdfoError(f"{what}: {name} from {path} has only {len(tok)} tokens (a failed offline download?)")
     return pipe
@@ -183,7 +187,9 @@ class DiffusersFlowModel(FlowModel):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The transformer's weight dtype as diffusers reports it (the pipelines' transformer dtype): it skips the
+        parameters a class keeps in fp32 (`_keep_in_fp32_modules`, e.g. Wan's scale_shift_table)."""
+        return self.transformer.dtype
 
     @property
     def device(self) -> torch.device:
@@ -241,7 +247,9 @@ class DiffusersFlowModel(FlowModel):
         if shift is not None:
             if not shift > 0:
                 raise FdfoError(f"time shift must be > 0, got {shift}")
-            scheduler = type(scheduler).from_config(scheduler.config, shift=float(shift))
+            # the name the scheduler reads: FlowMatchEuler's `shift`, UniPC's (Wan's) `flow_shift`
+            key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
+            scheduler = type(scheduler).from_config(scheduler.config, **{key: float(shift)})
         retrieve_timesteps(scheduler, num_steps, "cpu", **self._scheduler_kwargs(scheduler, num_steps))
         return scheduler.sigmas.float().cpu()
 
@@ -678,36 +686,41 @@ def unpack_latents(tokens: torch.Tensor, shape: tuple[int, int, int]) -> torch.T
     return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-class FluxFlowModel(DiffusersFlowModel):
-    """FLUX.1 (guidance-distilled: the guidance scale is a model input, there is no CFG; dev/schnell alike)."""
+class GuidanceDistilledFlowModel(DiffusersFlowModel):
+    """A guidance-distilled family (FLUX.1, FLUX.2): the guidance scale is a model input (`--flux-guidance`; 0 = the
+    pipeline's default), there is no CFG."""
 
-    kind = "flux"
-    pipeline_class = "FluxPipeline"
-    display_name = "FLUX"
     guidance_distilled = True
-    pipeline_max_sequence_length = 512
-    lora_recipe_targets = _ATTN_LORA_TARGETS + (
-        "ff.net.0.proj",
-        "ff.net.2",
-        "ff_context.net.0.proj",
-        "ff_context.net.2",
-    )
+    default_guidance: float = 3.5  # the pipeline's default guidance_scale
 
     def __init__(
-        self, pipe, resolution, max_sequence_length, path="", transformer=None, width: int = 0, guidance: float = 3.5
+        self, pipe, resolution, max_sequence_length, path="", transformer=None, width: int = 0, guidance: float = 0.0
     ):
         super().__init__(pipe, resolution, max_sequence_length, path, transformer, width)
-        self.guidance = guidance
+        self.guidance = guidance or self.default_guidance
 
     def _init_kwargs(self) -> dict:
         return {**super()._init_kwargs(), "guidance": self.guidance}
 
     @classmethod
     def _load_options(cls, mc) -> dict:
-        return {"guidance": mc.flux_guidance}  # the distilled guidance scale fed to the model
+        return {"guidance": mc.flux_guidance}  # the distilled guidance scale fed to the model (0 = the default)
 
     def describe(self) -> dict:
         return {**super().describe(), "guidance": self.guidance}
+
+
+class FluxFlowModel(GuidanceDistilledFlowModel):
+    """FLUX.1 (guidance-distilled; dev/schnell alike)."""
+
+    kind = "flux"
+    pipeline_class = "FluxPipeline"
+    display_name = "FLUX"
+    default_guidance = 3.5  # FluxPipeline.__call__(guidance_scale=3.5)
+    pipeline_max_sequence_length = 512
+    lora_recipe_targets = (
+        *_ATTN_LORA_TARGETS, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )  # fmt: skip
 
     def _scheduler_kwargs(self, scheduler, num_steps: int) -> dict:
         """FluxPipeline.__call__: sigmas linspace(1, 1/T, T) (none with use_flow_sigmas) and the resolution-dependent

@@ -10,11 +10,16 @@ from fdfo_fast.errors import FdfoError
 from fdfo_fast.rewards.alignment import AlignmentReward
 from fdfo_fast.rewards.base import ModelReward, Reward, report_scored
 from fdfo_fast.rewards.image_stats import JpegReward, PaletteQualityReward
+from fdfo_fast.rewards.video import TemporalConsistencyReward, score_video_terms
 
 # term name -> the Reward class that produces it
 REWARD_TERMS: dict[str, type[Reward]] = {
-    name: cls for cls in (AlignmentReward, JpegReward, PaletteQualityReward) for name in cls.names
+    name: cls
+    for cls in (AlignmentReward, JpegReward, PaletteQualityReward, TemporalConsistencyReward)
+    for name in cls.names
 }
+# Terms that score a whole clip: they need a video model (the config refuses them for image models).
+VIDEO_TERMS: frozenset[str] = frozenset(TemporalConsistencyReward.names)
 # Terms that parse the prompt with the shapes world's grammar: they cannot score an SD3 / FLUX image (the config
 # refuses them for real models). `quality` (closeness to the world's palette) and the JPEG terms are prompt-free.
 TOY_WORLD_TERMS: frozenset[str] = frozenset(AlignmentReward.names)
@@ -113,9 +118,12 @@ class CompositeReward(Reward):
         metadata: list[dict] | None = None,
         parts: list[Reward] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Every term of `parts` (default: all) for a batch, without the weighted sum."""
+        """Every term of `parts` (default: all) for a batch of images [B, 3, H, W] or videos [B, 3, F, H, W]
+        (frames scored as images and averaged per video, fdfo_fast.rewards.video), without the weighted sum."""
         self.check_batch(images, prompts)
         parts = self.parts if parts is None else parts
+        if images.ndim == 5:
+            return score_video_terms(self.score_terms, parts, images, prompts, seeds, metadata)
         if metadata is None and any(p.wants_metadata for p in parts):
             metadata = [self.prompt_metadata.get(p, {}) for p in prompts]
         if metadata is not None and len(metadata) != len(prompts):
@@ -176,4 +184,6 @@ __all__ = [
     "Reward",
     "REWARD_TERMS",
     "TOY_WORLD_TERMS",
+    "TemporalConsistencyReward",
+    "VIDEO_TERMS",
 ]

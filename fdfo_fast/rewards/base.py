@@ -47,13 +47,16 @@ class Reward:
       prepares the model rewards' inputs;
     - `wants_seeds`: the samples' seeds as `seeds=` (the human term shows them);
     - `wants_metadata`: each row's prompt metadata as `metadata=` (a list of dicts: the fields of a JSONL prompt
-      file's record besides "prompt", e.g. GenEval's tag / include; `{}` for a prompt without any).
+      file's record besides "prompt", e.g. GenEval's tag / include; `{}` for a prompt without any);
+    - `wants_video`: a video model's whole clips [B, 3, F, H, W] (else a video's score is the mean of its frames'
+      scores, fdfo_fast.rewards.video).
     """
 
     names: tuple[str, ...] = ()
     wants_uint8: bool = False
     wants_seeds: bool = False
     wants_metadata: bool = False
+    wants_video: bool = False
     # Where the part's networks are (None: it has none). A part with networks sets it and implements `to`, so that
     # --offload-frozen can move it off the training GPU for the training passes (fdfo_fast.placement).
     device: torch.device | None = None

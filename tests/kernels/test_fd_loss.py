@@ -8,7 +8,7 @@ from fdfo_fast.errors import FdfoError
 from fdfo_fast.kernels.fd_loss import fd_loss, fd_loss_ref
 
 U32 = 2.0**-24  # fp32 unit roundoff
-SHAPES = [(1, 1, 1, 1023), (3, 7, 257), (5, 3, 9, 11), (2, 9000)]
+SHAPES = [(1, 1, 1, 1023), (3, 7, 257), (5, 3, 9, 11), (2, 9000), (2, 3, 3, 5, 7)]  # the last: a video latent
 DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]
 
 

@@ -12,7 +12,7 @@ from fdfo_fast.kernels.launch import launch_shape
 from fdfo_fast.kernels.philox import philox_randn4
 from fdfo_fast.kernels.sampler_step import philox_noise, sampler_step, sampler_step_fwd, step_coefficients
 
-SHAPES = [(1, 1, 1023), (3, 7, 257), (4, 5, 7)]
+SHAPES = [(1, 1, 1023), (3, 7, 257), (4, 5, 7), (2, 3, 3, 5, 7)]  # the last a video latent [B, C, F, H, W]
 VEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 U32 = 2.0**-24  # fp32 unit roundoff
 
