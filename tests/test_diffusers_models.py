@@ -124,6 +124,21 @@ RECIPE_TARGETS = {
 }  # fmt: skip
 
 
+def assert_only_the_lora_moved(base_transformer, model) -> dict:
+    """After training: the LoRA factors are the only trainable parameters, training moved them (B starts at 0), and
+    every base weight equals `base_transformer`'s (a freshly loaded base); returns the LoRA parameters by name."""
+    trained = dict(model.transformer.named_parameters())
+    lora = {n: p for n, p in trained.items() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert any(p.abs().max() > 0 for n, p in lora.items() if "lora_B" in n)
+    for name, p in base_transformer.named_parameters():
+        peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        q = trained.get(name, trained.get(peft_name))
+        assert q is not None and torch.equal(p, q), name
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    return lora
+
+
 def _adapted(transformer):
     """(names of the modules holding a LoRA, number of LoRA parameters)."""
     names = sorted(n for n, m in transformer.named_modules() if hasattr(m, "lora_A"))
@@ -225,15 +240,7 @@ def test_lora_training_changes_only_lora_and_exports(kind, algorithm, extra, sd3
     model, summary = _train_and_keep_model(_train_cfg(tmp_path, kind, path, algorithm, **extra), monkeypatch)
     assert "eval/reward" in summary and "eval/geneval" not in summary
 
-    trained = dict(model.transformer.named_parameters())
-    lora = {n: p for n, p in trained.items() if "lora_" in n}
-    assert lora and all(p.requires_grad for p in lora.values())
-    assert any(p.abs().max() > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at 0: training moved it
-    for name, p in base.transformer.named_parameters():  # every base weight is untouched
-        peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-        q = trained.get(name, trained.get(peft_name))
-        assert q is not None and torch.equal(p, q), name
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    lora = assert_only_the_lora_moved(base.transformer, model)
 
     run = tmp_path / "run"
     state = torch.load(run / "checkpoint.pt", weights_only=True)

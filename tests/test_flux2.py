@@ -22,7 +22,9 @@ from test_diffusers_models import (  # noqa: E402
     _check_exported_lora,
     _train_and_keep_model,
     _train_cfg,
+    assert_only_the_lora_moved,
 )
+from test_generate import _pipeline_latents  # noqa: E402
 from tiny_flux2 import build_tiny_flux2  # noqa: E402
 
 from fdfo_fast.errors import FdfoError  # noqa: E402
@@ -36,7 +38,6 @@ from fdfo_fast.models.flux2 import (  # noqa: E402
 )
 from fdfo_fast.sampling import Sampler  # noqa: E402
 
-U32 = 2.0**-24
 PROMPTS = ["a red cube", "two cats"]
 # diffusers examples/dreambooth/train_dreambooth_lora_flux2.py: its default target_modules (no --lora_layers)
 FLUX2_RECIPE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"] + [
@@ -124,34 +125,6 @@ def test_latent_shape_and_size_errors(model):
         Flux2FlowModel(model.pipe, 34, 512)
 
 
-def _perturbing_callback(seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def callback(pipe, i, t, kwargs):
-        lat = kwargs["latents"]
-        sign = torch.randint(0, 2, lat.shape, generator=gen).to(lat) * 2 - 1
-        return {"latents": lat + lat.abs() * U32 * sign}
-
-    return callback
-
-
-def _pipeline_latents(pipe, prompts, latents, steps, **kw):
-    """Flux2Pipeline with its defaults (prompt by name: its first positional argument is `image`) and its rounding
-    spread (two runs with every step's latents perturbed by one fp32 unit)."""
-    run = lambda **extra: pipe(prompt=prompts, num_inference_steps=steps, latents=latents, output_type="latent",
-                               **kw, **extra).images  # fmt: skip
-    ref = run()
-    spread = max(
-        (run(callback_on_step_end=_perturbing_callback(s), callback_on_step_end_tensor_inputs=["latents"]) - ref)
-        .abs()
-        .max()
-        .item()
-        for s in (0, 1)
-    )
-    assert spread > 0
-    return ref, spread
-
-
 def test_euler_sampling_equals_the_pipeline_with_its_defaults(model):
     """Our Euler sampler on our σ grid = Flux2Pipeline(prompts, latents=x1) with its defaults (guidance 4.0, text
     length 512, its own grid and mu); the pipeline takes x1 in our unpacked layout and packs it itself."""
@@ -220,15 +193,7 @@ def test_lora_training_changes_only_lora_and_exports(flux2_dir, tmp_path, monkey
     base = Flux2FlowModel.from_pretrained(
         flux2_dir, dtype=torch.float32, resolution=32, max_sequence_length=TEXT_LENGTH
     )
-    trained = dict(model.transformer.named_parameters())
-    lora = {n: p for n, p in trained.items() if "lora_" in n}
-    assert lora and all(p.requires_grad for p in lora.values())
-    assert any(p.abs().max() > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at 0: training moved it
-    for name, p in base.transformer.named_parameters():  # every base weight is untouched
-        peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-        q = trained.get(name, trained.get(peft_name))
-        assert q is not None and torch.equal(p, q), name
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert_only_the_lora_moved(base.transformer, model)
 
     reference = Flux2FlowModel.from_pretrained(flux2_dir, dtype=torch.float32, resolution=32).transformer
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8.0, target_modules=FLUX2_RECIPE_TARGETS), reference)

@@ -35,9 +35,13 @@ def _perturbing_callback(seed):
 
 
 def _pipeline_latents(pipe, prompts, latents, steps, **kw):
-    """The pipeline with its defaults, and its own rounding spread (two runs with every step's latents perturbed)."""
-    run = lambda **extra: pipe(prompts, num_inference_steps=steps, latents=latents, output_type="latent", **kw,
-                               **extra).images  # fmt: skip
+    """The pipeline with its defaults, and its own rounding spread (two runs with every step's latents perturbed).
+    The prompts go by name (Flux2Pipeline's first argument is `image`); a video pipeline's output is `.frames`."""
+
+    def run(**extra):
+        out = pipe(prompt=prompts, num_inference_steps=steps, latents=latents, output_type="latent", **kw, **extra)
+        return out.frames if hasattr(out, "frames") else out.images
+
     ref = run()
     spread = max(
         (run(callback_on_step_end=_perturbing_callback(s), callback_on_step_end_tensor_inputs=["latents"]) - ref)

@@ -19,7 +19,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_generate import _perturbing_callback  # noqa: E402
+from test_generate import _pipeline_latents  # noqa: E402
 from tiny_wan import build_tiny_wan, euler_scheduler, unipc_scheduler  # noqa: E402
 
 from fdfo_fast.errors import FdfoError  # noqa: E402
@@ -49,23 +49,6 @@ def _load(path, dtype=torch.float32, scheduler=None):
         model.pipe.scheduler = euler_scheduler()  # FlowMatchEulerDiscreteScheduler(shift=3): the Euler integrator
     model.pipe.set_progress_bar_config(disable=True)
     return model
-
-
-def _pipeline_latents(pipe, prompts, latents, steps, **kw):
-    """tests/test_generate.py's measurement for WanPipeline (its output is `.frames`): the pipeline's latents and its
-    own rounding spread (two runs with every step's latents moved by one fp32 rounding unit, random signs)."""
-    run = lambda **extra: pipe(prompts, num_inference_steps=steps, latents=latents, output_type="latent", **kw,
-                               **extra).frames  # fmt: skip
-    ref = run()
-    spread = max(
-        (run(callback_on_step_end=_perturbing_callback(s), callback_on_step_end_tensor_inputs=["latents"]) - ref)
-        .abs()
-        .max()
-        .item()
-        for s in (0, 1)
-    )
-    assert spread > 0  # the last step's perturbation alone moves the output
-    return ref, spread
 
 
 def _ft(mode="lora", checkpointing=False):
@@ -250,7 +233,7 @@ def test_one_fdfo_lora_epoch_moves_only_the_lora(wan_dir, tmp_path, monkeypatch)
     term; every base weight is untouched; the held-out grids and rollout panels are GIFs of the frames, and
     fdfo-generate --run writes each sample as a GIF of all its frames."""
     from PIL import Image
-    from test_diffusers_models import _train_and_keep_model, _train_cfg
+    from test_diffusers_models import _train_and_keep_model, _train_cfg, assert_only_the_lora_moved
 
     from fdfo_fast.generate import main as generate_main
 
@@ -266,10 +249,4 @@ def test_one_fdfo_lora_epoch_moves_only_the_lora(wan_dir, tmp_path, monkeypatch)
     generate_main(["--run", str(run), "--prompt", "a cat", "--out", str(tmp_path / "gen"), "--device", "cpu"])
     with Image.open(tmp_path / "gen" / "000.gif") as im:
         assert im.n_frames == FRAMES and im.size == (32, 32)
-    trained = dict(model.transformer.named_parameters())
-    assert any(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n)  # B starts at 0: training moved it
-    for name, p in _load(wan_dir).transformer.named_parameters():
-        peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-        q = trained.get(name, trained.get(peft_name))
-        assert q is not None and torch.equal(p, q), name
-    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert_only_the_lora_moved(_load(wan_dir).transformer, model)

@@ -124,6 +124,12 @@ def build_tiny_sd35_large(directory, seed: int = 0):
     return build_tiny_sd3(directory, seed, qk_norm="rms_norm")
 
 
+# black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (FLUX.2-dev's conversion script loads the same)
+FLUX1_DEV_SCHEDULER = dict(
+    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+)
+
+
 def build_tiny_flux(directory, seed: int = 0, guidance_embeds: bool = True):
     """FluxPipeline: 1 double + 1 single block, CLIP + T5 text encoders, VAE with 4 latent channels (16 packed)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -147,14 +153,7 @@ def build_tiny_flux(directory, seed: int = 0, guidance_embeds: bool = True):
     pipe = FluxPipeline(
         transformer=transformer,
         # FLUX.1-dev's scheduler config: resolution-dependent dynamic shifting (mu from the image token count)
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),  # fmt: skip
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_DEV_SCHEDULER),
         vae=_vae(),
         text_encoder=clip,
         tokenizer=tok,

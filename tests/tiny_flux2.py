@@ -10,6 +10,7 @@ pipeline's `format_input` builds them)."""
 from __future__ import annotations
 
 import torch
+from tiny_diffusers import FLUX1_DEV_SCHEDULER
 
 # Mistral's special tokens at the ids the diffusers Flux2 pipeline test uses (image 1, bos 2, eos 3, pad 4)
 SPECIAL_TOKENS = ["<unk>", "[IMG]", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
@@ -120,14 +121,7 @@ def build_tiny_flux2(directory, seed: int = 0, guidance_embeds: bool = True):
     pipe = Flux2Pipeline(
         transformer=transformer,
         # FLUX.2-dev ships FLUX.1-dev's scheduler config (diffusers scripts/convert_flux2_to_diffusers.py loads it)
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),  # fmt: skip
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_DEV_SCHEDULER),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
