@@ -154,6 +154,8 @@ STATE_PY = "fdfo_fast/run_state.py"
 ARCH = "tests/test_architecture.py"  # the seams of the issue-17 layout
 TRACK = "tests/test_tracking.py"
 NFT = "tests/test_diffusion_nft.py"
+QWEN, FLUX2, WAN = "tests/test_qwen_image.py", "tests/test_flux2.py", "tests/test_wan.py"
+VIDEO = "tests/test_video_outputs.py"
 WINDOW = "tests/test_sde_window.py"
 NFT_PY = "fdfo_fast/algorithms/diffusion_nft.py"
 
@@ -429,7 +431,7 @@ MUTATIONS: list[Mutation] = [
     ),
     mutation(
         "uncond-is-prompt-everywhere", "RunContext.encode: the unconditional input is the prompt itself "
-        "(sampling and training)", BASE_PY, 'self.model.encode_prompts([""] * len(prompts))',
+        "(sampling and training)", BASE_PY, "self.model.encode_negative(len(prompts))",
         "self.model.encode_prompts(prompts)",
         [CFG_LOOP, f"{ALG}::test_cfg_training_gradient_matches_the_reference_code", NUM], extra=True,
     ),
@@ -548,6 +550,56 @@ MUTATIONS: list[Mutation] = [
         "window-sliding-no-wrap", "SDE window, sliding: the start never wraps around",
         SDE_PY, "start = (epoch // cfg.sde_window_every) % starts", "start = epoch // cfg.sde_window_every",
         [WINDOW], extra=True,
+    ),
+    # -- model families and video (issue 23) ---------------------------------------------------------------------
+    mutation(
+        "qwen-cfg-not-rescaled", "Qwen-Image: true CFG as the plain linear combine (no norm rescale)",
+        "fdfo_fast/models/qwen_image.py", "return unpack_latents(comb * (cond_norm / comb_norm), shape)",
+        "return unpack_latents(comb, shape)", [QWEN], extra=True,
+    ),
+    mutation(
+        "own-guidance-ignored", "the samplers fuse the linear CFG even for a model with its own combine",
+        "fdfo_fast/sampling.py", "if v_u is not None and not fuses_linear_guidance(model):", "if False:",
+        [QWEN], extra=True,
+    ),
+    mutation(
+        "flux2-no-batch-norm-undo", "FLUX.2: decode skips the VAE batch-norm de-normalisation",
+        "fdfo_fast/models/flux2.py", "z = unpatchify(x0.float() * std + mean)", "z = unpatchify(x0.float())",
+        [FLUX2], extra=True,
+    ),
+    mutation(
+        "flux2-mu-from-vae-cells", "FLUX.2: the empirical mu from the VAE's cell count, not the token count",
+        "fdfo_fast/models/flux2.py", "seq_len = self.latent_shape[1] * self.latent_shape[2]",
+        "seq_len = self.latent_shape[1] * self.latent_shape[2] * 4", [FLUX2], extra=True,
+    ),
+    mutation(
+        "wan-float-timesteps-under-unipc", "Wan: fp32 σ·1000 timesteps where UniPC hands the transformer int64",
+        "fdfo_fast/models/wan.py", "self._timesteps_are_integers = not probe.timesteps.dtype.is_floating_point",
+        "self._timesteps_are_integers = False", [WAN], extra=True,
+    ),
+    mutation(
+        "wan-no-latent-denorm", "Wan: decode without the per-channel latents mean / std",
+        "fdfo_fast/models/wan.py", "video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]",
+        "video = self.vae.decode(z, return_dict=False)[0]", [WAN], extra=True,
+    ),
+    mutation(
+        "wan-latent-frames-off-by-one", "Wan: (F − 1)/4 latent frames (the first frame's own latent forgotten)",
+        "fdfo_fast/models/wan.py", "frames = (self.num_frames - 1) // self.vae_scale_temporal + 1",
+        "frames = (self.num_frames - 1) // self.vae_scale_temporal", [WAN], extra=True,
+    ),
+    mutation(
+        "shift-override-ignores-flow-shift", "--shift sets `shift` also on UniPC, which reads `flow_shift`",
+        "fdfo_fast/models/diffusers_flow.py", 'key = "flow_shift" if "flow_shift" in scheduler.config else "shift"',
+        'key = "shift"', [WAN], extra=True,
+    ),
+    mutation(
+        "video-reward-first-frame", "video rewards: a clip scored by its first frame instead of all frames' mean",
+        "fdfo_fast/rewards/video.py", "value.view(b, f).mean(1)", "value.view(b, f)[:, 0]", [VIDEO], extra=True,
+    ),
+    mutation(
+        "temporal-first-difference", "temporal consistency from the first temporal difference (penalises motion)",
+        "fdfo_fast/rewards/video.py", "second = pooled[:, :, 2:] - 2 * pooled[:, :, 1:-1] + pooled[:, :, :-2]",
+        "second = pooled[:, :, 2:] - pooled[:, :, 1:-1]", [VIDEO], extra=True,
     ),
 ]
 # fmt: on
