@@ -546,6 +546,9 @@ class TrainConfig:
             bad("reward", f"uses 'human': the labelling page shows images, --model {m.model} makes videos")
         if m.num_frames and not family.makes_videos:
             bad("num_frames", f"applies to video models; --model {m.model} makes images")
+        k = family.frames_per_latent_frame
+        if m.num_frames and family.makes_videos and m.num_frames % k != 1 % k:
+            bad("num_frames", f"must be {k}k + 1 for --model {m.model} (e.g. {4 * k + 1}, {8 * k + 1})")
         if m.width and m.model == "toy":
             bad("width", "applies to the diffusers models; the toy model's images are square")
         if not (run.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", run.device)):

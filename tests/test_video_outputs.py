@@ -84,3 +84,17 @@ def test_the_config_refuses_video_terms_for_image_models_and_human_for_video_mod
     check("scores videos", reward="quality:1,temporal_consistency:1")
     check("applies to video models", num_frames=5)
     check("toy model's images are square", width=32)
+    wan = dict(model="wan", model_path=str(tmp_path), prompts="geneval-coco:train", eval_prompts="geneval-coco:test",
+               reward="quality:1")  # fmt: skip
+    check("must be 4k [+] 1 for --model wan", num_frames=6, **wan)  # before any weights load
+    check("uses 'human': the labelling page shows images", **{**wan, "reward": "human:1"})
+    make_config(overrides=dict(out=str(tmp_path / "r"), num_frames=33, **wan)).validate()
+
+
+def test_fdfo_eval_refuses_a_video_model_in_one_line(tmp_path, capsys):
+    from fdfo_fast.compare import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--lora", str(tmp_path), "--model", "wan", "--model-path", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "fdfo-eval compares image models" in err and "Traceback" not in err, err

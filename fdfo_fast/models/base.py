@@ -54,6 +54,7 @@ class FlowModel(torch.nn.Module, abc.ABC):
     pipeline_max_sequence_length: ClassVar[int] = 256  # the text length the model's pipeline defaults to
     lora_recipe_targets: ClassVar[tuple[str, ...]] = ()  # --lora-targets auto: the community recipe's modules
     makes_videos: ClassVar[bool] = False  # latents [C, F, H, W], decoded to videos [B, 3, F, H, W] (is_video)
+    frames_per_latent_frame: ClassVar[int] = 1  # a video VAE's temporal compression k: --num-frames = k·n + 1
     latent_shape: tuple[int, ...]  # one sample as the samplers walk it: [C, H, W], or [C, F, H, W] for video
 
     @property

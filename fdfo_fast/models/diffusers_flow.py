@@ -148,10 +148,7 @@ class DiffusersFlowModel(FlowModel):
     def _latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """One sample's latent shape for height × width pixels ([C, H/s, W/s]); both must fill whole 2×2 patches
         of latent cells (the transformers' patch size)."""
-        cell = 2 * self.vae_scale
-        for name, px in (("resolution", height), ("width", width)):
-            if px % cell:
-                raise FdfoError(f"{name} {px} must be a multiple of {cell} for this VAE")
+        check_image_size(height, width, 2 * self.vae_scale)
         return (int(self.vae.config.latent_channels), height // self.vae_scale, width // self.vae_scale)
 
     @classmethod
@@ -541,6 +538,14 @@ class DiffusersFlowModel(FlowModel):
             str(directory), auto_mapping_dict={"base_model_class": base.__name__, "parent_library": base.__module__}
         )
         return directory
+
+
+def check_image_size(height: int, width: int, multiple: int) -> None:
+    """Both sizes are multiples of `multiple` pixels (whole transformer patches of latent cells): one clear error
+    instead of a pipeline that would round them down."""
+    for name, px in (("resolution", height), ("width", width)):
+        if px % multiple:
+            raise FdfoError(f"{name} {px} must be a multiple of {multiple} for this VAE")
 
 
 def _first_line(err: BaseException) -> str:

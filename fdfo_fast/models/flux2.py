@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fdfo_fast.errors import FdfoError
-from fdfo_fast.models.diffusers_flow import GuidanceDistilledFlowModel
+from fdfo_fast.models.diffusers_flow import GuidanceDistilledFlowModel, check_image_size
 
 # diffusers examples/dreambooth/train_dreambooth_lora_flux2.py, the default `target_modules` without --lora_layers:
 # the double blocks' image-stream attention (to_q/k/v, to_out.0; the text stream's add_*_proj stay frozen) and the
@@ -84,9 +83,7 @@ class Flux2FlowModel(GuidanceDistilledFlowModel):
         num_latents_channels = transformer in_channels // 4); sizes must be multiples of 2s (its check_inputs
         would otherwise round them down)."""
         cell = 2 * self.vae_scale
-        for name, px in (("resolution", height), ("width", width)):
-            if px % cell:
-                raise FdfoError(f"{name} {px} must be a multiple of {cell} for this VAE")
+        check_image_size(height, width, cell)
         return (self.transformer.config.in_channels // 4 * 4, height // cell, width // cell)
 
     # -- conditioning ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fdfo_fast.errors import FdfoError
-from fdfo_fast.models.diffusers_flow import DiffusersFlowModel, pack_latents, unpack_latents
+from fdfo_fast.models.diffusers_flow import DiffusersFlowModel, check_image_size, pack_latents, unpack_latents
 
 # diffusers examples/dreambooth/train_dreambooth_lora_qwen_image.py: without --lora_layers the LoRA goes on
 # target_modules = ["to_k", "to_q", "to_v", "to_out.0"] (the image stream's attention projections of every block;
@@ -63,10 +63,7 @@ class QwenImageFlowModel(DiffusersFlowModel):
     def _latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """[C, H/s, W/s] with C = transformer in_channels / 4 (prepare_latents' num_channels_latents); H and W must
         fill whole 2×2 patches (check_inputs: divisible by vae_scale_factor · 2)."""
-        cell = 2 * self.vae_scale
-        for name, px in (("resolution", height), ("width", width)):
-            if px % cell:
-                raise FdfoError(f"{name} {px} must be a multiple of {cell} for this VAE")
+        check_image_size(height, width, 2 * self.vae_scale)
         return (int(self.transformer.config.in_channels) // 4, height // self.vae_scale, width // self.vae_scale)
 
     # -- conditioning ------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class WanFlowModel(DiffusersFlowModel):
     pipeline_max_sequence_length = 512  # WanPipeline.__call__'s max_sequence_length
     lora_recipe_targets = WAN_LORA_TARGETS
     makes_videos = True  # latents [z_dim, F', h, w], decoded to videos [B, 3, F, H, W]
+    frames_per_latent_frame = 4  # Wan2.1's VAE (scale_factor_temporal): the config checks --num-frames = 4k + 1
 
     def __init__(
         self, pipe, resolution, max_sequence_length, path="", transformer=None, width: int = 0, num_frames: int = 0
