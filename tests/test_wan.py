@@ -168,7 +168,7 @@ def test_exported_lora_loads_in_diffusers_and_peft(wan_dir, tmp_path):
     """The default targets are the recipe's list as peft applies it; with non-zero B factors (r ≠ α) the export
     loads into a fresh pipeline with WanPipeline.load_lora_weights and with PeftModel.from_pretrained, each giving
     exactly the trained model's velocity and decoded video."""
-    from peft import LoraConfig, PeftModel, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model
 
     model = _load(wan_dir)
     model.setup_finetune(_ft())
@@ -183,6 +183,13 @@ def test_exported_lora_loads_in_diffusers_and_peft(wan_dir, tmp_path):
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
     folder = model.export_lora(tmp_path / "lora")
     assert json.loads((folder / "adapter_config.json").read_text())["lora_alpha"] == 8.0
+    _check_the_export_reproduces(model, folder, wan_dir)
+
+
+def _check_the_export_reproduces(model, folder, wan_dir):
+    """`folder` loaded into a fresh pipeline with WanPipeline.load_lora_weights, and with PeftModel.from_pretrained,
+    gives exactly `model`'s velocity and decoded video (which differ from the base's)."""
+    from peft import PeftModel
 
     x, cond = _x1(model, 1), model.encode_prompts(PROMPTS[:1])
     v_trained, video_trained = _outputs(model, x, cond)
@@ -250,3 +257,4 @@ def test_one_fdfo_lora_epoch_moves_only_the_lora(wan_dir, tmp_path, monkeypatch)
     with Image.open(tmp_path / "gen" / "000.gif") as im:
         assert im.n_frames == FRAMES and im.size == (32, 32)
     assert_only_the_lora_moved(_load(wan_dir).transformer, model)
+    _check_the_export_reproduces(model.eval(), run / "lora", wan_dir)  # the run's own export of what it trained
