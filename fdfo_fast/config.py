@@ -148,19 +148,20 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The flow model: the toy model, or SD3 / FLUX through diffusers, and what of it is trained."""
+    """The flow model: the toy model, or a diffusers family (SD3, FLUX.1, FLUX.2, Qwen-Image, Wan2.1), and what of
+    it is trained."""
 
     model: str = _f("toy", "toy | sd3 | flux | flux2 | qwen_image | wan", choices=_model_kinds)
     base_checkpoint: str = _f("", "base model checkpoint ('' = the shipped toy base model)")
     model_path: str = _f("", "diffusers models: a local diffusers pipeline folder or a hub id")
-    resolution: int = _f(512, "real models: image height = width in pixels (with --width: the height)", ge=1)
-    width: int = _f(0, "real models: image width in pixels (0 = --resolution, square)", ge=0)
+    resolution: int = _f(512, "diffusers models: image height = width in pixels (with --width: the height)", ge=1)
+    width: int = _f(0, "diffusers models: image width in pixels (0 = --resolution, square)", ge=0)
     num_frames: int = _f(0, "video models: frames per sample, 4k + 1 (0 = the model's default)", ge=0)
     dtype: str = _f(
         "bf16", "diffusers models: weight dtype bf16 | fp16 | fp32 (the sampler state is fp32)", choices=DTYPE_NAMES
     )
     max_sequence_length: int = _f(
-        0, "real models: prompt tokens of the text encoder (0 = the pipeline's default: sd3 256, flux 512, ...)", ge=0
+        0, "diffusers models: prompt tokens of the text encoder (0 = the pipeline's default: sd3 256, flux 512)", ge=0
     )
     flux_guidance: float = _f(
         0.0, "flux / flux2: the distilled guidance scale fed to the model (no CFG); 0 = the pipeline's: 3.5 / 4.0", ge=0
@@ -178,8 +179,8 @@ class ModelConfig:
     lora_targets: str = _f(
         "auto",
         "--finetune lora: comma-separated peft target_modules (module-name suffixes, e.g. attn.to_q,attn.to_k); "
-        "auto = the model's recipe (Flow-GRPO): sd3 the joint attention's attn.* projections (not SD3.5's attn2), "
-        "flux those plus the double blocks' ff / ff_context MLPs",
+        "auto = the model family's community recipe (README's model table; e.g. sd3: the joint attention's attn.* "
+        "projections as Flow-GRPO, not SD3.5's attn2; flux: those plus the double blocks' ff / ff_context MLPs)",
     )
     gradient_checkpointing: bool = _f(False, "diffusers models: recompute transformer activations in the backward")
     # A model option beside gradient_checkpointing, the other memory switch of the training passes: it frees the
@@ -187,9 +188,8 @@ class ModelConfig:
     offload_frozen: bool = _f(
         False,
         "diffusers models: during the training passes, move the text encoders, the VAE (not under ZeRO-3, which "
-        "shards it) "
-        "and the reward models that sit on the training GPU to the CPU, and back before sampling / evaluation "
-        "(their weights' memory, docs/memory.md, for two host-device copies per epoch); no-op on CPU runs",
+        "shards it) and the reward models that sit on the training GPU to the CPU, and back before sampling / "
+        "evaluation (their weights' memory, docs/memory.md, for two host-device copies per epoch); no-op on CPU runs",
     )
     init_lora: str = _f(
         "",

@@ -37,7 +37,7 @@ class SamplingOptions:
     cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
     shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
     resolution: int = option(0, "diffusers models: pixels (0 = the run's, else 512)")
-    max_sequence_length: int = option(0, "real models: prompt tokens (0 = the run's, else the pipeline's default)")
+    max_sequence_length: int = option(0, "diffusers models: prompt tokens (0 = the run's, else the pipeline's default)")
     dtype: str = option("", "diffusers models: bf16 | fp16 | fp32 ('' = the run's, else bf16)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
