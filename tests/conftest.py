@@ -69,3 +69,12 @@ def flux_dir(tmp_path_factory):
     from tiny_diffusers import build_tiny_flux
 
     return str(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))
+
+
+@pytest.fixture(scope="session")
+def qwen_image_dir(tmp_path_factory):
+    """A tiny random-weight QwenImagePipeline (Qwen-Image's scheduler config) saved once per session."""
+    pytest.importorskip("diffusers")
+    from tiny_qwen_image import build_tiny_qwen_image
+
+    return str(build_tiny_qwen_image(tmp_path_factory.mktemp("tiny_qwen_image")))

@@ -23,7 +23,6 @@ from test_diffusers_models import (  # noqa: E402
     assert_only_the_lora_moved,
 )
 from test_generate import U32, _pipeline_latents  # noqa: E402
-from tiny_qwen_image import build_tiny_qwen_image  # noqa: E402
 
 from fdfo_fast.errors import FdfoError  # noqa: E402
 from fdfo_fast.models.diffusers_flow import pack_latents, unpack_latents  # noqa: E402
@@ -36,8 +35,8 @@ DREAMBOOTH_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return str(build_tiny_qwen_image(tmp_path_factory.mktemp("tiny_qwen_image")))
+def qwen_dir(qwen_image_dir):
+    return qwen_image_dir  # tests/conftest.py: built once per session (tests/test_real_model_numerics.py uses it too)
 
 
 def _load(path, dtype=torch.float32, **kw):

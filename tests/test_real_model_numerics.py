@@ -17,11 +17,11 @@ from fdfo_fast.models.diffusers_flow import SD3FlowModel  # noqa: E402
 from fdfo_fast.train import train  # noqa: E402
 
 
-def _cfg(tmp_path, path, algorithm, **kw):
+def _cfg(tmp_path, path, algorithm, model="sd3", **kw):
     return make_config(
         None,
         overrides=dict(
-            model="sd3", model_path=path, algorithm=algorithm, out=str(tmp_path / algorithm), resolution=32,
+            model=model, model_path=path, algorithm=algorithm, out=str(tmp_path / algorithm), resolution=32,
             max_sequence_length=16, finetune="lora", lora_rank=4, lora_alpha=8.0, num_steps=3, epochs=1,
             eval_every=0, eval_per_category=1, eval_num_steps=2, reward="quality:1,jpeg_incompressibility:0.05",
             progress=False, log_with="none", device="cpu", diversity_prompts=0, **kw,
@@ -46,6 +46,24 @@ def test_bf16_model_with_cfg_has_an_exact_first_step_ratio(algorithm, extra, key
     the model's dtype it was rounded while training recombines in fp32 (measured before the fix: FDFO's first-step
     |ρ − 1| = 2.2e-4 on this tiny model). Flow-GRPO's ratio reads only the stored states: exact either way."""
     cfg = _cfg(tmp_path, sd3_dir, algorithm, dtype="bf16", cfg_scale=4.5, **extra)
+    train(cfg)
+    record = _train_record(tmp_path / algorithm)
+    assert record[key] == 0.0, record[key]
+
+
+@pytest.mark.parametrize(
+    "algorithm, extra, key",
+    [
+        ("fdfo", dict(pairs_per_epoch=2, churn=0.05), "fdfo/rho_dev_first_max"),
+        ("flow_grpo", dict(prompts_per_epoch=1, group_size=4, kl_beta=0.01), "flow_grpo/ratio_dev_first_max"),
+    ],
+)
+def test_a_models_own_cfg_combine_is_what_training_recomputes(algorithm, extra, key, qwen_image_dir, tmp_path):
+    """Qwen-Image's true CFG is not linear (norm-preserving, fdfo_fast/models/qwen_image.py): the samplers apply the
+    model's combine before the step and training recomputes the guided velocity with the same combine (Flow-GRPO:
+    through a detached unconditional half), so the first optimiser step's ρ / PPO ratio is exactly 1 with a bf16
+    model too; and the frozen reference (KL) is the base model with the same combine."""
+    cfg = _cfg(tmp_path, qwen_image_dir, algorithm, model="qwen_image", dtype="bf16", cfg_scale=4.0, **extra)
     train(cfg)
     record = _train_record(tmp_path / algorithm)
     assert record[key] == 0.0, record[key]
