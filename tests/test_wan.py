@@ -258,3 +258,27 @@ def test_one_fdfo_lora_epoch_moves_only_the_lora(wan_dir, tmp_path, monkeypatch)
         assert im.n_frames == FRAMES and im.size == (32, 32)
     assert_only_the_lora_moved(_load(wan_dir).transformer, model)
     _check_the_export_reproduces(model.eval(), run / "lora", wan_dir)  # the run's own export of what it trained
+
+
+def test_fdfo_on_video_moves_the_held_out_reward_with_the_rewards_sign(wan_dir, tmp_path):
+    """The first FDFO on video learns in the direction of its reward: the same 5 epochs on the tiny Wan with the
+    palette-quality term weighted +1 or −1 (every frame scored, averaged per clip) raise, respectively lower, the
+    held-out quality from the same base value (measured: 0.01214 -> 0.01242 / 0.01180 after 5 epochs at lr 0.1, a
+    ~3 % change, many orders above run-to-run rounding)."""
+    from test_diffusers_models import _train_cfg
+
+    from fdfo_fast.train import train
+
+    final = {}
+    for sign in (1, -1):
+        cfg = _train_cfg(tmp_path / str(sign), "wan", wan_dir, "fdfo", num_frames=FRAMES, epochs=5, pairs_per_epoch=8,
+                         num_steps=4, eval_num_steps=4, eval_every=5, eval_per_category=2, lr=0.1,
+                         reward=f"quality:{sign}", diversity_prompts=0, rollout_images_every=0)  # fmt: skip
+        train(cfg)
+        evals = [json.loads(x) for x in (tmp_path / str(sign) / "run" / "metrics.jsonl").read_text().splitlines()]
+        quality = [r["eval/quality"] for r in evals if r["kind"] == "eval"]
+        assert len(quality) == 2
+        final[sign] = quality
+    assert final[1][0] == final[-1][0]  # the same base model and held-out seeds
+    print(f"held-out quality: base {final[1][0]:.5f}, +1 -> {final[1][1]:.5f}, -1 -> {final[-1][1]:.5f}")
+    assert final[1][1] > final[1][0] > final[-1][1], final

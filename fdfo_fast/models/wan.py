@@ -71,7 +71,8 @@ class WanFlowModel(DiffusersFlowModel):
                             "--model wan supports Wan2.1 T2V")  # fmt: skip
         # WanPipeline's documented usage loads the VAE in fp32 beside a bf16 transformer (pipeline_wan.py's example:
         # AutoencoderKLWan.from_pretrained(..., torch_dtype=torch.float32)); __call__ then decodes in the VAE's dtype
-        self.vae.to(torch.float32)
+        if self.vae.dtype != torch.float32:
+            self.vae.to(torch.float32)
         self._timestep_scheduler = None  # the scheduler `_integer_timesteps` was worked out for
         self._timesteps_are_integers = False
 
