@@ -593,6 +593,10 @@ MUTATIONS: list[Mutation] = [
         'key = "shift"', [WAN], extra=True,
     ),
     mutation(
+        "sde-guard-exact-one-only", "Flow-GRPO's g guard only at σ == 1 exactly (UniPC's grid starts at 1 − 1e-6)",
+        "kernels/sampler_step.py", "t >= 1.0 - SIGMA_ONE_TOLERANCE", "t >= 1.0", [WAN], extra=True,
+    ),
+    mutation(
         "video-reward-first-frame", "video rewards: a clip scored by its first frame instead of all frames' mean",
         "fdfo_fast/rewards/video.py", "value.view(b, f).mean(1)", "value.view(b, f)[:, 0]", [VIDEO], extra=True,
     ),

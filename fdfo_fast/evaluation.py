@@ -63,7 +63,7 @@ def evaluate(
     """Sample every (prompt, seed) item with the Euler ODE sampler, decode and score it (with `overlap_scoring`
     each batch's images on a worker thread while the next batch samples: the same scores, fdfo_fast.scoring).
 
-    A prompt is a world `PromptSpec` (categorised) or plain text (category "prompts", e.g. for SD3 / FLUX runs).
+    A prompt is a world `PromptSpec` (categorised) or plain text (category "prompts", e.g. a diffusers model's).
     """
     from fdfo_fast.scoring import ChunkScorer
 
@@ -101,24 +101,30 @@ def sample_diversity(
     cfg_scale: float = 1.0,
     impl: str | None = None,
     size: int = 64,
+    batch_size: int = 0,
 ) -> float:
     """Mean over prompts of the mean pairwise RMS distance between `samples` images of the same prompt.
 
     Images in [-1, 1] (real models' decodes area-downsampled to `size` px first, so the number does not grow with
-    resolution). RL post-training tends to collapse the samples of a prompt; this tracks how fast.
+    resolution). RL post-training tends to collapse the samples of a prompt; this tracks how fast. Sampled and
+    decoded `batch_size` samples at a time (0 = all at once), each chunk's small images kept on the host.
     """
     import torch.nn.functional as F
 
     texts = [p for p in prompts for _ in range(samples)]
     seeds = [derive_seed(seed, 3, j, i) for j in range(len(prompts)) for i in range(samples)]
-    cond = model.encode_prompts(texts)
-    uncond = model.encode_negative(len(texts)) if cfg_scale != 1.0 else None
     sampler = Sampler("euler", model.sigma_schedule(num_steps, shift or None), cfg_scale=cfg_scale, impl=impl)
-    x0 = sample_euler(model, sampler, cond, uncond, seeds, model.latent_shape).x0
-    images = model.decode(x0).float().clamp(-1, 1)
-    if images.shape[-1] > size:  # (a video's frames each: area pooling over pixels, not time)
-        images = F.interpolate(images, size=(*images.shape[2:-2], size, size), mode="area")
-    flat = images.flatten(1).view(len(prompts), samples, -1)
+    chunk = batch_size or len(texts)
+    parts = []
+    for i in range(0, len(texts), chunk):
+        cond = model.encode_prompts(texts[i : i + chunk])
+        uncond = model.encode_negative(len(texts[i : i + chunk])) if cfg_scale != 1.0 else None
+        x0 = sample_euler(model, sampler, cond, uncond, seeds[i : i + chunk], model.latent_shape).x0
+        images = model.decode(x0).float().clamp(-1, 1)
+        if images.shape[-1] > size:  # (a video's frames each: area pooling over pixels, not time)
+            images = F.interpolate(images, size=(*images.shape[2:-2], size, size), mode="area")
+        parts.append(images.cpu())
+    flat = torch.cat(parts).flatten(1).view(len(prompts), samples, -1)
     d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, n, n] RMS distances
     iu = torch.triu_indices(samples, samples, 1)
     return float(d[:, iu[0], iu[1]].mean())
@@ -169,7 +175,7 @@ class RunEvaluator:
                 if ev.diversity_prompts:
                     diversity = sample_diversity(
                         model, self.diversity_prompts, ev.diversity_samples, cfg.run.seed, ev.eval_num_steps,
-                        sm.shift, sm.cfg_scale, impl=cfg.run.impl_or_none,
+                        sm.shift, sm.cfg_scale, impl=cfg.run.impl_or_none, batch_size=sm.sample_batch,
                     )  # fmt: skip
             res = gather_eval(res, env)
             summary = {f"eval/{k}": v for k, v in res.summary().items()}

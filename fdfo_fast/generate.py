@@ -8,9 +8,9 @@ with the diffusers pipeline directly.
     fdfo-generate --run RUN --prompt "..." --latents x1.pt --save-latents true --out gen/
 
 Writes OUT/000.png, 001.png, … (a video model: 000.gif, …) and OUT/generated.json (prompt, seed, settings per
-image); with --save-latents, OUT/latents.pt holds {"x1": start noise, "x0": final latents} ([N, C, H, W], the
-unpacked latent layout, fp32).
---latents FILE starts from given noise: a tensor [N, C, H, W] (torch.save) — the same tensor passed as
+image); with --save-latents, OUT/latents.pt holds {"x1": start noise, "x0": final latents} ([N, C, H, W], a video
+model's [N, C, F, H, W]: the unpacked latent layout, fp32).
+--latents FILE starts from given noise: a tensor [N, *latent shape] (torch.save) — the same tensor passed as
 `StableDiffusion3Pipeline(...)(latents=x1, num_inference_steps=T, guidance_scale=w, output_type="latent")` (FLUX:
 `latents=FluxPipeline._pack_latents(x1, ...)`) gives the same latents to fp32 rounding.
 """
@@ -33,7 +33,7 @@ class SamplingOptions:
     """How fdfo-generate and fdfo-eval sample: each option 0 / '' / -1 takes the run's value (or the model's
     default without a run)."""
 
-    num_steps: int = option(0, "sampling steps (0 = the run's eval_num_steps, else 40 for sd3/flux and 20 for toy)")
+    num_steps: int = option(0, "sampling steps (0 = the run's eval_num_steps, else 40, or 20 for toy)")
     cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = the run's, else 1.0; FLUX has none)")
     shift: float = option(-1.0, "time shift of the σ grid (-1 = the run's; 0 = the model's own)")
     resolution: int = option(0, "diffusers models: pixels (0 = the run's, else 512)")
@@ -55,7 +55,7 @@ class GenerateConfig(SamplingOptions):
     prompts: str = option("", "a text file with one prompt per line ('#' comments)")
     images_per_prompt: int = option(1, "images per prompt (seeds seed, seed + 1, …)")
     seed: int = option(0, "seed of the first image; image i uses seed + i")
-    latents: str = option("", "start noise: a torch.save'd tensor [N, C, H, W] (N = number of images)")
+    latents: str = option("", "start noise: a torch.save'd tensor [N, *latent shape] (N = number of images)")
     save_latents: bool = option(False, "also write OUT/latents.pt (start noise and final latents)")
     batch: int = option(8, "images per model call")
     width: int = option(0, "diffusers models: width in pixels (0 = the run's, else --resolution: square)")
@@ -122,7 +122,7 @@ def load_generator_model(cfg: GenerateConfig, device: torch.device):
                 raise FdfoError(f"{path} holds DeepSpeed-sharded weights; export them first (or use best.pt / lora/)")
             model.setup_finetune(run_cfg.model)  # the trained adapter's layout (its init is overwritten)
             model.load_trainable_state_dict(state["model"], str(path))
-        elif model.kind != "toy":  # best.pt of an SD3 / FLUX run: the trainable state dict
+        elif model.kind != "toy":  # best.pt of a diffusers model's run: the trainable state dict
             model.setup_finetune(run_cfg.model)
             model.load_trainable_state_dict(state.get("model", state), str(path))
         else:  # best.pt of a toy run is a plain toy checkpoint

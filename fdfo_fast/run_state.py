@@ -373,6 +373,12 @@ def write_model_card(directory: Path, cfg: TrainConfig, model, card: dict) -> No
             license="other",  # the base model's license applies
             inference=True,
         )
-    tags = ["text-to-image", "diffusers", "fdfo_fast", cfg.run.algorithm, cfg.model.model]
+    tags = [
+        "text-to-video" if model.is_video else "text-to-image",
+        "diffusers",
+        "fdfo_fast",
+        cfg.run.algorithm,
+        cfg.model.model,
+    ]
     tags.append("lora" if model.lora else "full-finetune")
     populate_model_card(model_card, tags=tags).save(str(directory / "README.md"))

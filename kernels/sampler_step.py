@@ -58,14 +58,21 @@ MODES = ("euler", "churn", "sde")
 # ---------------------------------------------------------------------------------------------------------------
 # Formulas: the SDE's diffusion coefficient and mean, the per-step coefficients of every mode
 # ---------------------------------------------------------------------------------------------------------------
+# A σ grid's start within this of 1 is the SDE's t = 1: UniPC's flow grid (Wan2.1's pipelines) starts at 1 − 1e-6 to
+# keep its multistep algebra finite, where g = a·√(t / (1 − t)) would be ~700 a and the first SDE step would throw
+# the sample to |x| ~ 1e4. No other grid σ comes this close (1000 steps at shift 3: σ_1 = 0.99967).
+SIGMA_ONE_TOLERANCE = 1e-4
+
+
 def largest_sigma_below_one(sigmas: torch.Tensor) -> float:
     """Flow-GRPO's guard for g at t = 1: the largest σ < 1 of the schedule (σ_1; 0 for a one-step schedule)."""
     return float(sigmas[1])
 
 
 def sde_std(t: float, noise_level: float, sigma_max: float) -> float:
-    """Flow-GRPO diffusion coefficient g = a·√(t / (1 − t)); at t = 1 the denominator uses the largest σ < 1."""
-    return noise_level * math.sqrt(t / (1 - (sigma_max if t >= 1.0 else t)))
+    """Flow-GRPO diffusion coefficient g = a·√(t / (1 − t)); at t = 1 (within SIGMA_ONE_TOLERANCE) the denominator
+    uses the largest σ < 1 of the grid."""
+    return noise_level * math.sqrt(t / (1 - (sigma_max if t >= 1.0 - SIGMA_ONE_TOLERANCE else t)))
 
 
 def _sde_mean_coefficients(t, s, g):

@@ -90,6 +90,10 @@ def test_diversity_metric():
     model = load_toy_model(TOY_BASE_CHECKPOINT)
     d = sample_diversity(model, ["a red circle", "two blue squares"], 3, seed=0, num_steps=4)
     assert 0 < d < 2
+    # sampled in chunks of --sample-batch (a real model cannot take every diversity sample in one call): each
+    # sample's noise comes from its own seed, so the chunks give the same images
+    chunked = sample_diversity(model, ["a red circle", "two blue squares"], 3, seed=0, num_steps=4, batch_size=4)
+    assert chunked == d
 
     class Collapsed(torch.nn.Module):  # ignores the noise: every sample of a prompt is the same image
         latent_shape = model.latent_shape

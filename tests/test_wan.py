@@ -121,10 +121,15 @@ def test_the_transformer_gets_the_pipelines_timesteps(scheduler, wan_dir):
     expected_dtype = torch.int64 if scheduler == "unipc" else torch.float32
     for ours, ref in zip(seen, theirs, strict=True):
         assert ours.dtype == ref.dtype == expected_dtype and torch.equal(ours, ref), (ours, ref)
-    for steps in range(1, 51):  # every grid up to 50 steps: σ (fp32) -> the scheduler's own timesteps
-        scheduler = model.pipe.scheduler
-        scheduler.set_timesteps(steps)
-        assert torch.equal(model._timestep(model.sigma_schedule(steps)[:-1]), scheduler.timesteps), steps
+    for shift in (None, 1.0, 6.0):  # every grid up to 50 steps, at shifts where recomputing ⌊σ·1000⌋ misses by one
+        reference = model.pipe.scheduler
+        if shift is not None:
+            key = "flow_shift" if scheduler == "unipc" else "shift"
+            reference = type(reference).from_config(reference.config, **{key: shift})
+        for steps in range(1, 51):  # σ (fp32) -> the scheduler's own timesteps
+            reference.set_timesteps(steps)
+            ours = model._timestep(model.sigma_schedule(steps, shift)[:-1])
+            assert torch.equal(ours, reference.timesteps), (shift, steps)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 5.0])
@@ -282,3 +287,22 @@ def test_fdfo_on_video_moves_the_held_out_reward_with_the_rewards_sign(wan_dir, 
     assert final[1][0] == final[-1][0]  # the same base model and held-out seeds
     print(f"held-out quality: base {final[1][0]:.5f}, +1 -> {final[1][1]:.5f}, -1 -> {final[-1][1]:.5f}")
     assert final[1][1] > final[1][0] > final[-1][1], final
+
+
+def test_sde_rollouts_on_unipcs_grid_treat_its_first_sigma_as_one(wan_dir):
+    """UniPC's flow grid (the hub's Wan2.1 scheduler) starts at σ = 1 − 1e-6, not 1: Flow-GRPO's g = a·√(t/(1 − t))
+    there would be ~700·a and the first SDE step would throw the sample to |x| ~ 1e4 (measured before the guard:
+    81,854 from a start of 3.4). That σ is the SDE's t = 1: g uses the largest σ < 1, and the rollout stays at the
+    scale of its start noise."""
+    from fdfo_fast.kernels.sampler_step import largest_sigma_below_one, sde_std
+    from fdfo_fast.sampling import sample_sde
+
+    model = _load(wan_dir)
+    sigmas = model.sigma_schedule(4)
+    assert 1 - 1e-5 < sigmas[0] < 1  # UniPC's own start
+    sigma_max = largest_sigma_below_one(sigmas)
+    assert sde_std(float(sigmas[0]), 0.7, sigma_max) == pytest.approx(sde_std(1.0, 0.7, sigma_max), rel=1e-5)
+    sampler = Sampler("sde", sigmas, noise_level=0.7, record=True)
+    traj = sample_sde(model, sampler, model.encode_prompts(PROMPTS), None, [3, 4], model.latent_shape)
+    start = traj.states[0].abs().max()
+    assert torch.isfinite(traj.x0).all() and traj.states.abs().max() < 3 * start and traj.x0.abs().max() < 3 * start

@@ -113,8 +113,14 @@ class RunContext:
         from fdfo_fast.scoring import ChunkScorer
 
         scorer = ChunkScorer(self.reward, prompts, score_seeds, overlap=self.overlap_scoring)
+        # The scorer keeps every decoded chunk until the epoch's rewards are in. Decoded videos go to the host at
+        # once: an epoch's clips at full size would not fit beside the model (wan21-1.3b-fdfo: 192 clips of
+        # 3 × 33 × 480 × 832 fp32, ~30 GB); their frames are scored from there (reward models move their inputs).
+        to_scorer = (lambda images: images.cpu()) if getattr(self.model, "is_video", False) else (lambda images: images)
         try:
-            traj = self.sample_in_chunks(sample, cond, uncond, seeds, chunk, lambda t: scorer.add(self.decode(t.x0)))
+            traj = self.sample_in_chunks(
+                sample, cond, uncond, seeds, chunk, lambda t: scorer.add(to_scorer(self.decode(t.x0)))
+            )
             parts = len(getattr(self.reward, "parts", ())) or 1  # each term part scores every image
             with self.phase("scoring", total=len(prompts) * parts, unit="img") as bar:
                 bar.update(scorer.take_ticks())  # what the worker scored while the chunks sampled

@@ -161,11 +161,11 @@ class FlowModel(torch.nn.Module, abc.ABC):
             raise FdfoError(f"--attention {chosen}: the {self.kind} model supports sdpa only")
 
 
-MODEL_KINDS: dict[str, type[FlowModel]] = {}  # "toy" | "sd3" | "flux" -> class; filled by fdfo_fast/models/__init__
+MODEL_KINDS: dict[str, type[FlowModel]] = {}  # --model name -> class; filled by fdfo_fast/models/__init__
 
 
 def load_model(mc) -> FlowModel:
-    """The base model of `mc.model` (the shipped toy model or --base-checkpoint, or SD3 / FLUX through diffusers)."""
+    """The base model of `mc.model` (the shipped toy model or --base-checkpoint, or a diffusers family)."""
     cls = MODEL_KINDS.get(mc.model)
     if cls is None:
         raise FdfoError(f"--model must be one of {', '.join(MODEL_KINDS)}, got {mc.model!r}")

@@ -70,7 +70,7 @@ def _require_diffusers():
         import transformers  # noqa: F401
     except ImportError as err:
         raise FdfoError(
-            f"the SD3 / FLUX adapters need diffusers and transformers ({err.name} is missing): "
+            f"the diffusers model adapters need diffusers and transformers ({err.name} is missing): "
             "pip install -e '.[diffusers]' in the fdfo_fast checkout"
         ) from None
 
@@ -112,7 +112,8 @@ def _load_pipeline(cls_name: str, path: str, dtype: torch.dtype, what: str):
 
 
 class DiffusersFlowModel(FlowModel):
-    """What SD3 and FLUX share: the embedding cache, VAE decode, fine-tuning setup, reference view, LoRA export."""
+    """What every diffusers family shares: the embedding cache, the scheduler's σ grid, VAE decode, fine-tuning
+    setup, reference view, LoRA export."""
 
     kind = "diffusers"
     pipeline_class = ""  # the diffusers pipeline class the model folder holds
@@ -234,6 +235,10 @@ class DiffusersFlowModel(FlowModel):
         """The σ grid (fp32 [T + 1], ending in 0) the diffusers pipeline samples with for `num_steps`: its own
         scheduler, set exactly as the pipeline's __call__ sets it (`_scheduler_kwargs`), on a copy so the pipeline's
         state is untouched. `shift` overrides the scheduler config's shift (None: the config's)."""
+        return self._set_scheduler(num_steps, shift).sigmas.float().cpu()
+
+    def _set_scheduler(self, num_steps: int, shift: float | None):
+        """A copy of the pipeline's scheduler after `retrieve_timesteps` as its __call__ makes it (sigma_schedule)."""
         if num_steps < 1:
             raise FdfoError(f"num_steps must be >= 1, got {num_steps}")
         import copy
@@ -244,11 +249,14 @@ class DiffusersFlowModel(FlowModel):
         if shift is not None:
             if not shift > 0:
                 raise FdfoError(f"time shift must be > 0, got {shift}")
+            if scheduler.config.get("use_dynamic_shifting", False):  # the shift then comes from mu, never `shift`
+                raise FdfoError(f"--shift {shift:g}: the {self.display_name} scheduler shifts dynamically (from the "
+                                "image size); leave --shift at 0")  # fmt: skip
             # the name the scheduler reads: FlowMatchEuler's `shift`, UniPC's (Wan's) `flow_shift`
             key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
             scheduler = type(scheduler).from_config(scheduler.config, **{key: float(shift)})
         retrieve_timesteps(scheduler, num_steps, "cpu", **self._scheduler_kwargs(scheduler, num_steps))
-        return scheduler.sigmas.float().cpu()
+        return scheduler
 
     def _image_seq_len(self) -> int:
         raise NotImplementedError

@@ -75,6 +75,8 @@ class WanFlowModel(DiffusersFlowModel):
             self.vae.to(torch.float32)
         self._timestep_scheduler = None  # the scheduler `_integer_timesteps` was worked out for
         self._timesteps_are_integers = False
+        self._grid_timesteps: dict[float, int] = {}  # UniPC: grid σ (fp32) -> the scheduler's own timestep
+        self._timestep_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def _load_options(cls, mc) -> dict:
@@ -123,24 +125,63 @@ class WanFlowModel(DiffusersFlowModel):
         """WanPipeline.__call__: `scheduler.set_timesteps(num_inference_steps, device=device)`, nothing else."""
         return {}
 
+    def sigma_schedule(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        """The pipeline's grid (DiffusersFlowModel); with a scheduler whose timesteps are integers (UniPC) each grid σ's
+        timestep is also kept, as the scheduler made it, for `_timestep`."""
+        self._integer_timesteps()  # binds the table to the pipeline's current scheduler before it is filled
+        scheduler = self._set_scheduler(num_steps, shift)
+        sigmas = scheduler.sigmas.float().cpu()
+        if not scheduler.timesteps.dtype.is_floating_point:
+            for sigma, t in zip(sigmas[: len(scheduler.timesteps)].tolist(), scheduler.timesteps.tolist(), strict=True):
+                self._grid_timesteps[sigma] = int(t)
+            self._timestep_tables.clear()  # rebuilt (per device) on the next call
+        return sigmas
+
+    def reference_model(self):
+        """As DiffusersFlowModel's; a full fine-tune's frozen copy shares the grids' timesteps (it is never asked for
+        a σ grid itself, and must hand its transformer the policy's timesteps)."""
+        ref = super().reference_model()
+        if not self.lora:
+            ref._grid_timesteps, ref._timestep_tables = self._grid_timesteps, self._timestep_tables
+            ref._timestep_scheduler, ref._timesteps_are_integers = (
+                self._timestep_scheduler,
+                self._timesteps_are_integers,
+            )
+        return ref
+
     def _integer_timesteps(self) -> bool:
-        """Whether the pipeline's scheduler hands the transformer integer timesteps (UniPC's int64 ⌊σ·1000⌋) rather
-        than fp32 σ·1000 (FlowMatchEuler); worked out once per scheduler object on a copy of it."""
+        """Whether the pipeline's scheduler hands the transformer integer timesteps (UniPC's int64) rather than fp32
+        σ·1000 (FlowMatchEuler); worked out once per scheduler object on a copy of it."""
         scheduler = self.pipe.scheduler
         if self._timestep_scheduler is not scheduler:
             probe = copy.deepcopy(scheduler)
             probe.set_timesteps(2, device="cpu")
             self._timesteps_are_integers = not probe.timesteps.dtype.is_floating_point
             self._timestep_scheduler = scheduler
+            self._grid_timesteps.clear()
+            self._timestep_tables.clear()
         return self._timesteps_are_integers
 
     def _timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """σ [B] -> the timestep tensor WanPipeline.__call__ passes for it (`t.expand(B)`, t from the scheduler)."""
+        """σ [B] -> the timestep tensor WanPipeline.__call__ passes for it (`t.expand(B)`, t from the scheduler).
+        UniPC's are its own int64 timesteps of the grid (its set_timesteps rounds σ·1000 in float64 from σs that our
+        fp32 grid only approximates, so recomputing them is off by one at some step counts and shifts): looked up
+        with tensor ops (CUDA-graph safe) among the grids `sigma_schedule` made, ⌊σ·1000⌋ for any other σ."""
         scale = float(self.pipe.scheduler.config.num_train_timesteps)
-        if self._integer_timesteps():
-            # UniPCMultistepScheduler.set_timesteps: timesteps = σ·N in float64, cast to int64 (truncation)
-            return (sigma.double() * scale).to(torch.int64)
-        return sigma.float() * scale
+        if not self._integer_timesteps():
+            return sigma.float() * scale
+        fallback = (sigma.double() * scale).to(torch.int64)
+        if not self._grid_timesteps:
+            return fallback
+        table = self._timestep_tables.get(sigma.device)
+        if table is None:
+            keys = torch.tensor(list(self._grid_timesteps), dtype=torch.float32)
+            values = torch.tensor(list(self._grid_timesteps.values()), dtype=torch.int64)
+            table = self._timestep_tables[sigma.device] = (keys.to(sigma.device), values.to(sigma.device))
+        keys, values = table
+        hit = sigma.float()[:, None] == keys[None, :]  # [B, K]: σ is exactly a grid value
+        found = values[hit.int().argmax(1)]
+        return torch.where(hit.any(1), found, fallback)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma

@@ -20,8 +20,9 @@ REWARD_TERMS: dict[str, type[Reward]] = {
 }
 # Terms that score a whole clip: they need a video model (the config refuses them for image models).
 VIDEO_TERMS: frozenset[str] = frozenset(TemporalConsistencyReward.names)
-# Terms that parse the prompt with the shapes world's grammar: they cannot score an SD3 / FLUX image (the config
-# refuses them for real models). `quality` (closeness to the world's palette) and the JPEG terms are prompt-free.
+# Terms that parse the prompt with the shapes world's grammar: they cannot score a real model's image (the config
+# refuses them for the diffusers models).
+# `quality` (closeness to the world's palette) and the JPEG terms are prompt-free.
 TOY_WORLD_TERMS: frozenset[str] = frozenset(AlignmentReward.names)
 
 
