@@ -498,7 +498,8 @@ def estimate(preset: str | dict, name: str | None = None, peak_tflops: float = P
         needs_ref = (algo == "fdfo" and v["velocity_penalty"] > 0) or v["kl_beta"] > 0 or (
             algo == "diffusion_nft" and v["nft_kl_beta"] > 0)  # fmt: skip
         mem["grad + AdamW (+ reference copy)"] = n_tr * b * (3 + needs_ref)
-    frozen = {"text encoders": text * b, "VAE": vae * b, "rewards": rewards}
+    # a video model's VAE is kept in fp32 beside a bf16 transformer (fdfo_fast/models/wan.py, as WanPipeline's docs)
+    frozen = {"text encoders": text * b, "VAE": vae * (BYTES["fp32"] if arch.temporal else b), "rewards": rewards}
 
     # activations of one training micro-batch under gradient checkpointing (rows R = micro_batch x CFG): the kept
     # input of every block (its hidden states: S_img + S_txt tokens for joint blocks, S_img for Wan's), one block's
