@@ -100,6 +100,7 @@ class _Linear(torch.nn.Module):
     selection with the rewards a test scripts."""
 
     latent_shape = (1, 1, 3)
+    is_video = False  # (FlowModel's: decoded rollouts stay where they are)
 
     def __init__(self, w=-0.5):
         super().__init__()

@@ -42,6 +42,7 @@ class _HalfVelocity(torch.nn.Module):
     sampler runs in microseconds, so a test can draw many epochs of the algorithm's own rollouts."""
 
     latent_shape = (1, 1, 2)
+    is_video = False
 
     def forward(self, x, sigma, cond):
         return -0.5 * x

@@ -116,7 +116,7 @@ class RunContext:
         # The scorer keeps every decoded chunk until the epoch's rewards are in. Decoded videos go to the host at
         # once: an epoch's clips at full size would not fit beside the model (wan21-1.3b-fdfo: 192 clips of
         # 3 × 33 × 480 × 832 fp32, ~30 GB); their frames are scored from there (reward models move their inputs).
-        to_scorer = (lambda images: images.cpu()) if getattr(self.model, "is_video", False) else (lambda images: images)
+        to_scorer = (lambda images: images.cpu()) if self.model.is_video else (lambda images: images)
         try:
             traj = self.sample_in_chunks(
                 sample, cond, uncond, seeds, chunk, lambda t: scorer.add(to_scorer(self.decode(t.x0)))
