@@ -196,27 +196,23 @@ def build_components() -> dict[str, dict[str, torch.nn.Module]]:
     qwen = dict(QWEN25_VL_7B)
     qwen_cfg = tf.Qwen2_5_VLConfig(text_config={k: v for k, v in qwen.items() if k != "vision_config"},
                                    vision_config=qwen["vision_config"], tie_word_embeddings=False)  # fmt: skip
+    sd35m = {
+        "transformer": _meta(lambda: diffusers.SD3Transformer2DModel(**SD35M_CONFIG)),
+        "vae": _meta(vae),
+        "text_encoder (CLIP-L)": _meta(lambda: clip_text(CLIP_L_TEXT, True)),
+        "text_encoder_2 (CLIP-G)": _meta(lambda: clip_text(CLIP_G_TEXT, True)),
+        "text_encoder_3 (T5-XXL)": _meta(t5),
+    }
     return {
-        "SD3.5-Medium": {
-            "transformer": _meta(lambda: diffusers.SD3Transformer2DModel(**SD35M_CONFIG)),
-            "vae": _meta(vae),
-            "text_encoder (CLIP-L)": _meta(lambda: clip_text(CLIP_L_TEXT, True)),
-            "text_encoder_2 (CLIP-G)": _meta(lambda: clip_text(CLIP_G_TEXT, True)),
-            "text_encoder_3 (T5-XXL)": _meta(t5),
-        },
+        "SD3.5-Medium": sd35m,
         "FLUX.1-dev": {
             "transformer": _meta(lambda: diffusers.FluxTransformer2DModel(**FLUX_DEV_CONFIG)),
             "vae": _meta(vae),
             "text_encoder (CLIP-L)": _meta(lambda: clip_text(CLIP_L_TEXT, False)),
             "text_encoder_2 (T5-XXL)": _meta(t5),
         },
-        "SD3.5-Large": {  # the transformer is the only part that differs from SD3.5-Medium
-            "transformer": _meta(lambda: diffusers.SD3Transformer2DModel(**SD35L_CONFIG)),
-            "vae": _meta(vae),
-            "text_encoder (CLIP-L)": _meta(lambda: clip_text(CLIP_L_TEXT, True)),
-            "text_encoder_2 (CLIP-G)": _meta(lambda: clip_text(CLIP_G_TEXT, True)),
-            "text_encoder_3 (T5-XXL)": _meta(t5),
-        },
+        # the transformer is the only part that differs from SD3.5-Medium (the same modules counted again)
+        "SD3.5-Large": {**sd35m, "transformer": _meta(lambda: diffusers.SD3Transformer2DModel(**SD35L_CONFIG))},
         "Qwen-Image": {
             "transformer": _meta(lambda: diffusers.QwenImageTransformer2DModel(**QWEN_IMAGE_CONFIG)),
             "vae": _meta(lambda: diffusers.AutoencoderKLQwenImage(**QWEN_IMAGE_VAE_CONFIG)),

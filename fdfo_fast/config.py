@@ -675,6 +675,13 @@ _SD35M_GROUP_RECIPE = dict(
     epochs=1000, eval_num_steps=40, save_every=10,
 )  # fmt: skip
 
+# What the two Wan2.1 text-to-video presets share (the reasons beside them in PRESETS): 832 × 480, 33 frames.
+_WAN21_480P_FDFO = dict(
+    _PAPER_FDFO, model="wan", resolution=480, width=832, num_frames=33, num_steps=20, eval_num_steps=50,
+    cfg_scale=5.0, reward="pickscore:1,temporal_consistency:1", reward_models=PICKSCORE, micro_batch=1,
+    eval_per_category=2,
+)  # fmt: skip
+
 # Named presets: overrides on top of the dataclass defaults.
 PRESETS: dict[str, dict] = {
     # Toy presets: 64 reward queries per epoch for every method, 10 sampling steps, 150 epochs (9,600 queries);
@@ -859,38 +866,10 @@ PRESETS: dict[str, dict] = {
     # (averaged per video) + the temporal-consistency term (fdfo_fast/rewards/video.py; weight not tuned).
     # The first FDFO for video: 96 pairs per epoch (a 33-frame clip is 14,040 latent tokens).
     "wan21-1.3b-fdfo": dict(
-        _PAPER_FDFO,
-        model="wan",
-        model_path="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-        resolution=480,
-        width=832,
-        num_frames=33,
-        num_steps=20,
-        eval_num_steps=50,
-        cfg_scale=5.0,
-        reward="pickscore:1,temporal_consistency:1",
-        reward_models=PICKSCORE,
-        pairs_per_epoch=96,
-        sample_batch=4,
-        micro_batch=1,
-        eval_per_category=2,
-    ),  # fmt: skip
+        _WAN21_480P_FDFO, model_path="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pairs_per_epoch=96, sample_batch=4
+    ),
     "wan21-14b-fdfo": dict(
-        _PAPER_FDFO,
-        model="wan",
-        model_path="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        resolution=480,
-        width=832,
-        num_frames=33,
-        num_steps=20,
-        eval_num_steps=50,
-        cfg_scale=5.0,
-        reward="pickscore:1,temporal_consistency:1",
-        reward_models=PICKSCORE,
-        pairs_per_epoch=48,
-        sample_batch=2,
-        micro_batch=1,
-        eval_per_category=2,
+        _WAN21_480P_FDFO, model_path="Wan-AI/Wan2.1-T2V-14B-Diffusers", pairs_per_epoch=48, sample_batch=2
     ),  # fmt: skip
 }
 
